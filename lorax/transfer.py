@@ -1,0 +1,299 @@
+"""Moving a set of deltas from a source model onto a target model, layer by layer.
+
+For each layer the adapter touches: look the layer up in the target; decompose source and
+target weights (through the :class:`~lorax.engine.SVDEngine`, cached and batched); score the
+pair with Φ and its chance-normalised Φ̂ (:mod:`lorax.similarity`); project the delta
+(:mod:`lorax.projection`) when Φ̂ clears the threshold on both sides; report the decision.
+
+Defaults, and why:
+
+* **rank k** — for ordinary LoRAs ``min(320, rank(W)/2)``: the seed paper uses the 320 largest
+  singular values for Stable Diffusion, and the cap at half the layer's rank keeps the projection
+  from being the identity (at k = rank(W) it is a plain copy and Φ̂ carries no information). For
+  LoRA-X adapters k is the adapter's own r, the subspace it was trained in. An explicit rank is
+  capped per layer at the layer's rank (the report shows the k used) and is an error only when it
+  exceeds every layer.
+* **threshold** on Φ̂ (not raw Φ, whose chance level depends on width); see
+  :data:`DEFAULT_THRESHOLD`.
+* **mode** ``lorax`` (the seed's projection).
+* **shapes that differ** are skipped unless ``shape_rule="paired"`` selects the seed's
+  dimension-mismatch rule: pairing singular directions by index is only meaningful between
+  layers known to correspond, which a name match does not prove.
+
+Layers are processed in groups of equal shape (at most ``engine.batch_size`` at a time), weights
+are fetched from the source and target lazily through :class:`WeightSource`, and each group's
+tensors are dropped before the next is read, so memory in flight stays at a few layers.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Callable, Iterable, Mapping, Protocol
+
+import torch
+
+from .delta import Delta
+from .engine import SVDEngine
+from .errors import LoraxError
+from .projection import MODES, project_lorax, project_paired, project_prolora
+from .similarity import LayerSimilarity, layer_similarity
+from .svd import max_rank
+
+#: Default rank for ordinary LoRAs (the seed's "320 largest singular values" for SD).
+DEFAULT_RANK = 320
+#: Default threshold on Φ̂ (chance-normalised). The paper gives no value; 0.3 rejects layers that
+#: are barely above chance while keeping fine-tunes (Φ̂ ≈ 1). Provisional until the fidelity
+#: benchmark has measured it.
+DEFAULT_THRESHOLD = 0.3
+SHAPE_RULES: tuple[str, ...] = ("skip", "paired")
+
+
+class Decision(str, Enum):
+    TRANSFERRED = "transferred"
+    LOW_SIMILARITY = "skipped: similarity below threshold"
+    SHAPE_MISMATCH = "skipped: shape mismatch"
+    MISSING_IN_TARGET = "missing in target"
+    NOT_A_MATRIX = "skipped: not a matrix weight"
+
+
+class WeightSource(Protocol):
+    """Read access to a model's weights by key, loading each only when asked."""
+
+    def shape(self, key: str) -> tuple[int, ...] | None: ...
+
+    def weight(self, key: str) -> torch.Tensor: ...
+
+
+class DictWeights:
+    """A :class:`WeightSource` over an in-memory mapping (a state dict)."""
+
+    def __init__(self, tensors: Mapping[str, torch.Tensor]):
+        self.tensors = tensors
+
+    def shape(self, key: str):
+        t = self.tensors.get(key)
+        return None if t is None else tuple(t.shape)
+
+    def weight(self, key: str) -> torch.Tensor:
+        return self.tensors[key]
+
+
+@dataclass(frozen=True)
+class TransferSettings:
+    """How to transfer; validated on construction so a bad setting fails before any work."""
+
+    rank: int | None = None
+    threshold: float = DEFAULT_THRESHOLD
+    mode: str = "lorax"
+    shape_rule: str = "skip"
+
+    def __post_init__(self):
+        if self.rank is not None and (not isinstance(self.rank, int) or self.rank < 1):
+            raise LoraxError(f"rank must be a positive integer (or empty for the default), got {self.rank!r}")
+        if not (isinstance(self.threshold, (int, float)) and 0.0 <= float(self.threshold) <= 1.0):
+            raise LoraxError(f"threshold must lie in [0, 1] (it applies to the chance-normalised "
+                             f"similarity Φ̂), got {self.threshold!r}")
+        if self.mode not in MODES:
+            raise LoraxError(f"unknown mode {self.mode!r}; expected one of {', '.join(MODES)}")
+        if self.shape_rule not in SHAPE_RULES:
+            raise LoraxError(f"unknown shape rule {self.shape_rule!r}; expected one of {', '.join(SHAPE_RULES)}")
+
+    def rank_for(self, shape, adapter_rank: int | None = None) -> int:
+        full = max_rank(shape)
+        if adapter_rank is not None:
+            return min(adapter_rank, full)
+        if self.rank is None:
+            return max(1, min(DEFAULT_RANK, full // 2))
+        return min(self.rank, full)
+
+
+@dataclass
+class LayerTransfer:
+    """The outcome for one layer: decision, scores, and the transferred delta if any."""
+
+    key: str
+    decision: Decision
+    shape_source: tuple[int, ...] | None
+    shape_target: tuple[int, ...] | None
+    rank: int | None = None
+    similarity: LayerSimilarity | None = None
+    energy_kept: float | None = None
+    note: str = ""
+    delta: Delta | None = field(default=None, repr=False)
+
+    def row(self) -> dict:
+        """A JSON-ready row for reports (no tensors)."""
+        s = self.similarity
+        return {
+            "key": self.key,
+            "decision": self.decision.value,
+            "phi": None if s is None else round(s.phi, 6),
+            "phi_right": None if s is None else round(s.phi_right, 6),
+            "chance": None if s is None else round(s.chance, 6),
+            "chance_right": None if s is None else round(s.chance_right, 6),
+            "phi_hat": None if s is None else round(s.phi_hat, 6),
+            "phi_hat_right": None if s is None else round(s.phi_hat_right, 6),
+            "rank": self.rank,
+            "energy_kept": None if self.energy_kept is None else round(self.energy_kept, 6),
+            "shape_source": list(self.shape_source) if self.shape_source else None,
+            "shape_target": list(self.shape_target) if self.shape_target else None,
+            "note": self.note,
+        }
+
+
+@dataclass
+class TransferResult:
+    layers: list[LayerTransfer]
+    settings: TransferSettings
+    seconds: float = 0.0
+
+    @property
+    def deltas(self) -> dict[str, Delta]:
+        return {l.key: l.delta for l in self.layers if l.delta is not None}
+
+    def counts(self) -> dict[str, int]:
+        out: dict[str, int] = {}
+        for l in self.layers:
+            out[l.decision.value] = out.get(l.decision.value, 0) + 1
+        return out
+
+    def summary(self) -> str:
+        n = len(self.layers)
+        done = sum(1 for l in self.layers if l.decision is Decision.TRANSFERRED)
+        parts = [f"{done} of {n} layers transferred"]
+        for name, c in sorted(self.counts().items()):
+            if name != Decision.TRANSFERRED.value:
+                parts.append(f"{c} {name}")
+        parts.append(f"mode {self.settings.mode}, threshold Φ̂ ≥ {self.settings.threshold:g} on both sides")
+        parts.append(f"{self.seconds:.1f} s")
+        return "; ".join(parts)
+
+
+Progress = Callable[[int, int], None]
+
+
+def transfer_deltas(deltas: Mapping[str, Delta], source: WeightSource, target: WeightSource,
+                    settings: TransferSettings, engine: SVDEngine, *,
+                    adapter_ranks: Mapping[str, int] | None = None,
+                    progress: Progress | None = None) -> TransferResult:
+    """Transfer every delta onto the target (see the module docstring).
+
+    ``deltas`` are keyed by the weight key shared by source and target (e.g.
+    ``diffusion_model.input_blocks.1.1.transformer_blocks.0.attn1.to_q.weight``).
+    ``adapter_ranks`` gives the k to use per key for LoRA-X adapters.
+    """
+    t0 = time.perf_counter()
+    adapter_ranks = adapter_ranks or {}
+    _check_explicit_rank(deltas, source, settings)
+    results: dict[str, LayerTransfer] = {}
+    groups: dict[tuple, list[str]] = {}
+    for key, delta in deltas.items():
+        s_shape, t_shape = source.shape(key), target.shape(key)
+        if s_shape is None:
+            s_shape = tuple(delta.shape)
+        if t_shape is None:
+            results[key] = LayerTransfer(key, Decision.MISSING_IN_TARGET, s_shape, None,
+                                         note="the target model has no weight with this key")
+        elif len(t_shape) < 2:
+            results[key] = LayerTransfer(key, Decision.NOT_A_MATRIX, s_shape, t_shape,
+                                         note="biases and norms have no singular subspace")
+        elif tuple(s_shape) != tuple(t_shape) and settings.shape_rule == "skip":
+            results[key] = LayerTransfer(key, Decision.SHAPE_MISMATCH, s_shape, t_shape,
+                                         note="shapes differ; the 'paired' shape rule would pair singular "
+                                              "directions by index")
+        else:
+            groups.setdefault((tuple(s_shape), tuple(t_shape)), []).append(key)
+    total = len(deltas)
+    done = len(results)
+    if progress:
+        progress(done, total)
+    for (s_shape, t_shape), keys in groups.items():
+        for start in range(0, len(keys), engine.batch_size):
+            chunk = keys[start:start + engine.batch_size]
+            ks = [_rank_for_pair(settings, s_shape, t_shape, adapter_ranks.get(key)) for key in chunk]
+            src = engine.factors_many([(_loader(source, key), k) for key, k in zip(chunk, ks)])
+            tgt = engine.factors_many([(_loader(target, key), k) for key, k in zip(chunk, ks)])
+            for key, k, fs, ft in zip(chunk, ks, src, tgt):
+                results[key] = _transfer_one(key, deltas[key], fs, ft, s_shape, t_shape, k, settings, engine)
+            done += len(chunk)
+            if progress:
+                progress(done, total)
+    ordered = [results[key] for key in deltas]
+    return TransferResult(ordered, settings, time.perf_counter() - t0)
+
+
+def _loader(source: WeightSource, key: str):
+    return lambda: source.weight(key)
+
+
+def _rank_for_pair(settings: TransferSettings, s_shape, t_shape, adapter_rank) -> int:
+    return min(settings.rank_for(s_shape, adapter_rank), settings.rank_for(t_shape, adapter_rank))
+
+
+def _check_explicit_rank(deltas: Mapping[str, Delta], source: WeightSource, settings: TransferSettings) -> None:
+    if settings.rank is None or not deltas:
+        return
+    shapes = [source.shape(k) or d.shape for k, d in deltas.items()]
+    largest = max((max_rank(s) for s in shapes if len(s) >= 2), default=0)
+    if largest and settings.rank > largest:
+        raise LoraxError(f"rank {settings.rank} is larger than every layer the adapter touches "
+                         f"(the largest has rank {largest}); choose a rank of at most {largest}")
+
+
+def _transfer_one(key, delta, fs, ft, s_shape, t_shape, k, settings, engine) -> LayerTransfer:
+    dev = engine.device
+    fs, ft = fs.to(device=dev), ft.to(device=dev)
+    if tuple(s_shape) != tuple(t_shape):
+        moved = project_paired(delta, fs, ft, t_shape)
+        result = LayerTransfer(key, Decision.TRANSFERRED, s_shape, t_shape, rank=min(fs.k, ft.k),
+                               note="shapes differ: singular directions paired by index (seed's rule)")
+    else:
+        sim = layer_similarity(fs, ft, k)
+        if sim.phi_hat_min < settings.threshold:
+            return LayerTransfer(key, Decision.LOW_SIMILARITY, s_shape, t_shape, rank=k, similarity=sim,
+                                 note=f"Φ̂ {sim.phi_hat:.3f} / {sim.phi_hat_right:.3f} (left/right) "
+                                      f"< {settings.threshold:g}")
+        moved = project_lorax(delta, ft) if settings.mode == "lorax" else project_prolora(delta, fs, ft)
+        result = LayerTransfer(key, Decision.TRANSFERRED, s_shape, t_shape, rank=k, similarity=sim)
+    before = delta.to(device=dev, dtype=ft.U.dtype).norm()
+    result.energy_kept = moved.norm() / before if before > 0 else 0.0
+    result.delta = moved.to(device="cpu", dtype=torch.float32)
+    return result
+
+
+def similarity_table(source: WeightSource, target: WeightSource, keys: Iterable[str], engine: SVDEngine,
+                     rank: int | None = None, progress: Progress | None = None) -> list[dict]:
+    """Per-layer Φ rows for two models over ``keys`` (matrix weights present in both, equal shapes).
+
+    Rows: ``{"key", "phi", "phi_right", "chance", "chance_right", "phi_hat", "phi_hat_right", "k",
+    "shape_source", "shape_target"}``, sorted by Φ ascending (least similar first).
+    """
+    settings = TransferSettings(rank=rank)
+    usable, rows = [], []
+    for key in keys:
+        s, t = source.shape(key), target.shape(key)
+        if s is not None and t is not None and len(s) >= 2 and tuple(s) == tuple(t):
+            usable.append(key)
+    by_shape: dict[tuple, list[str]] = {}
+    for key in usable:
+        by_shape.setdefault(tuple(source.shape(key)), []).append(key)
+    done = 0
+    for shape, keys_ in by_shape.items():
+        for start in range(0, len(keys_), engine.batch_size):
+            chunk = keys_[start:start + engine.batch_size]
+            k = settings.rank_for(shape)
+            src = engine.factors_many([(_loader(source, key), k) for key in chunk])
+            tgt = engine.factors_many([(_loader(target, key), k) for key in chunk])
+            for key, fs, ft in zip(chunk, src, tgt):
+                sim = layer_similarity(fs, ft, k)
+                rows.append({"key": key, "phi": sim.phi, "phi_right": sim.phi_right, "chance": sim.chance,
+                             "chance_right": sim.chance_right, "phi_hat": sim.phi_hat,
+                             "phi_hat_right": sim.phi_hat_right, "k": k,
+                             "shape_source": list(shape), "shape_target": list(shape)})
+            done += len(chunk)
+            if progress:
+                progress(done, len(usable))
+    rows.sort(key=lambda r: r["phi"])
+    return rows

@@ -1,0 +1,231 @@
+"""Every formula of the core library against an independent float64 reference.
+
+Inputs are fresh random matrices with power-law spectra on every run (the seed is printed and
+``LORAX_TEST_SEED`` replays it). Tolerances:
+
+* exact path (float64 SVD): 1e-6 relative, the acceptance bound; float64 round-off on these
+  sizes is ~1e-13, so the bound has wide margin yet catches any algebra error (which is O(1)).
+* randomized path (float32): 1e-2 relative on the projected delta, the bound the transfer quality
+  needs; float32 alone contributes ~1e-6, the rest is the range finder's subspace error.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from lorax.delta import Delta
+from lorax.projection import project_lorax, project_paired, project_prolora
+from lorax.similarity import chance_phi, layer_similarity, phi
+from lorax.svd import canonical_signs, truncated_svd, truncated_svd_batch
+from reference import (fresh_seed, lorax_ref, orthonormal, paired_ref, perturbed, phi_ref, power_law_matrix,
+                       prolora_ref, rel_err, t, top_svd)
+
+EXACT_TOL = 1e-6
+FAST_TOL = 1e-2
+
+# (weight shape, k): square, wide, tall (cross-attention k/v), conv 3×3 and 1×1.
+SHAPES = [((64, 64), 16), ((48, 120), 20), ((120, 48), 12), ((32, 16, 3, 3), 10), ((40, 40, 1, 1), 8)]
+
+
+@pytest.fixture
+def rng():
+    seed = fresh_seed()
+    print(f"LORAX_TEST_SEED={seed}")
+    return np.random.default_rng(seed)
+
+
+def _weight(rng, shape):
+    m = shape[0]
+    n = int(np.prod(shape[1:]))
+    return power_law_matrix(rng, m, n).reshape(shape)
+
+
+def _lora(rng, m, n, r=4):
+    return rng.standard_normal((m, r)) * 0.1, rng.standard_normal((r, n)) * 0.1
+
+
+@pytest.mark.parametrize("shape,k", SHAPES)
+@pytest.mark.parametrize("method", ["exact", "gram"])
+def test_float64_svd_matches_reference(rng, shape, k, method):
+    w = _weight(rng, shape)
+    f = truncated_svd(t(w), k, method=method)
+    U, S, V = top_svd(w.reshape(shape[0], -1), k)
+    assert rel_err(f.S, S) < EXACT_TOL
+    # Subspaces, not vectors, are unique: compare projectors.
+    assert rel_err(f.U @ f.U.T, U @ U.T) < EXACT_TOL
+    assert rel_err(f.V @ f.V.T, V @ V.T) < EXACT_TOL
+    assert rel_err((f.U * f.S) @ f.V.T, (U * S) @ V.T) < EXACT_TOL
+    # Canonical signs: largest-magnitude entry of each left vector is positive.
+    idx = f.U.abs().argmax(dim=0)
+    assert bool((f.U[idx, torch.arange(k)] > 0).all())
+
+
+def test_signs_are_deterministic_under_sign_flips(rng):
+    w = power_law_matrix(rng, 50, 30)
+    U, S, V = top_svd(w, 10)
+    flips = rng.choice([-1.0, 1.0], size=10)
+    a = canonical_signs(t(U), t(V))
+    b = canonical_signs(t(U * flips), t(V * flips))
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_low_precision_weights_are_upcast(rng, dtype):
+    w = t(power_law_matrix(rng, 64, 32)).to(dtype)
+    f = truncated_svd(w, 8, method="exact")
+    assert f.U.dtype == torch.float64
+    U, S, V = top_svd(w.double().numpy(), 8)
+    assert rel_err(f.S, S) < EXACT_TOL
+
+
+def test_fp8_weights_are_upcast(rng):
+    if not hasattr(torch, "float8_e4m3fn"):
+        pytest.skip("this torch build has no float8_e4m3fn dtype")
+    w = t(power_law_matrix(rng, 48, 24) * 4).to(torch.float8_e4m3fn)
+    f = truncated_svd(w, 6, method="randomized")
+    U, S, V = top_svd(w.float().double().numpy(), 6)
+    assert rel_err(f.S, S) < FAST_TOL
+
+
+@pytest.mark.parametrize("shape,k", SHAPES)
+def test_phi_matches_reference_and_properties(rng, shape, k):
+    ws = _weight(rng, shape)
+    wt = perturbed(rng, ws, 0.3)
+    fs = truncated_svd(t(ws), k)
+    ft = truncated_svd(t(wt), k)
+    m, n = fs.shape
+    Us, Ss, Vs = top_svd(ws.reshape(m, -1), k)
+    Ut, St, Vt = top_svd(wt.reshape(m, -1), k)
+    sim = layer_similarity(fs, ft)
+    assert abs(sim.phi - phi_ref(Us, Ss, Ut, St)) < EXACT_TOL * max(1.0, sim.phi)
+    assert abs(sim.phi_right - phi_ref(Vs, Ss, Vt, St)) < EXACT_TOL
+    assert 0.0 <= sim.phi <= 1.0 and 0.0 <= sim.phi_right <= 1.0
+    # Symmetric, and 1 on identical layers.
+    assert abs(phi(fs.U, fs.S, ft.U, ft.S) - phi(ft.U, ft.S, fs.U, fs.S)) < 1e-12
+    same = layer_similarity(fs, fs)
+    assert abs(same.phi - 1) < 1e-12 and abs(same.phi_right - 1) < 1e-12 and abs(same.phi_hat - 1) < 1e-12
+    # Chance level: closed form of the paper-consistent expectation.
+    expected_chance = float(Ss.sum() * St.sum() / (m * np.linalg.norm(Ss) * np.linalg.norm(St)))
+    assert abs(sim.chance - expected_chance) < 1e-12
+    assert abs(sim.phi_hat - (sim.phi - sim.chance) / (1 - sim.chance)) < 1e-12
+
+
+def test_chance_level_matches_random_subspaces(rng):
+    """E Φ over subspaces in random position equals the closed form (Monte Carlo, 4 std errors)."""
+    m, k = 64, 16
+    S_a = np.arange(1, k + 1) ** -0.8
+    S_b = np.arange(1, k + 1) ** -0.5
+    draws = [phi_ref(orthonormal(rng, m, k), S_a, orthonormal(rng, m, k), S_b) for _ in range(400)]
+    closed = chance_phi(torch.tensor(S_a), torch.tensor(S_b), m)
+    assert abs(np.mean(draws) - closed) < 4 * np.std(draws) / np.sqrt(len(draws))
+    # At k = m every pair of subspaces coincides: chance 1, Φ = 1.
+    full = orthonormal(rng, 8, 8)
+    assert abs(chance_phi(torch.ones(8), torch.ones(8), 8) - 1) < 1e-12
+    assert abs(phi(t(full), torch.ones(8, dtype=torch.float64), t(orthonormal(rng, 8, 8)),
+                   torch.ones(8, dtype=torch.float64)) - 1) < 1e-12
+
+
+@pytest.mark.parametrize("shape,k", SHAPES)
+@pytest.mark.parametrize("form", ["factored", "dense"])
+def test_projections_match_reference(rng, shape, k, form):
+    ws = _weight(rng, shape)
+    wt = perturbed(rng, ws, 0.2)
+    m = shape[0]
+    n = int(np.prod(shape[1:]))
+    B, A = _lora(rng, m, n)
+    dW = B @ A
+    delta = Delta.factored(shape, t(B), t(A)) if form == "factored" else Delta.from_dense(t(dW.reshape(shape)))
+    fs, ft = truncated_svd(t(ws), k), truncated_svd(t(wt), k)
+    Us, _, Vs = top_svd(ws.reshape(m, n), k)
+    Ut, _, Vt = top_svd(wt.reshape(m, n), k)
+
+    out = project_lorax(delta, ft)
+    assert rel_err(out.matrix(), lorax_ref(dW, Ut, Vt)) < EXACT_TOL
+    if form == "factored":
+        assert out.is_factored and out.rank <= B.shape[1]  # never a dense m×n product, rank kept
+
+    out = project_prolora(delta, fs, ft)
+    assert rel_err(out.matrix(), prolora_ref(dW, Us, Vs, Ut, Vt)) < EXACT_TOL
+    if form == "factored":
+        assert out.is_factored and out.rank <= 2 * B.shape[1]
+
+
+@pytest.mark.parametrize("form", ["factored", "dense"])
+def test_paired_rule_for_different_shapes_matches_reference(rng, form):
+    k = 12
+    ws, wt = power_law_matrix(rng, 48, 80), power_law_matrix(rng, 64, 96)
+    B, A = _lora(rng, 48, 80)
+    dW = B @ A
+    delta = Delta.factored((48, 80), t(B), t(A)) if form == "factored" else Delta.from_dense(t(dW))
+    fs, ft = truncated_svd(t(ws), k), truncated_svd(t(wt), k)
+    out = project_paired(delta, fs, ft, (64, 96))
+    assert out.shape == (64, 96)
+    # The reference uses the library's own canonical sign convention, applied to numpy's vectors.
+    Us, _, Vs = top_svd(ws, k)
+    Ut, _, Vt = top_svd(wt, k)
+    Us, Vs = (x.numpy() for x in canonical_signs(t(Us), t(Vs)))
+    Ut, Vt = (x.numpy() for x in canonical_signs(t(Ut), t(Vt)))
+    assert rel_err(out.matrix(), paired_ref(dW, Us, Vs, Ut, Vt)) < EXACT_TOL
+
+
+def test_transfer_onto_itself_at_full_rank_is_identity(rng):
+    # Square: at full rank both projectors are the identity. (For a tall m×n weight U Uᵀ only
+    # spans the n-dimensional column space, so a delta outside it is not preserved.)
+    w = power_law_matrix(rng, 32, 32)
+    B, A = _lora(rng, 32, 32)
+    f = truncated_svd(t(w), 32)
+    delta = Delta.factored((32, 32), t(B), t(A))
+    assert rel_err(project_lorax(delta, f).matrix(), B @ A) < EXACT_TOL
+    assert rel_err(project_prolora(delta, f, f).matrix(), B @ A) < EXACT_TOL
+
+
+def test_lorax_delta_onto_its_own_source_is_unchanged(rng):
+    """U U_ᵀ (U diag(d) Vᵀ) V Vᵀ = U diag(d) Vᵀ: the adapter lives in the subspace it is projected on."""
+    w = power_law_matrix(rng, 64, 48)
+    r = 16
+    f = truncated_svd(t(w), r)
+    d = t(rng.standard_normal(r))
+    delta = Delta((64, 48), up=f.U * d, down=f.V.T.contiguous())
+    assert rel_err(project_lorax(delta, f).matrix(), delta.matrix()) < EXACT_TOL
+    # ProLoRA with source = target: principal part unchanged, null-space part is zero.
+    assert rel_err(project_prolora(delta, f, f).matrix(), delta.matrix()) < EXACT_TOL
+
+
+@pytest.mark.parametrize("method", ["gram", "randomized"])
+@pytest.mark.parametrize("shape,k", [((320, 768), 32), ((640, 640), 64), ((1280, 5120), 160),
+                                     ((10240, 1280), 320)])
+def test_fast_svd_projection_within_fast_tolerance(rng, method, shape, k):
+    """The fast paths on realistic spectra: the projected delta is what matters, not each vector."""
+    m, n = shape
+    ws = power_law_matrix(rng, m, n)
+    B, A = _lora(rng, m, n, r=8)
+    delta = Delta.factored(shape, t(B), t(A))
+    exact = truncated_svd(t(ws), k, method="exact")
+    fast = truncated_svd(t(ws, torch.float32), k, method=method, seed=int(rng.integers(1 << 30)))
+    err_s = rel_err(fast.S, exact.S)
+    err_delta = rel_err(project_lorax(delta, fast).matrix(), project_lorax(delta, exact).matrix())
+    assert err_s < FAST_TOL and err_delta < FAST_TOL
+
+
+def test_batched_svd_equals_one_by_one(rng):
+    ws = [t(power_law_matrix(rng, 96, 64), torch.float32) for _ in range(3)]
+    batch = truncated_svd_batch(ws, 12, method="randomized", seed=7)
+    for w, f in zip(ws, batch):
+        one = truncated_svd(w, 12, method="randomized", seed=7)
+        # float32 kernels differ between batched and single calls; power iterations amplify
+        # rounding in near-degenerate directions to ~1e-4, hence 1e-3.
+        assert rel_err(f.U @ f.U.T, one.U @ one.U.T) < 1e-3
+        assert rel_err(f.S, one.S) < 1e-5
+    for w, f in zip(ws, truncated_svd_batch(ws, 12, method="gram")):
+        assert rel_err(f.U @ f.U.T, truncated_svd(w, 12, method="exact").U @ truncated_svd(w, 12).U.T) < 1e-9
+
+
+def test_delta_norm_and_factoring(rng):
+    B, A = _lora(rng, 30, 50, r=5)
+    d = Delta.factored((30, 50), t(B), t(A))
+    assert abs(d.norm() - np.linalg.norm(B @ A)) < 1e-10 * np.linalg.norm(B @ A)
+    dense = Delta.from_dense(t(B @ A))
+    f = dense.to_factored()
+    assert f.rank == 5 and rel_err(f.matrix(), B @ A) < 1e-10
