@@ -4,10 +4,13 @@ Two kinds, for two jobs:
 
 * :func:`weight_digest` — a BLAKE2b hash of the exact bytes (plus dtype and shape). Keys the SVD
   cache: a file name says nothing about the weights, and two files with the same name differ.
-* :func:`weight_sketch` — two numbers per layer that survive a dtype change (fp32 → fp16/bf16
-  re-saves are common): the Frobenius norm and a fixed random bilinear probe ``gᵀ W h``. A LoRA-X
-  adapter stores them for its source so that applying it to the wrong base model is reported
-  instead of silently producing garbage.
+* :func:`weight_sketch` — a few numbers per layer that survive a dtype change (fp32 → fp16/bf16
+  re-saves are common) but not a fine-tune: the Frobenius norm and eight fixed random bilinear
+  probes ``gⱼᵀ W hⱼ`` (i.i.d. normal g, h, so each probe is ~N(0, ‖W‖²_F) across layers). A
+  fine-tune that moves the weight by 1 % of its norm moves each probe by ~1 % of the norm;
+  half-precision rounding moves it by ~0.05 % (fp16) to ~0.1 % (bf16). A LoRA-X adapter stores
+  the sketches of its source so that applying it to the wrong base model is reported instead of
+  silently producing garbage.
 """
 
 from __future__ import annotations
@@ -17,8 +20,23 @@ import math
 
 import torch
 
-#: Relative tolerance when comparing sketches: fp16 rounding moves them by ~1e-3 at most.
-SKETCH_RTOL = 2e-2
+#: Number of random probes in a sketch (plus the norm).
+PROBES = 8
+SKETCH_SIZE = PROBES + 1
+
+
+def sketch_tolerance(dtype: torch.dtype) -> float:
+    """Allowed sketch deviation, relative to ‖W‖_F, for a weight stored in ``dtype``.
+
+    About five times the rounding a re-save in that dtype causes, so a copy passes and anything
+    that moved the weight by ~1 % (fp32/fp16/bf16) fails; fp8 copies are accepted at the price of
+    a coarse check.
+    """
+    if dtype.is_floating_point and torch.finfo(dtype).bits == 8:
+        return 0.15
+    if dtype == torch.bfloat16:
+        return 8e-3
+    return 5e-3
 
 
 def weight_digest(weight: torch.Tensor) -> str:
@@ -33,23 +51,26 @@ def weight_digest(weight: torch.Tensor) -> str:
     return h.hexdigest()
 
 
-def _probe(n: int, seed: int, device) -> torch.Tensor:
+def _probes(count: int, n: int, seed: int, device) -> torch.Tensor:
     gen = torch.Generator().manual_seed(seed)
-    return torch.randn(n, generator=gen, dtype=torch.float64).to(device) / math.sqrt(n)
+    return torch.randn(count, n, generator=gen, dtype=torch.float64).to(device)
 
 
 def weight_sketch(weight: torch.Tensor) -> torch.Tensor:
-    """``[‖W‖_F, gᵀ W h]`` in float64, with ``g``, ``h`` fixed by the shape."""
+    """``[‖W‖_F, g₁ᵀWh₁, …, g₈ᵀWh₈]`` in float64, the probes fixed by the shape."""
     w = weight.detach()
     w = (w.float() if w.element_size() == 1 else w).double().reshape(w.shape[0], -1)
     m, n = w.shape
-    g = _probe(m, 1000003 * m + n, w.device)
-    h = _probe(n, 7919 * n + m, w.device)
-    return torch.stack([torch.linalg.matrix_norm(w), g @ w @ h]).cpu()
+    g = _probes(PROBES, m, 1000003 * m + n, w.device)
+    h = _probes(PROBES, n, 7919 * n + m, w.device)
+    values = ((g @ w) * h).sum(dim=1)
+    return torch.cat([torch.linalg.matrix_norm(w).reshape(1), values]).cpu()
 
 
-def sketches_match(stored: torch.Tensor, actual: torch.Tensor, rtol: float = SKETCH_RTOL) -> bool:
-    """Whether two sketches describe the same weight up to dtype rounding."""
+def sketches_match(stored: torch.Tensor, actual: torch.Tensor, rtol: float) -> bool:
+    """Whether two sketches describe the same weight up to ``rtol``·‖W‖_F."""
     stored, actual = stored.double(), actual.double()
+    if stored.shape != actual.shape:
+        return False
     scale = max(float(stored[0]), float(actual[0]), 1e-30)
     return bool(((stored - actual).abs() <= rtol * scale).all())

@@ -13,7 +13,8 @@ File format (safetensors, ``lorax_version = "1"``):
 
 * ``<module>.lorax_sigma`` — float32 ``[r_layer]``: Δσ for one layer. ``<module>`` is the
   kohya-style module name, e.g. ``lora_unet_input_blocks_1_1_transformer_blocks_0_attn1_to_q``.
-* ``<module>.lorax_source_sketch`` — float64 ``[2]``: the source weight's sketch.
+* ``<module>.lorax_source_sketch`` — float64 ``[9]``: the source weight's sketch (norm and
+  eight random probes, :func:`lorax.fingerprint.weight_sketch`).
 * metadata: ``lorax_version``, ``lorax_rank`` (largest r), ``lorax_source_fingerprint`` (a short
   digest of all sketches, for display and cache keys), ``lorax_source`` (free text: the source
   model's name), plus anything the writer adds (``ss_base_model_version``, …).
@@ -31,7 +32,7 @@ import torch
 
 from .delta import Delta
 from .errors import LoraxError
-from .fingerprint import sketches_match, weight_sketch
+from .fingerprint import SKETCH_SIZE, sketch_tolerance, sketches_match, weight_sketch
 from .safetensors_io import atomic_save, ensure_finite, load_tensors, read_metadata
 from .svd import SVDFactors, max_rank
 
@@ -69,7 +70,7 @@ class LoraxAdapter:
                              f"{tuple(weight.shape)} has rank at most {max_rank(weight.shape)}; "
                              "this adapter was made for another architecture", path=self.path, key=module)
         stored = self.sketches.get(module)
-        if stored is not None and not sketches_match(stored, weight_sketch(weight)):
+        if stored is not None and not sketches_match(stored, weight_sketch(weight), sketch_tolerance(weight.dtype)):
             raise LoraxError("the model is not the source this LoRA-X adapter was made for (weight "
                              "fingerprint differs); connect the adapter's source checkpoint as the "
                              "source model, and use LoRA-X Transfer to move it to other checkpoints",
@@ -99,7 +100,7 @@ def save_lorax(path: str | os.PathLike, adapter: LoraxAdapter, metadata: Mapping
     for module, sigma in adapter.sigmas.items():
         tensors[module + SIGMA_SUFFIX] = sigma.detach().float().reshape(-1)
         if module in adapter.sketches:
-            tensors[module + SKETCH_SUFFIX] = adapter.sketches[module].detach().double().reshape(2)
+            tensors[module + SKETCH_SUFFIX] = adapter.sketches[module].detach().double().reshape(-1)
     ensure_finite(tensors, path)
     meta = {**adapter.metadata, **(metadata or {})}
     meta.update({"lorax_version": FORMAT_VERSION, "lorax_rank": str(adapter.rank),
@@ -133,9 +134,9 @@ def load_lorax(path: str | os.PathLike) -> LoraxAdapter:
                                  f"{tuple(t.shape)}", path=path, key=key)
             sigmas[key[:-len(SIGMA_SUFFIX)]] = t.float()
         elif key.endswith(SKETCH_SUFFIX):
-            if t.numel() != 2:
-                raise LoraxError(f"expected 2 numbers, got shape {tuple(t.shape)}", path=path, key=key)
-            sketches[key[:-len(SKETCH_SUFFIX)]] = t.double().reshape(2)
+            if t.numel() != SKETCH_SIZE:
+                raise LoraxError(f"expected {SKETCH_SIZE} numbers, got shape {tuple(t.shape)}", path=path, key=key)
+            sketches[key[:-len(SKETCH_SUFFIX)]] = t.double().reshape(-1)
         else:
             raise LoraxError(f"unexpected tensor in a LoRA-X file (expected names ending in "
                              f"'{SIGMA_SUFFIX}' or '{SKETCH_SUFFIX}')", path=path, key=key)

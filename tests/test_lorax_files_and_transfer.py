@@ -1,0 +1,257 @@
+"""LoRA-X files, kohya export, the per-layer transfer driver and the bad-input errors.
+
+Numbers are checked against float64 references (tests/reference.py) at 1e-6 relative, the exact
+path's acceptance bound; file round trips are bit-exact (float32 written, float32 read).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from lorax.delta import Delta
+from lorax.engine import SVDEngine
+from lorax.errors import LoraxError
+from lorax.fingerprint import weight_sketch
+from lorax.kohya_export import save_kohya_lora
+from lorax.lorax_adapter import LoraxAdapter, load_lorax, save_lorax
+from lorax.safetensors_io import load_tensors, read_metadata
+from lorax.transfer import Decision, DictWeights, TransferSettings, similarity_table, transfer_deltas
+from reference import fresh_seed, lorax_ref, perturbed, power_law_matrix, rel_err, t, top_svd
+
+EXACT_TOL = 1e-6
+
+
+@pytest.fixture
+def rng():
+    seed = fresh_seed()
+    print(f"LORAX_TEST_SEED={seed}")
+    return np.random.default_rng(seed)
+
+
+def _models(rng, strength=0.2):
+    """A tiny source/target pair: two attention-like linears and a conv, target a fine-tune."""
+    shapes = {"a.to_q.weight": (48, 48), "a.to_k.weight": (48, 64), "b.conv.weight": (32, 16, 3, 3)}
+    src, tgt = {}, {}
+    for key, shape in shapes.items():
+        w = power_law_matrix(rng, shape[0], int(np.prod(shape[1:]))).reshape(shape)
+        src[key] = t(w, torch.float32)
+        tgt[key] = t(perturbed(rng, w, strength), torch.float32)
+    return src, tgt
+
+
+def _lora_deltas(rng, weights, r=4):
+    out = {}
+    for key, w in weights.items():
+        m, n = w.shape[0], w[0].numel()
+        out[key] = Delta.factored(w.shape, t(rng.standard_normal((m, r)) * 0.1), t(rng.standard_normal((r, n)) * 0.1))
+    return out
+
+
+def test_transfer_driver_matches_reference_and_reports(rng):
+    src, tgt = _models(rng)
+    deltas = _lora_deltas(rng, src)
+    deltas["missing.weight"] = Delta.factored((8, 8), torch.ones(8, 1), torch.ones(1, 8))
+    settings = TransferSettings(rank=8, threshold=0.0)
+    result = transfer_deltas(deltas, DictWeights(src), DictWeights(tgt), settings, SVDEngine(method="exact"))
+    by_key = {l.key: l for l in result.layers}
+    assert by_key["missing.weight"].decision is Decision.MISSING_IN_TARGET
+    for key in src:
+        layer = by_key[key]
+        assert layer.decision is Decision.TRANSFERRED, layer.note
+        m = src[key].shape[0]
+        Ut, _, Vt = top_svd(tgt[key].double().reshape(m, -1).numpy(), 8)
+        dW = deltas[key].matrix().double().numpy()
+        ref = lorax_ref(dW, Ut, Vt)
+        assert rel_err(layer.delta.matrix(), ref) < EXACT_TOL
+        assert abs(layer.energy_kept - np.linalg.norm(ref) / np.linalg.norm(dW)) < EXACT_TOL
+        assert layer.delta.shape == tuple(src[key].shape)
+    assert "3 of 4 layers transferred" in result.summary() and "1 missing in target" in result.summary()
+    row = by_key["a.to_q.weight"].row()
+    json.dumps(row)
+    assert set(row) >= {"key", "phi", "phi_right", "phi_hat", "phi_hat_right", "decision", "energy_kept"}
+
+
+def test_threshold_skips_unrelated_layers(rng):
+    src, _ = _models(rng)
+    unrelated = {k: t(power_law_matrix(rng, v.shape[0], v[0].numel()).reshape(v.shape), torch.float32)
+                 for k, v in src.items()}
+    deltas = _lora_deltas(rng, src)
+    result = transfer_deltas(deltas, DictWeights(src), DictWeights(unrelated), TransferSettings(rank=8, threshold=0.3),
+                             SVDEngine(method="exact"))
+    for layer in result.layers:
+        assert layer.decision is Decision.LOW_SIMILARITY
+        assert layer.delta is None and abs(layer.similarity.phi_hat) < 0.3
+
+
+def test_shape_mismatch_is_skipped_unless_paired(rng):
+    src = {"x.weight": t(power_law_matrix(rng, 40, 24), torch.float32)}
+    tgt = {"x.weight": t(power_law_matrix(rng, 56, 32), torch.float32)}
+    deltas = _lora_deltas(rng, src)
+    skip = transfer_deltas(deltas, DictWeights(src), DictWeights(tgt), TransferSettings(rank=8), SVDEngine())
+    assert skip.layers[0].decision is Decision.SHAPE_MISMATCH and "paired" in skip.layers[0].note
+    paired = transfer_deltas(deltas, DictWeights(src), DictWeights(tgt), TransferSettings(rank=8, shape_rule="paired"),
+                             SVDEngine())
+    assert paired.layers[0].decision is Decision.TRANSFERRED and paired.layers[0].delta.shape == (56, 32)
+
+
+def test_default_rank_is_capped_at_half_the_layer():
+    s = TransferSettings()
+    assert s.rank_for((1280, 1280)) == 320
+    assert s.rank_for((320, 768)) == 160
+    assert s.rank_for((320, 320, 1, 1)) == 160
+    assert s.rank_for((320, 768), adapter_rank=32) == 32
+    assert TransferSettings(rank=640).rank_for((320, 768)) == 320
+
+
+@pytest.mark.parametrize("kwargs,needle", [
+    ({"rank": 0}, "rank must be a positive integer"),
+    ({"threshold": 1.5}, "threshold must lie in [0, 1]"),
+    ({"threshold": -0.1}, "threshold must lie in [0, 1]"),
+    ({"mode": "magic"}, "unknown mode 'magic'"),
+])
+def test_bad_settings_are_rejected(kwargs, needle):
+    with pytest.raises(LoraxError, match=None) as e:
+        TransferSettings(**kwargs)
+    assert needle in str(e.value)
+
+
+def test_rank_larger_than_every_layer_is_an_error(rng):
+    src, tgt = _models(rng)
+    with pytest.raises(LoraxError) as e:
+        transfer_deltas(_lora_deltas(rng, src), DictWeights(src), DictWeights(tgt), TransferSettings(rank=4096),
+                        SVDEngine())
+    assert "rank 4096 is larger than every layer" in str(e.value) and "at most 48" in str(e.value)
+
+
+def test_similarity_table_rows(rng):
+    src, tgt = _models(rng, strength=0.05)
+    rows = similarity_table(DictWeights(src), DictWeights(tgt), src.keys(), SVDEngine(method="exact"), rank=8)
+    assert [r["phi"] for r in rows] == sorted(r["phi"] for r in rows)
+    for r in rows:
+        assert {"key", "phi", "phi_right", "shape_source", "shape_target"} <= set(r)
+        assert 0.9 < r["phi"] <= 1.0
+
+
+def _adapter(rng, src, r=6):
+    sigmas = {"lora_unet_" + k.replace(".weight", "").replace(".", "_"): torch.from_numpy(rng.standard_normal(r)).float()
+              for k in src}
+    sketches = {"lora_unet_" + k.replace(".weight", "").replace(".", "_"): weight_sketch(w) for k, w in src.items()}
+    return LoraxAdapter(sigmas=sigmas, sketches=sketches, metadata={"lorax_source": "unit"})
+
+
+def test_lorax_file_round_trip(tmp_path, rng):
+    src, _ = _models(rng)
+    adapter = _adapter(rng, src)
+    path = tmp_path / "style.safetensors"
+    save_lorax(path, adapter, metadata={"ss_base_model_version": "sd_v1"})
+    back = load_lorax(path)
+    assert back.sigmas.keys() == adapter.sigmas.keys()
+    for k in adapter.sigmas:
+        assert torch.equal(back.sigmas[k], adapter.sigmas[k])
+        assert torch.equal(back.sketches[k], adapter.sketches[k])
+    meta = read_metadata(path)
+    assert meta["lorax_version"] == "1" and meta["lorax_rank"] == "6" and meta["ss_base_model_version"] == "sd_v1"
+    assert back.source_fingerprint == adapter.source_fingerprint
+    assert not [p for p in os.listdir(tmp_path) if p.endswith(".part")]
+
+
+def test_lorax_source_check_accepts_fp16_copy_and_rejects_other_model(rng):
+    # A light fine-tune: 2 % relative change, the order of a real style fine-tune of SD.
+    src, tgt = _models(rng, strength=0.02)
+    adapter = _adapter(rng, src)
+    for module, key in zip(adapter.sigmas, src):
+        adapter.check_source(module, src[key])
+        adapter.check_source(module, src[key].half())  # the same source re-saved in fp16/bf16 passes
+        adapter.check_source(module, src[key].bfloat16())
+        with pytest.raises(LoraxError) as e:
+            adapter.check_source(module, tgt[key])
+        assert "not the source this LoRA-X adapter was made for" in str(e.value) and module in str(e.value)
+
+
+def test_lorax_rank_larger_than_layer_is_an_error(rng):
+    adapter = LoraxAdapter(sigmas={"m": torch.ones(40)}, sketches={}, path="x.safetensors")
+    with pytest.raises(LoraxError) as e:
+        adapter.check_source("m", torch.randn(32, 16))
+    assert "rank 40" in str(e.value) and "'m'" in str(e.value) and "x.safetensors" in str(e.value)
+
+
+def test_lorax_delta_rebuilt_from_source(rng):
+    w = power_law_matrix(rng, 48, 32)
+    sigma = rng.standard_normal(5)
+    adapter = LoraxAdapter(sigmas={"m": t(sigma, torch.float32)}, sketches={})
+    f = SVDEngine(method="exact").factors(t(w), 5)
+    U, S, V = top_svd(w, 5)
+    # Reference in the library's sign convention: U diag(d) Vᵀ is sign-invariant per pair.
+    assert rel_err(adapter.delta("m", f, (48, 32)).matrix(), (U * sigma) @ V.T) < EXACT_TOL
+
+
+def test_kohya_export_round_trip(tmp_path, rng):
+    src, _ = _models(rng)
+    deltas = {"lora_unet_" + k[:-7].replace(".", "_"): d for k, d in _lora_deltas(rng, src).items()}
+    deltas["dense_one"] = Delta.from_dense(t(rng.standard_normal((6, 2)) @ rng.standard_normal((2, 10)), torch.float32))
+    path = tmp_path / "out.safetensors"
+    meta = save_kohya_lora(path, deltas, base_model_version="sdxl_base_v1-0", architecture="stable-diffusion-xl-v1-base/lora",
+                           provenance={"mode": "lorax"})
+    tensors = load_tensors(path)
+    for name, d in deltas.items():
+        up, down = tensors[f"{name}.lora_up.weight"], tensors[f"{name}.lora_down.weight"]
+        alpha = float(tensors[f"{name}.alpha"])
+        rank = down.shape[0]
+        got = (up.reshape(up.shape[0], -1) @ down.reshape(rank, -1)) * alpha / rank
+        assert rel_err(got, d.matrix()) < 1e-5
+        if len(d.shape) == 4:
+            assert down.shape[1:] == d.shape[1:] and up.shape[2:] == (1, 1)
+    assert tensors["dense_one.lora_down.weight"].shape[0] == 2  # factored at its numerical rank
+    stored = read_metadata(path)
+    assert stored["ss_base_model_version"] == "sdxl_base_v1-0" and json.loads(stored["lorax_provenance"])["mode"] == "lorax"
+    assert meta == stored
+
+
+def _write(path, data: bytes):
+    with open(path, "wb") as f:
+        f.write(data)
+
+
+def test_bad_files_give_clear_errors(tmp_path):
+    missing = tmp_path / "nope.safetensors"
+    with pytest.raises(LoraxError, match="file not found"):
+        load_lorax(missing)
+    pickle = tmp_path / "model.ckpt"
+    _write(pickle, b"PK\x03\x04" + b"\x00" * 200)
+    with pytest.raises(LoraxError) as e:
+        load_tensors(pickle)
+    assert "not a safetensors file" in str(e.value) and "model.ckpt" in str(e.value)
+    good = tmp_path / "good.safetensors"
+    save_file({"x.lora_up.weight": torch.ones(64, 64)}, str(good))
+    cut = tmp_path / "cut.safetensors"
+    _write(cut, good.read_bytes()[:-100])
+    with pytest.raises(LoraxError) as e:
+        load_tensors(cut)
+    assert "truncated" in str(e.value) and "cut.safetensors" in str(e.value)
+    nan = tmp_path / "nan.safetensors"
+    save_file({"x.lora_up.weight": torch.tensor([[1.0, float("nan")]])}, str(nan))
+    with pytest.raises(LoraxError) as e:
+        load_tensors(nan)
+    assert "NaN or inf" in str(e.value) and "x.lora_up.weight" in str(e.value)
+    with pytest.raises(LoraxError, match="not a LoRA-X adapter"):
+        load_lorax(good)
+
+
+def test_failed_write_leaves_nothing(tmp_path, rng):
+    """A write that fails half-way (here: NaN found) leaves neither the file nor a temp file."""
+    path = tmp_path / "out.safetensors"
+    bad = {"m": Delta.factored((4, 4), torch.full((4, 1), float("inf")), torch.ones(1, 4))}
+    with pytest.raises(LoraxError):
+        save_kohya_lora(path, bad)
+    assert list(tmp_path.iterdir()) == []
+    path.write_bytes(b"old")
+    adapter = LoraxAdapter(sigmas={"m": torch.tensor([float("nan")])}, sketches={})
+    with pytest.raises(LoraxError):
+        save_lorax(path, adapter)
+    assert path.read_bytes() == b"old" and len(list(tmp_path.iterdir())) == 1
