@@ -7,12 +7,12 @@ pair with Φ and its chance-normalised Φ̂ (:mod:`lorax.similarity`); project t
 
 Defaults, and why:
 
-* **rank k** — for ordinary LoRAs ``min(320, rank(W)/2)``: the seed paper uses the 320 largest
-  singular values for Stable Diffusion, and the cap at half the layer's rank keeps the projection
-  from being the identity (at k = rank(W) it is a plain copy and Φ̂ carries no information). For
-  LoRA-X adapters k is the adapter's own r, the subspace it was trained in. An explicit rank is
-  capped per layer at the layer's rank (the report shows the k used) and is an error only when it
-  exceeds every layer.
+* **rank k** — for ordinary LoRAs ``min(rank, rank(W)/2)`` with ``rank = 320`` by default: the
+  seed paper uses the 320 largest singular values for Stable Diffusion, and the cap at half the
+  layer's rank keeps the projection from being the identity (at k = rank(W) it is a plain copy
+  and Φ̂ carries no information), so one setting serves layers of every width. The report shows
+  the k used per layer. A rank larger than every layer the adapter touches is an error. For
+  LoRA-X adapters k is the adapter's own r, the subspace it was trained in.
 * **threshold** on Φ̂ (not raw Φ, whose chance level depends on width); see
   :data:`DEFAULT_THRESHOLD`.
 * **mode** ``lorax`` (the seed's projection).
@@ -84,14 +84,14 @@ class DictWeights:
 class TransferSettings:
     """How to transfer; validated on construction so a bad setting fails before any work."""
 
-    rank: int | None = None
+    rank: int = DEFAULT_RANK
     threshold: float = DEFAULT_THRESHOLD
     mode: str = "lorax"
     shape_rule: str = "skip"
 
     def __post_init__(self):
-        if self.rank is not None and (not isinstance(self.rank, int) or self.rank < 1):
-            raise LoraxError(f"rank must be a positive integer (or empty for the default), got {self.rank!r}")
+        if isinstance(self.rank, bool) or not isinstance(self.rank, int) or self.rank < 1:
+            raise LoraxError(f"rank must be a positive integer, got {self.rank!r}")
         if not (isinstance(self.threshold, (int, float)) and 0.0 <= float(self.threshold) <= 1.0):
             raise LoraxError(f"threshold must lie in [0, 1] (it applies to the chance-normalised "
                              f"similarity Φ̂), got {self.threshold!r}")
@@ -104,9 +104,7 @@ class TransferSettings:
         full = max_rank(shape)
         if adapter_rank is not None:
             return min(adapter_rank, full)
-        if self.rank is None:
-            return max(1, min(DEFAULT_RANK, full // 2))
-        return min(self.rank, full)
+        return max(1, min(self.rank, full // 2))
 
 
 @dataclass
@@ -233,7 +231,7 @@ def _rank_for_pair(settings: TransferSettings, s_shape, t_shape, adapter_rank) -
 
 
 def _check_explicit_rank(deltas: Mapping[str, Delta], source: WeightSource, settings: TransferSettings) -> None:
-    if settings.rank is None or not deltas:
+    if not deltas:
         return
     shapes = [source.shape(k) or d.shape for k, d in deltas.items()]
     largest = max((max_rank(s) for s in shapes if len(s) >= 2), default=0)
@@ -264,7 +262,7 @@ def _transfer_one(key, delta, fs, ft, s_shape, t_shape, k, settings, engine) -> 
 
 
 def similarity_table(source: WeightSource, target: WeightSource, keys: Iterable[str], engine: SVDEngine,
-                     rank: int | None = None, progress: Progress | None = None) -> list[dict]:
+                     rank: int = DEFAULT_RANK, progress: Progress | None = None) -> list[dict]:
     """Per-layer Φ rows for two models over ``keys`` (matrix weights present in both, equal shapes).
 
     Rows: ``{"key", "phi", "phi_right", "chance", "chance_right", "phi_hat", "phi_hat_right", "k",

@@ -106,11 +106,13 @@ def test_default_rank_is_capped_at_half_the_layer():
     assert s.rank_for((320, 768)) == 160
     assert s.rank_for((320, 320, 1, 1)) == 160
     assert s.rank_for((320, 768), adapter_rank=32) == 32
-    assert TransferSettings(rank=640).rank_for((320, 768)) == 320
+    assert TransferSettings(rank=640).rank_for((320, 768)) == 160
+    assert TransferSettings(rank=64).rank_for((320, 768)) == 64
 
 
 @pytest.mark.parametrize("kwargs,needle", [
     ({"rank": 0}, "rank must be a positive integer"),
+    ({"rank": None}, "rank must be a positive integer"),
     ({"threshold": 1.5}, "threshold must lie in [0, 1]"),
     ({"threshold": -0.1}, "threshold must lie in [0, 1]"),
     ({"mode": "magic"}, "unknown mode 'magic'"),
