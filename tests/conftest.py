@@ -1,0 +1,79 @@
+"""pytest wiring for the real ComfyUI host (see tests/host.py).
+
+At import (before any test module, so before any ``comfy`` import): the cheap stage of
+the host -- torchvision op schemas, ComfyUI tree first on ``sys.path``, ComfyUI's
+command line parsed as ``--cpu --base-directory <session temp dir>``. The expensive part
+(importing comfy.sd / nodes / execution, loading built-in nodes) happens only when a test
+asks for the ``comfy_host`` fixture, so tests of the pure ``lorax`` library do not pay it.
+
+Fixtures (session-scoped unless noted):
+
+* ``comfy_host``          -> host.ComfyHost (run_prompt, load_pack, save_unet, ...)
+* ``run_prompt``          -> comfy_host.run_prompt (function scope alias)
+* ``mini_sd15``           -> dict[str, Tensor]: build_mini_sd15_unet(seed=0); shared, do not mutate
+* ``mini_sd15_unet_name`` -> str: mini_sd15 saved in diffusion_models (for UNETLoader)
+* ``mini_sd15_ckpt_name`` -> str: mini_sd15 saved as a UNet-only checkpoint (CheckpointLoaderSimple)
+
+Tests that use ``comfy_host`` get the ``comfy`` marker (deselect with ``-m "not comfy"``).
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+_TESTS = str(Path(__file__).resolve().parent)
+if _TESTS not in sys.path:
+    sys.path.insert(0, _TESTS)
+
+import host as _host  # noqa: E402
+
+_host.prepare_early()
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "comfy: uses the real in-process ComfyUI host (tests/host.py)")
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if "comfy_host" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.comfy)
+
+
+def pytest_report_header(config):
+    early = _host.prepare_early()
+    if early["tree"] is None:
+        return f"ComfyUI host: not found ({early['how']}); {_host.SETUP_HINT}"
+    return f"ComfyUI host: {early['tree']} ({early['how']}), base dir {early['base_dir']}"
+
+
+@pytest.fixture(scope="session")
+def comfy_host() -> _host.ComfyHost:
+    try:
+        return _host.get_comfy_host()
+    except RuntimeError as e:
+        message = str(e)
+    pytest.fail(message, pytrace=False)
+
+
+@pytest.fixture
+def run_prompt(comfy_host):
+    return comfy_host.run_prompt
+
+
+@pytest.fixture(scope="session")
+def mini_sd15():
+    return _host.build_mini_sd15_unet(seed=0)
+
+
+@pytest.fixture(scope="session")
+def mini_sd15_unet_name(comfy_host, mini_sd15) -> str:
+    return comfy_host.save_unet(mini_sd15, "mini_sd15.safetensors")
+
+
+@pytest.fixture(scope="session")
+def mini_sd15_ckpt_name(comfy_host, mini_sd15) -> str:
+    return comfy_host.save_checkpoint(mini_sd15, "mini_sd15_ckpt.safetensors")

@@ -1,0 +1,687 @@
+"""A real ComfyUI host for the tests, run in-process.
+
+Nothing here imitates ComfyUI: the tree is ComfyUI 0.3.75 itself (see
+``scripts/get-comfyui``), its built-in nodes are loaded the way ``main.py`` loads them,
+and graphs run through its own ``execution.PromptExecutor`` after its own
+``execution.validate_prompt``. Two small nodes in ``tests/host_nodes.py`` (a zero text
+conditioning, because the synthetic model has no text encoder, and an output node that
+hands a value back to the test) are the only additions, loaded through ComfyUI's own
+``nodes.load_custom_node``.
+
+Two stages:
+
+* ``prepare_early()`` -- cheap (torch import + argparse), run by ``tests/conftest.py`` at
+  import time so that it precedes any ``comfy`` import a test module might make:
+  declares the two ``torchvision`` op schemas (the CUDA-only torchvision wheel cannot
+  load its C extension on CPU torch), puts the ComfyUI tree first on ``sys.path``, and
+  parses ComfyUI's command line as ``--cpu --base-directory <per-session temp dir>``.
+* ``get_comfy_host()`` / the ``comfy_host`` fixture -- the ~3-8 s part: imports
+  ``comfy.sd``, ``nodes``, ``execution``, ``server``; loads the built-in extra nodes;
+  constructs a ``server.PromptServer`` (never started) so that ``PromptServer.instance``
+  exists for packs that register routes at import; loads the test helper nodes.
+
+Model folders ("checkpoints", "diffusion_models", "loras", ...), input, output, temp and
+user directories all live under the per-session temp dir (``--base-directory``), which is
+removed at exit.
+
+Also here, needing no ComfyUI import: ``build_mini_sd15_unet`` (a synthetic SD1.5-layout
+UNet that ComfyUI detects as SD15), ``fine_tune`` and a few LoRA key helpers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import atexit
+import copy
+import importlib.machinery
+import importlib.util
+import logging
+import math
+import os
+import shutil
+import sys
+import tempfile
+import uuid
+import zlib
+from pathlib import Path
+from typing import Any, Iterable, Mapping, Sequence
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+TESTS_DIR = Path(__file__).resolve().parent
+HOST_NODES_FILE = TESTS_DIR / "host_nodes.py"
+
+# Node type names of the test helper nodes in tests/host_nodes.py.
+ZERO_COND_NODE = "LoraxTestZeroConditioning"
+CAPTURE_NODE = "LoraxTestCapture"
+
+SETUP_HINT = "run `scripts/setup` (or set COMFYUI_PATH to a ComfyUI checkout)"
+
+# --------------------------------------------------------------------------------------
+# Locating the tree: the same rules as scripts/get-comfyui (loaded from that file).
+# --------------------------------------------------------------------------------------
+
+
+def _get_comfyui_module():
+    path = REPO_ROOT / "scripts" / "get-comfyui"
+    loader = importlib.machinery.SourceFileLoader("_lorax_get_comfyui", str(path))
+    spec = importlib.util.spec_from_loader(loader.name, loader)
+    mod = importlib.util.module_from_spec(spec)
+    loader.exec_module(mod)
+    return mod
+
+
+_GET_COMFYUI = _get_comfyui_module()
+COMFYUI_VERSION = _GET_COMFYUI.COMFYUI_VERSION
+
+
+def locate_comfyui() -> tuple[Path | None, str]:
+    """``(tree, how)`` by the rules of scripts/get-comfyui, or ``(None, why)``. Never downloads."""
+    return _GET_COMFYUI.locate(REPO_ROOT)
+
+
+# --------------------------------------------------------------------------------------
+# Stage 1: before any comfy import.
+# --------------------------------------------------------------------------------------
+
+# The torchvision op library. Must stay referenced for the whole process: if this
+# object is garbage-collected, the op schemas vanish and `import torchvision` breaks.
+_TV = None
+
+_early: dict[str, Any] = {}
+
+
+def declare_torchvision_schemas() -> bool:
+    """Declare ``torchvision::nms`` and ``torchvision::qnms`` so torchvision imports on CPU torch.
+
+    torchvision 0.28.0 from PyPI is a CUDA build; its C extension does not load against the
+    CPU torch wheel, and its Python import then fails registering fake kernels for these two
+    ops. Declaring the schemas first lets the import succeed (detection ops stay unusable).
+    Skipped when torchvision is already imported, when the ops already exist, or when the
+    installed torchvision is a matching CPU build (``+cpu``) or torch has CUDA.
+    Returns True when it declared them (now or earlier).
+    """
+    global _TV
+    if _TV is not None:
+        return True
+    if "torchvision" in sys.modules:
+        return False
+    import torch
+
+    if torch.version.cuda is not None:
+        return False
+    try:
+        import importlib.metadata as md
+
+        if md.version("torchvision").endswith("+cpu"):
+            return False
+    except Exception:
+        pass
+    try:
+        torch.ops.torchvision.nms  # noqa: B018  (raises when the op is not declared)
+        return False  # declared already (by torchvision's own extension or someone else)
+    except (AttributeError, RuntimeError):
+        pass
+    lib = torch.library.Library("torchvision", "DEF")
+    lib.define("nms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
+    lib.define("qnms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
+    _TV = lib
+    return True
+
+
+def _clean_nodes_module() -> None:
+    """Fail clearly if the pack's own ``nodes/`` package took the name ComfyUI needs."""
+    mod = sys.modules.get("nodes")
+    if mod is None:
+        return
+    f = getattr(mod, "__file__", None) or ""
+    if f.endswith("nodes.py"):
+        return
+    raise RuntimeError(
+        f"`nodes` is already imported from {f or mod!r}, which is not ComfyUI's nodes.py. "
+        "The pack's own nodes/ package must not be imported as top-level `nodes` in a "
+        "process that hosts ComfyUI: load the pack with host.load_pack() and use its "
+        "module, or import the library as `lorax`."
+    )
+
+
+def prepare_early() -> dict[str, Any]:
+    """Stage 1 (idempotent, cheap). Returns a dict with tree, how, base_dir (tree may be None)."""
+    if _early:
+        return _early
+    declare_torchvision_schemas()
+    tree, how = locate_comfyui()
+    _early.update(tree=tree, how=how, base_dir=None)
+    if tree is None:
+        return _early
+
+    base = Path(tempfile.mkdtemp(prefix="lorax-comfy-"))
+    atexit.register(shutil.rmtree, base, ignore_errors=True)
+    _early["base_dir"] = base
+
+    tree_s = str(tree)
+    if tree_s in sys.path:
+        sys.path.remove(tree_s)
+    sys.path.insert(0, tree_s)
+
+    if "comfy.cli_args" in sys.modules:
+        # Someone imported comfy before us; only acceptable if it runs on CPU.
+        from comfy.cli_args import args
+
+        if not args.cpu:
+            raise RuntimeError("comfy was imported before tests/host.py could pass --cpu to it")
+        _early["base_dir"] = None
+        return _early
+
+    saved = sys.argv
+    sys.argv = [saved[0] if saved else "comfyui", "--cpu", "--base-directory", str(base)]
+    try:
+        import comfy.options
+
+        comfy.options.enable_args_parsing()
+        import comfy.cli_args  # parses sys.argv now, once  # noqa: F401
+    finally:
+        sys.argv = saved
+    return _early
+
+
+# --------------------------------------------------------------------------------------
+# Stage 2: the host itself.
+# --------------------------------------------------------------------------------------
+
+
+class ComfyExecutionError(AssertionError):
+    """A prompt failed validation or execution in ComfyUI; ``details`` holds ComfyUI's message."""
+
+    def __init__(self, message: str, details: dict | None = None):
+        super().__init__(message)
+        self.details = details or {}
+
+
+class ComfyHost:
+    """The in-process ComfyUI: modules, folders and helpers. Get it with ``get_comfy_host()``."""
+
+    def __init__(self, tree: Path, base_dir: Path):
+        self.tree = tree
+        self.base_dir = base_dir
+        self._packs: dict[str, dict[str, type]] = {}
+        self._bootstrap()
+
+    # -- setup ---------------------------------------------------------------------
+    def _bootstrap(self) -> None:
+        _clean_nodes_module()
+        import folder_paths
+        import utils.extra_config  # noqa: F401  (ComfyUI's utils/ package, before nodes.py puts comfy/ on sys.path)
+        import comfy.model_management
+        import comfy.sd
+        import comfy.utils
+        import comfy.model_patcher
+        import execution
+        import nodes
+        import server
+
+        self.folder_paths = folder_paths
+        self.comfy = sys.modules["comfy"]
+        self.model_management = comfy.model_management
+        self.execution = execution
+        self.nodes = nodes
+        self.server_module = server
+
+        # Folders, created so ComfyUI's listings find them.
+        models = Path(folder_paths.models_dir)
+        self.folders = {
+            "checkpoints": models / "checkpoints",
+            "diffusion_models": models / "diffusion_models",
+            "loras": models / "loras",
+            "vae": models / "vae",
+            "text_encoders": models / "text_encoders",
+            "custom_nodes": self.base_dir / "custom_nodes",
+            "input": Path(folder_paths.get_input_directory()),
+            "output": Path(folder_paths.get_output_directory()),
+            "temp": Path(folder_paths.get_temp_directory()),
+            "user": Path(folder_paths.get_user_directory()),
+        }
+        for p in self.folders.values():
+            p.mkdir(parents=True, exist_ok=True)
+        for name in ("checkpoints", "diffusion_models", "loras"):
+            paths = [Path(p).resolve() for p in folder_paths.get_folder_paths(name)]
+            if self.folders[name].resolve() not in paths:
+                raise RuntimeError(f"ComfyUI's {name} folder is not under the session temp dir: {paths}")
+
+        # Built-in extra nodes, as main.py loads them (no API nodes: they only call web
+        # services; no external custom nodes folder: packs are loaded explicitly).
+        asyncio.run(nodes.init_extra_nodes(init_custom_nodes=False, init_api_nodes=False))
+
+        # A real PromptServer (never started), so that PromptServer.instance exists for
+        # packs that register routes, and so the executor talks to the real class.
+        self.loop = asyncio.new_event_loop()
+        self.server = server.PromptServer(self.loop)
+
+        self.load_pack(HOST_NODES_FILE)
+        for n in (ZERO_COND_NODE, CAPTURE_NODE):
+            if n not in nodes.NODE_CLASS_MAPPINGS:
+                raise RuntimeError(f"test helper node {n} did not register")
+
+    # -- packs ---------------------------------------------------------------------
+    def load_pack(self, path: str | os.PathLike = REPO_ROOT, *, force: bool = False) -> dict[str, type]:
+        """Load a custom node pack (folder with ``__init__.py``, or a ``.py`` file) the way
+        ComfyUI does: ``nodes.load_custom_node(path, module_parent="custom_nodes")``.
+
+        Returns the ``{node type: class}`` entries the pack registered. Raises
+        AssertionError with ComfyUI's logged traceback when ComfyUI reports failure.
+        Cached per path unless ``force``.
+        """
+        path = str(Path(path).resolve())
+        if path in self._packs and not force:
+            return self._packs[path]
+        before = dict(self.nodes.NODE_CLASS_MAPPINGS)
+        records: list[str] = []
+
+        class _Grab(logging.Handler):
+            def emit(self, record):
+                records.append(self.format(record))
+
+        grab = _Grab(level=logging.WARNING)
+        root = logging.getLogger()
+        root.addHandler(grab)
+        try:
+            ok = asyncio.run(self.nodes.load_custom_node(path, module_parent="custom_nodes"))
+        finally:
+            root.removeHandler(grab)
+        if not ok:
+            raise AssertionError(f"ComfyUI could not load the custom node pack {path}:\n" + "\n".join(records))
+        added = {k: v for k, v in self.nodes.NODE_CLASS_MAPPINGS.items() if before.get(k) is not v}
+        self._packs[path] = added
+        return added
+
+    def pack_module(self, path: str | os.PathLike = REPO_ROOT):
+        """The module object ComfyUI made for a loaded pack (``sys.modules`` key is the path)."""
+        path = str(Path(path).resolve())
+        key = path.replace(".", "_x_") if os.path.isdir(path) else os.path.splitext(path)[0]
+        return sys.modules[key]
+
+    # -- running graphs ------------------------------------------------------------
+    def new_executor(self):
+        """A fresh ``execution.PromptExecutor`` (classic cache, as ComfyUI's default)."""
+        return self.execution.PromptExecutor(self.server, cache_type=False, cache_args={"lru": 0, "ram": 0})
+
+    def run_prompt(self, prompt: Mapping[str, Any], *, executor=None,
+                   outputs: Sequence[str] | None = None) -> dict[str, dict[str, list]]:
+        """Validate and execute an API-format prompt with ComfyUI's own code.
+
+        ``prompt`` is ``{node_id: {"class_type": ..., "inputs": {...}}}`` with links as
+        ``[node_id, output_index]``. Output nodes (``OUTPUT_NODE = True``) are executed
+        (only those in ``outputs`` if given), exactly like a queued prompt. Returns each
+        executed output node's UI dict (``history["outputs"]``), e.g.
+        ``run_prompt(p)["cap"]["value"][0]`` for a ``LoraxTestCapture`` node ``"cap"``.
+
+        A fresh executor is used per call unless ``executor`` (see ``new_executor``) is
+        passed, which keeps ComfyUI's node output cache between runs.
+        Raises ``ComfyExecutionError`` (an AssertionError) with ComfyUI's message.
+        """
+        execution = self.execution
+        prompt = copy.deepcopy(dict(prompt))
+        prompt_id = str(uuid.uuid4())
+        valid = asyncio.run(execution.validate_prompt(prompt_id, prompt, list(outputs) if outputs else None))
+        if not valid[0]:
+            err = valid[1] or {}
+            lines = [f"ComfyUI rejected the prompt: {err.get('message')}: {err.get('details')}"]
+            for nid, ne in (valid[3] or {}).items():
+                for e in ne.get("errors", []):
+                    lines.append(f"  node {nid} ({ne.get('class_type')}): {e.get('message')}: {e.get('details')}")
+            raise ComfyExecutionError("\n".join(lines), {"error": err, "node_errors": valid[3]})
+        ex = executor if executor is not None else self.new_executor()
+        try:
+            ex.execute(prompt, prompt_id, {}, valid[2])
+        finally:
+            self._drain_server_messages()
+        if not ex.success:
+            msgs = [d for (ev, d) in ex.status_messages if ev in ("execution_error", "execution_interrupted")]
+            d = msgs[-1] if msgs else {}
+            tb = "".join(d.get("traceback") or [])
+            raise ComfyExecutionError(
+                f"ComfyUI execution failed in node {d.get('node_id')} ({d.get('node_type')}): "
+                f"{d.get('exception_type')}: {d.get('exception_message')}\n{tb}",
+                d,
+            )
+        return ex.history_result["outputs"]
+
+    def _drain_server_messages(self) -> None:
+        # PromptServer.send_sync queues callbacks on its (never started) loop; run them
+        # and drop the messages so nothing accumulates across runs.
+        try:
+            self.loop.run_until_complete(asyncio.sleep(0))
+            q = self.server.messages
+            while not q.empty():
+                q.get_nowait()
+        except Exception:
+            pass
+
+    # -- files ---------------------------------------------------------------------
+    def _save(self, folder: str, sd: Mapping[str, Any], name: str, metadata: dict | None) -> str:
+        from safetensors.torch import save_file
+
+        path = self.folders[folder] / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        save_file({k: v.detach().contiguous() for k, v in sd.items()}, str(path), metadata=metadata)
+        return name
+
+    def save_unet(self, sd: Mapping[str, Any], name: str = "mini_sd15.safetensors",
+                  metadata: dict | None = None) -> str:
+        """Save a UNet state dict (ComfyUI's key names) into ``diffusion_models``; returns
+        the ``unet_name`` for ``UNETLoader``."""
+        return self._save("diffusion_models", sd, name, metadata)
+
+    def save_checkpoint(self, sd: Mapping[str, Any], name: str = "mini_sd15_ckpt.safetensors",
+                        metadata: dict | None = None) -> str:
+        """Save as a checkpoint (keys prefixed ``model.diffusion_model.``, no VAE/CLIP) into
+        ``checkpoints``; returns the ``ckpt_name`` for ``CheckpointLoaderSimple``."""
+        return self._save("checkpoints", {"model.diffusion_model." + k: v for k, v in sd.items()}, name, metadata)
+
+    def save_lora(self, sd: Mapping[str, Any], name: str = "test_lora.safetensors",
+                  metadata: dict | None = None) -> str:
+        """Save a LoRA state dict into ``loras``; returns the ``lora_name``."""
+        return self._save("loras", sd, name, metadata)
+
+    # -- models --------------------------------------------------------------------
+    def unload_all(self) -> None:
+        """``comfy.model_management.unload_all_models()`` + gc: unpatches models ComfyUI loaded."""
+        import gc
+
+        self.model_management.unload_all_models()
+        gc.collect()
+        self.model_management.soft_empty_cache()
+
+    def patched_weights(self, model, keys: Iterable[str] | None = None) -> dict[str, Any]:
+        """The weights a ``ModelPatcher`` computes when ComfyUI patches it, as CPU float
+        copies keyed like ``diffusion_model.input_blocks...``.
+
+        Uses ComfyUI's own path: ``clone().patch_model(cpu)``, copy, ``unpatch_model()``.
+        Unloads ComfyUI's loaded models first so no other patcher holds the weights.
+        """
+        import torch
+
+        self.unload_all()
+        m = model.clone()
+        m.patch_model(device_to=torch.device("cpu"))
+        try:
+            sd = m.model.state_dict()
+            wanted = list(keys) if keys is not None else list(sd.keys())
+            return {k: sd[k].detach().to("cpu", copy=True) for k in wanted}
+        finally:
+            m.unpatch_model(device_to=torch.device("cpu"))
+
+
+_HOST: ComfyHost | None = None
+
+
+def get_comfy_host() -> ComfyHost:
+    """Bootstrap (once per process) and return the in-process ComfyUI host.
+
+    Raises RuntimeError telling to run scripts/setup when no ComfyUI tree is found.
+    """
+    global _HOST
+    if _HOST is not None:
+        return _HOST
+    early = prepare_early()
+    if early["tree"] is None:
+        raise RuntimeError(f"No ComfyUI {COMFYUI_VERSION} tree found ({early['how']}): {SETUP_HINT}.")
+    if early["base_dir"] is None:
+        raise RuntimeError("comfy was imported before tests/host.py prepared the host; "
+                           "import tests/host.py (conftest does) before any comfy import")
+    _HOST = ComfyHost(early["tree"], early["base_dir"])
+    return _HOST
+
+
+# --------------------------------------------------------------------------------------
+# Synthetic models (no ComfyUI import needed).
+# --------------------------------------------------------------------------------------
+
+
+def _gen(seed: int, key: str):
+    import torch
+
+    g = torch.Generator()
+    g.manual_seed((int(seed) * 1_000_003 + zlib.crc32(key.encode())) % (2**63 - 1))
+    return g
+
+
+def power_law_matrix(rows: int, cols: int, *, seed: int = 0, key: str = "", decay: float = 0.8,
+                     gain: float = 1.0):
+    """``U diag(s) V^T`` with random orthonormal U, V and ``s_i ∝ i^-decay``, scaled so
+    ``||W||_F = gain * sqrt(rows)`` (the Frobenius norm of iid N(0, gain²/cols) entries).
+    float32, deterministic in (seed, key)."""
+    import torch
+
+    g = _gen(seed, key)
+    r = min(rows, cols)
+    u, _ = torch.linalg.qr(torch.randn(rows, r, generator=g))
+    v, _ = torch.linalg.qr(torch.randn(cols, r, generator=g))
+    s = torch.arange(1, r + 1, dtype=torch.float64).pow(-decay)
+    s = (s * (gain * math.sqrt(rows) / s.norm())).to(torch.float32)
+    return (u * s) @ v.T
+
+
+def _sd15_layout(*, model_channels: int, channel_mult: Sequence[int], num_res_blocks: int,
+                 transformer_depth: Sequence[int], context_dim: int, in_channels: int,
+                 out_channels: int) -> list[tuple[str, tuple[int, ...], str]]:
+    """(key, shape, kind) for an SD1.x UNet (ComfyUI/ldm ``openaimodel.UNetModel`` with
+    ``use_spatial_transformer``, conv proj_in/proj_out, no label embedding), in order.
+    kind: 'linear', 'conv', 'norm_w', 'norm_b', 'bias'."""
+    mc = model_channels
+    ted = mc * 4
+    out: list[tuple[str, tuple[int, ...], str]] = []
+
+    def lin(p, o, i, bias=True):
+        out.append((f"{p}.weight", (o, i), "linear"))
+        if bias:
+            out.append((f"{p}.bias", (o,), "bias"))
+
+    def conv(p, o, i, k):
+        out.append((f"{p}.weight", (o, i, k, k), "conv"))
+        out.append((f"{p}.bias", (o,), "bias"))
+
+    def norm(p, c):
+        out.append((f"{p}.weight", (c,), "norm_w"))
+        out.append((f"{p}.bias", (c,), "norm_b"))
+
+    def resblock(p, ci, co):
+        norm(f"{p}.in_layers.0", ci)
+        conv(f"{p}.in_layers.2", co, ci, 3)
+        lin(f"{p}.emb_layers.1", co, ted)
+        norm(f"{p}.out_layers.0", co)
+        conv(f"{p}.out_layers.3", co, co, 3)
+        if ci != co:
+            conv(f"{p}.skip_connection", co, ci, 1)
+
+    def transformer(p, c, depth):
+        norm(f"{p}.norm", c)
+        conv(f"{p}.proj_in", c, c, 1)
+        for d in range(depth):
+            b = f"{p}.transformer_blocks.{d}"
+            for a, kv in (("attn1", c), ("attn2", context_dim)):
+                lin(f"{b}.{a}.to_q", c, c, bias=False)
+                lin(f"{b}.{a}.to_k", c, kv, bias=False)
+                lin(f"{b}.{a}.to_v", c, kv, bias=False)
+                lin(f"{b}.{a}.to_out.0", c, c)
+            lin(f"{b}.ff.net.0.proj", c * 8, c)
+            lin(f"{b}.ff.net.2", c, c * 4)
+            for n in ("norm1", "norm2", "norm3"):
+                norm(f"{b}.{n}", c)
+        conv(f"{p}.proj_out", c, c, 1)
+
+    lin("time_embed.0", ted, mc)
+    lin("time_embed.2", ted, ted)
+    conv("input_blocks.0.0", mc, in_channels, 3)
+    chans = [mc]
+    ch = mc
+    idx = 1
+    for level, mult in enumerate(channel_mult):
+        for _ in range(num_res_blocks):
+            resblock(f"input_blocks.{idx}.0", ch, mult * mc)
+            ch = mult * mc
+            if transformer_depth[level] > 0:
+                transformer(f"input_blocks.{idx}.1", ch, transformer_depth[level])
+            chans.append(ch)
+            idx += 1
+        if level != len(channel_mult) - 1:
+            conv(f"input_blocks.{idx}.0.op", ch, ch, 3)
+            chans.append(ch)
+            idx += 1
+    resblock("middle_block.0", ch, ch)
+    transformer("middle_block.1", ch, max(1, transformer_depth[-1]))
+    resblock("middle_block.2", ch, ch)
+    idx = 0
+    for level, mult in reversed(list(enumerate(channel_mult))):
+        for i in range(num_res_blocks + 1):
+            skip = chans.pop()
+            resblock(f"output_blocks.{idx}.0", ch + skip, mc * mult)
+            ch = mc * mult
+            sub = 1
+            if transformer_depth[level] > 0:
+                transformer(f"output_blocks.{idx}.1", ch, transformer_depth[level])
+                sub = 2
+            if level and i == num_res_blocks:
+                conv(f"output_blocks.{idx}.{sub}.conv", ch, ch, 3)
+            idx += 1
+    norm("out.0", ch)
+    conv("out.2", out_channels, mc, 3)
+    return out
+
+
+def build_mini_sd15_unet(seed: int = 0, *, model_channels: int = 320,
+                         channel_mult: Sequence[int] = (1, 2), num_res_blocks: int = 1,
+                         transformer_depth: int | Sequence[int] = 1, context_dim: int = 768,
+                         in_channels: int = 4, out_channels: int = 4, decay: float = 0.8,
+                         bias_std: float = 0.01) -> dict[str, Any]:
+    """A synthetic SD1.5-layout UNet state dict with ComfyUI's internal key names.
+
+    Defaults: model_channels 320, context_dim 768, channel_mult (1, 2), one res block and
+    one transformer block per level -- ~107M parameters, which ComfyUI's
+    ``model_detection`` identifies as ``SD15`` (it keys on context_dim 768 and
+    model_channels 320). ``channel_mult`` sets the depth (number of levels), e.g.
+    ``(1,)`` for a reduced variant; ``transformer_depth`` is per level (0 = no attention).
+
+    Linear and conv weights (conv flattened to ``[out, in*k*k]``) are
+    ``power_law_matrix``: singular values ∝ i^-decay with random orthonormal singular
+    vectors, Frobenius norm of an iid 1/sqrt(fan_in) init. Norm weights are ones, norm
+    biases zeros, other biases N(0, bias_std²). float32; deterministic per (seed, key),
+    so variants of different depth share the tensors they have in common.
+    """
+    import torch
+
+    td = ([transformer_depth] * len(channel_mult) if isinstance(transformer_depth, int)
+          else list(transformer_depth))
+    if len(td) != len(channel_mult):
+        raise ValueError("transformer_depth must have one entry per channel_mult level")
+    layout = _sd15_layout(model_channels=model_channels, channel_mult=tuple(channel_mult),
+                          num_res_blocks=num_res_blocks, transformer_depth=td,
+                          context_dim=context_dim, in_channels=in_channels, out_channels=out_channels)
+    sd: dict[str, Any] = {}
+    for key, shape, kind in layout:
+        if kind in ("linear", "conv"):
+            rows, cols = shape[0], int(math.prod(shape[1:]))
+            sd[key] = power_law_matrix(rows, cols, seed=seed, key=key, decay=decay).reshape(shape)
+        elif kind == "norm_w":
+            sd[key] = torch.ones(shape)
+        elif kind == "norm_b":
+            sd[key] = torch.zeros(shape)
+        else:
+            sd[key] = torch.randn(shape, generator=_gen(seed, key)) * bias_std
+    return sd
+
+
+def fine_tune(sd: Mapping[str, Any], seed: int, strength: float = 0.05, *, rank: int = 8,
+              dense_fraction: float = 0.5) -> dict[str, Any]:
+    """A perturbed copy of ``sd`` standing in for a fine-tuned model.
+
+    Each weight with ndim >= 2 (as a matrix ``[out, in*k*k]``) gets ``W + D`` with
+    ``||D||_F = strength * ||W||_F``; D mixes a random rank-``rank`` part and a dense
+    Gaussian part (``dense_fraction`` of the energy), as real fine-tunes move weights
+    mostly along a few directions. 1-D tensors get ``+ strength * 0.1 * N(0, 1)``.
+    Deterministic per (seed, key); the input is not modified.
+    """
+    import torch
+
+    out: dict[str, Any] = {}
+    for key, w in sd.items():
+        g = _gen(seed + 7919, key)
+        if w.ndim >= 2:
+            m = w.reshape(w.shape[0], -1).to(torch.float32)
+            r = min(rank, *m.shape)
+            low = torch.randn(m.shape[0], r, generator=g) @ torch.randn(r, m.shape[1], generator=g)
+            dense = torch.randn(m.shape, generator=g)
+            d = (math.sqrt(1 - dense_fraction) * low / low.norm()
+                 + math.sqrt(dense_fraction) * dense / dense.norm())
+            d = d * (strength * m.norm() / d.norm())
+            out[key] = (m + d).reshape(w.shape).to(w.dtype)
+        else:
+            out[key] = (w + strength * 0.1 * torch.randn(w.shape, generator=g)).to(w.dtype)
+    return out
+
+
+def count_params(sd: Mapping[str, Any]) -> int:
+    return sum(int(v.numel()) for v in sd.values())
+
+
+def kohya_lora_prefix(unet_key: str) -> str:
+    """``input_blocks.1.1.transformer_blocks.0.attn1.to_q.weight`` ->
+    ``lora_unet_input_blocks_1_1_transformer_blocks_0_attn1_to_q`` (ComfyUI maps this
+    kohya-style name onto ``diffusion_model.<key>``)."""
+    k = unet_key[: -len(".weight")] if unet_key.endswith(".weight") else unet_key
+    return "lora_unet_" + k.replace(".", "_")
+
+
+def make_kohya_lora(targets: Mapping[str, tuple[Any, Any]], alpha: float | None = None) -> dict[str, Any]:
+    """``{unet_key: (up [out, r], down [r, in])}`` -> kohya LoRA state dict with
+    ``.lora_up.weight``, ``.lora_down.weight`` and ``.alpha`` (default alpha = rank).
+    ComfyUI applies ``up @ down * alpha / rank`` (times the loader strength)."""
+    import torch
+
+    lora: dict[str, Any] = {}
+    for key, (up, down) in targets.items():
+        p = kohya_lora_prefix(key)
+        lora[f"{p}.lora_up.weight"] = up.contiguous()
+        lora[f"{p}.lora_down.weight"] = down.contiguous()
+        lora[f"{p}.alpha"] = torch.tensor(float(alpha if alpha is not None else down.shape[0]))
+    return lora
+
+
+# --------------------------------------------------------------------------------------
+# Graph builders.
+# --------------------------------------------------------------------------------------
+
+
+def zero_cond(context_dim: int = 768, tokens: int = 77) -> dict[str, Any]:
+    """Prompt node: the test-only zero text conditioning ``[1, tokens, context_dim]``."""
+    return {"class_type": ZERO_COND_NODE, "inputs": {"context_dim": context_dim, "tokens": tokens}}
+
+
+def capture(link: list) -> dict[str, Any]:
+    """Prompt node: an output node handing ``link``'s value back in ``run_prompt(...)[id]["value"][0]``."""
+    return {"class_type": CAPTURE_NODE, "inputs": {"value": link}}
+
+
+def unet_ksampler_prompt(unet_name: str, *, seed: int = 0, steps: int = 1, cfg: float = 1.0,
+                         width: int = 64, height: int = 64, sampler_name: str = "euler",
+                         scheduler: str = "normal", denoise: float = 1.0,
+                         model_link: list | None = None, extra: Mapping[str, Any] | None = None) -> dict:
+    """UNETLoader -> KSampler (zero conditioning, EmptyLatentImage) -> capture.
+
+    Node ids: "unet", "pos", "neg", "latent", "sampler", "out" (capture of the sampled
+    LATENT). ``model_link`` replaces the model input of the sampler (e.g. ``["lora", 0]``
+    with the node given in ``extra``); ``extra`` adds/overrides nodes.
+    """
+    p: dict[str, Any] = {
+        "unet": {"class_type": "UNETLoader", "inputs": {"unet_name": unet_name, "weight_dtype": "default"}},
+        "pos": zero_cond(),
+        "neg": zero_cond(),
+        "latent": {"class_type": "EmptyLatentImage", "inputs": {"width": width, "height": height, "batch_size": 1}},
+        "sampler": {"class_type": "KSampler", "inputs": {
+            "model": model_link or ["unet", 0], "seed": seed, "steps": steps, "cfg": cfg,
+            "sampler_name": sampler_name, "scheduler": scheduler, "positive": ["pos", 0],
+            "negative": ["neg", 0], "latent_image": ["latent", 0], "denoise": denoise}},
+        "out": capture(["sampler", 0]),
+    }
+    if extra:
+        p.update(copy.deepcopy(dict(extra)))
+    return p
