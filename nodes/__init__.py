@@ -1,0 +1,20 @@
+"""ComfyUI glue for LoRA-X: thin nodes over the pure ``lorax`` library (see bridge.py)."""
+
+from .load_node import LoraxLoad
+from .save_node import LoraxSave
+from .similarity_node import LoraxSimilarityReport
+from .transfer_node import LoraxTransfer
+
+NODE_CLASS_MAPPINGS = {
+    "LoraxLoad": LoraxLoad,
+    "LoraxSimilarityReport": LoraxSimilarityReport,
+    "LoraxTransfer": LoraxTransfer,
+    "LoraxSave": LoraxSave,
+}
+
+NODE_DISPLAY_NAME_MAPPINGS = {
+    "LoraxLoad": "LoRA-X Load",
+    "LoraxSimilarityReport": "Subspace Similarity Report",
+    "LoraxTransfer": "LoRA-X Transfer",
+    "LoraxSave": "LoRA-X Save",
+}

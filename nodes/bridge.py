@@ -1,0 +1,323 @@
+"""The bridge between ComfyUI's objects and the pure ``lorax`` library.
+
+Everything that knows about the host lives here: reading base weights out of a
+``ModelPatcher``, mapping adapter keys with the host's own key maps
+(``comfy.lora.model_lora_keys_unet`` / ``model_lora_keys_clip``), parsing every LoRA format with
+``comfy.lora.load_lora`` and turning the resulting weight-adapter objects into
+:class:`lorax.Delta`, and patching results back as low-rank LoRA patches on a clone.
+
+Conversions, and why they are exact:
+
+* plain LoRA (``up``, ``down``, optional alpha): factored, scaled by ``alpha / rank`` exactly as
+  ``LoRAAdapter.calculate_weight`` scales it (no alpha → 1; an rsLoRA-style alpha is stored
+  pre-scaled in the file, so the same rule is right).
+* everything else — LoCon with ``lora_mid``, DoRA, LoHa, LoKr, OFT/BOFT/GLoRA, ``diff`` patches —
+  is materialised by the host itself: ``adapter.calculate_weight(W₀, …)`` in float64 minus
+  ``W₀``. For DoRA that is ``m ⊙ (W₀+BA)/‖W₀+BA‖ − W₀`` on the *source* weight, so the
+  magnitude vector, which is the norm of the source, never reaches the target.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Any, Callable, Mapping
+
+import torch
+
+import comfy.lora
+import comfy.lora_convert
+import comfy.model_patcher
+import comfy.utils
+import comfy.weight_adapter as weight_adapter
+
+from lorax.delta import Delta
+from lorax.errors import LoraxError
+from lorax.lorax_adapter import LoraxAdapter
+
+log = logging.getLogger("lorax")
+
+#: kohya / modelspec names of the host's model classes, for the metadata of exported files.
+BASE_MODEL_NAMES: dict[str, tuple[str, str]] = {
+    "SD15": ("sd_v1", "stable-diffusion-v1/lora"),
+    "SD20": ("sd_v2", "stable-diffusion-v2/lora"),
+    "SD21UnclipL": ("sd_v2", "stable-diffusion-v2/lora"),
+    "SDXL": ("sdxl_base_v1-0", "stable-diffusion-xl-v1-base/lora"),
+    "SSD1B": ("sdxl_base_v1-0", "stable-diffusion-xl-v1-base/lora"),
+    "Segmind_Vega": ("sdxl_base_v1-0", "stable-diffusion-xl-v1-base/lora"),
+    "SD3": ("sd3", "stable-diffusion-3-medium/lora"),
+    "Flux": ("flux1", "flux-1-dev/lora"),
+    "FluxSchnell": ("flux1", "flux-1-schnell/lora"),
+}
+
+
+def model_kind(patcher) -> str:
+    """The host's name for the model's configuration class (``SD15``, ``SDXL``, ``Flux``…)."""
+    return type(patcher.model.model_config).__name__
+
+
+def base_model_names(patcher) -> tuple[str, str]:
+    kind = model_kind(patcher)
+    return BASE_MODEL_NAMES.get(kind, (kind.lower(), f"{kind.lower()}/lora"))
+
+
+class PatcherWeights:
+    """A :class:`lorax.transfer.WeightSource` over the *unpatched* weights of a ModelPatcher.
+
+    While a model sits patched in memory its parameters hold patched values and the originals
+    are in ``patcher.backup``; those originals are what the SVD must see.
+    """
+
+    def __init__(self, patcher, prefix: str = ""):
+        self.patcher = patcher
+        self.model = patcher.model if hasattr(patcher, "model") else patcher
+        self._shapes = {k: tuple(v.shape) for k, v in self.model.state_dict().items() if k.startswith(prefix)}
+
+    def keys(self):
+        return self._shapes.keys()
+
+    def shape(self, key: str):
+        return self._shapes.get(key)
+
+    def weight(self, key: str) -> torch.Tensor:
+        if key not in self._shapes:
+            raise KeyError(key)
+        weight, _, convert = comfy.model_patcher.get_key_weight(self.model, key)
+        backup = getattr(self.patcher, "backup", {}).get(key)
+        if backup is not None:
+            weight = backup.weight
+        if convert is not None:
+            weight = convert(weight, inplace=False)
+        return weight.detach()
+
+
+def unet_key_map(patcher) -> dict[str, str]:
+    """LoRA module name → model key, as the host's LoRA loader maps them."""
+    return comfy.lora.model_lora_keys_unet(patcher.model, {})
+
+
+def adapter_key_map(patcher, clip=None) -> dict[str, Any]:
+    """The host's key map for the diffusion model, plus the text encoder's when ``clip`` is given."""
+    key_map = unet_key_map(patcher)
+    if clip is not None:
+        key_map = comfy.lora.model_lora_keys_clip(clip.cond_stage_model, key_map)
+    return key_map
+
+
+def kohya_names(key_map: Mapping[str, Any], prefixes: tuple[str, ...] = ("lora_unet_", "lora_te")) -> dict[str, str]:
+    """Model key → the kohya module name to write for it.
+
+    Prefers kohya's own (diffusers-derived) naming, which kohya sd-scripts, A1111 and Forge all
+    read; falls back to the host-internal name (``lora_unet_`` + the model key with dots as
+    underscores), which ComfyUI reads and is what Flux-era trainers write.
+    """
+    out: dict[str, str] = {}
+    for name, target in key_map.items():
+        if not isinstance(target, str) or not name.startswith(prefixes):
+            continue
+        internal = "lora_unet_" + target[len("diffusion_model."):-len(".weight")].replace(".", "_")
+        if target not in out or (out[target] == internal and name != internal):
+            out[target] = name
+    return out
+
+
+@dataclass
+class AdapterDeltas:
+    """An adapter read against one model: deltas by model key, and what did not map."""
+
+    deltas: dict[str, Delta]
+    adapter_ranks: dict[str, int] = field(default_factory=dict)
+    unmapped: list[str] = field(default_factory=list)      # adapter module names matching no model key
+    unsupported: dict[str, str] = field(default_factory=dict)  # model key → why it cannot be used
+
+
+def _adapter_module_names(lora: Mapping[str, torch.Tensor]) -> set[str]:
+    suffixes = (".lora_up.weight", ".lora_down.weight", ".lora_B.weight", ".lora_A.weight", ".alpha",
+                ".hada_w1_a", ".lokr_w1", ".lokr_w1_a", ".diff", ".lora.up.weight", "_lora.up.weight",
+                ".dora_scale", ".lora_mid.weight", ".diff_b", ".lorax_sigma")
+    names = set()
+    for key in lora:
+        for s in suffixes:
+            if key.endswith(s):
+                names.add(key[:-len(s)])
+                break
+        else:
+            names.add(key.rsplit(".", 1)[0])
+    return names
+
+
+def _lora_factors(adapter, key: str, weight: torch.Tensor) -> Delta | None:
+    """A plain LoRA as factors with the host's scale, or None when it needs materialising."""
+    up, down, alpha, mid, dora_scale, reshape = adapter.weights
+    if mid is not None or dora_scale is not None or reshape is not None:
+        return None
+    rank = down.shape[0]
+    m, n = weight.shape[0], weight[0].numel()
+    up2, down2 = up.reshape(up.shape[0], -1), down.reshape(rank, -1)
+    if up2.shape != (m, rank) or down2.shape != (rank, n):
+        raise LoraxError(f"LoRA factors {tuple(up.shape)} @ {tuple(down.shape)} do not fit the model's weight "
+                         f"of shape {tuple(weight.shape)}; the adapter was made for another architecture",
+                         key=key)
+    scale = (float(alpha) / rank) if alpha is not None else 1.0
+    return Delta.factored(tuple(weight.shape), up2.double() * scale, down2.double())
+
+
+def _materialise(patch, key: str, weight: torch.Tensor) -> Delta:
+    """Let the host apply the patch at strength 1 to W₀ (float64) and keep the difference."""
+    base = weight.double().clone()
+    if isinstance(patch, weight_adapter.WeightAdapterBase):
+        out = patch.calculate_weight(base.clone(), key, 1.0, 1.0, None, lambda a: a, torch.float64, None)
+    else:
+        kind, values = (patch[0], patch[1]) if len(patch) == 2 and isinstance(patch[0], str) else ("diff", patch)
+        if kind != "diff":
+            raise LoraxError(f"patch type '{kind}' cannot be transferred (it replaces the weight instead of "
+                             "changing it)", key=key)
+        diff = values[0]
+        if tuple(diff.shape) != tuple(weight.shape):
+            raise LoraxError(f"diff of shape {tuple(diff.shape)} does not fit the model's weight of shape "
+                             f"{tuple(weight.shape)}", key=key)
+        out = base + diff.double()
+    if out is None or tuple(out.shape) != tuple(weight.shape):
+        raise LoraxError(f"the host could not apply this adapter to a weight of shape {tuple(weight.shape)}; "
+                         "it was made for another architecture", key=key)
+    return Delta.from_dense(out - base)
+
+
+def host_patches(lora: Mapping[str, torch.Tensor], patcher, *, path: str | None = None,
+                 clip=None) -> tuple[dict, list[str]]:
+    """The host's own parse of an adapter file: ``(patches by model key, unmapped module names)``.
+
+    Exactly what ComfyUI's LoRA loaders do (``convert_lora`` → key maps → ``load_lora``), with
+    one summary error instead of a warning per key when nothing matches.
+    """
+    key_map = adapter_key_map(patcher, clip)
+    converted = comfy.lora_convert.convert_lora(dict(lora))
+    patches = comfy.lora.load_lora(converted, key_map, log_missing=False)
+    modules = _adapter_module_names(converted)
+    if not patches:
+        raise LoraxError(f"none of the adapter's {len(modules)} modules match the {model_kind(patcher)} "
+                         "model's layers; the adapter was made for another architecture", path=path)
+    return patches, sorted(modules - set(key_map))
+
+
+def host_patched_clone(patcher, lora: Mapping[str, torch.Tensor], strength: float, *, path: str | None = None):
+    """A clone patched with the host's own adapter objects (what LoraLoaderModelOnly does)."""
+    patches, unmapped = host_patches(lora, patcher, path=path)
+    clone = patcher.clone()
+    clone.add_patches(patches, strength)
+    if unmapped:
+        log.info("LoRA-X: %d adapter modules have no layer in this model (first: %s)", len(unmapped), unmapped[0])
+    return clone
+
+
+def ordinary_adapter_deltas(lora: Mapping[str, torch.Tensor], patcher, *, path: str | None = None,
+                            clip=None) -> AdapterDeltas:
+    """Deltas of an ordinary adapter file (any format the host loads) against ``patcher``'s weights.
+
+    Keys for the text encoder are mapped when ``clip`` is given and come back with the host's
+    ``clip``-side keys; without it they are listed in ``unmapped``.
+    """
+    patches, unmapped = host_patches(lora, patcher, path=path, clip=clip)
+    result = AdapterDeltas(deltas={}, unmapped=unmapped)
+    unet = PatcherWeights(patcher)
+    clip_weights = PatcherWeights(clip.patcher) if clip is not None else None
+    for target, patch in patches.items():
+        if not isinstance(target, str):
+            result.unsupported[str(target[0])] = "slice of a fused weight (not supported yet)"
+            continue
+        source = unet if unet.shape(target) is not None else clip_weights
+        if source is None or source.shape(target) is None:
+            result.unmapped.append(target)
+            continue
+        if len(source.shape(target)) < 2:
+            result.unsupported[target] = "bias or norm: no singular subspace"
+            continue
+        weight = source.weight(target)
+        try:
+            delta = None
+            if getattr(patch, "name", None) == "lora":
+                delta = _lora_factors(patch, target, weight)
+            if delta is None:
+                delta = _materialise(patch, target, weight)
+        except LoraxError as e:
+            raise LoraxError(e.detail, path=path, key=target) from None
+        result.deltas[target] = delta
+    return result
+
+
+def lorax_adapter_deltas(adapter: LoraxAdapter, patcher, engine, *, clip=None,
+                         progress: Callable[[int, int], None] | None = None) -> AdapterDeltas:
+    """``U_s,r diag(Δσ) V_s,rᵀ`` for every layer of a LoRA-X adapter, from ``patcher``'s weights.
+
+    Checks first that ``patcher`` is the adapter's source (weight sketches) and that every layer
+    exists, so a wrong model fails before any SVD is run.
+    """
+    key_map = adapter_key_map(patcher, clip)
+    unet = PatcherWeights(patcher)
+    clip_weights = PatcherWeights(clip.patcher) if clip is not None else None
+    result = AdapterDeltas(deltas={})
+    plan = []
+    for module in adapter.sigmas:
+        target = key_map.get(module)
+        source = None
+        if isinstance(target, str):
+            source = unet if unet.shape(target) is not None else clip_weights
+        if source is None or source.shape(target) is None:
+            result.unmapped.append(module)
+            continue
+        weight = source.weight(target)
+        adapter.check_source(module, weight)
+        plan.append((module, target, source, weight))
+    if not plan:
+        raise LoraxError(f"none of the LoRA-X adapter's {len(adapter.sigmas)} layers match the "
+                         f"{model_kind(patcher)} model; the adapter was made for another architecture",
+                         path=adapter.path)
+    factors = engine.factors_many([(w, int(adapter.sigmas[m].numel())) for m, _, _, w in plan])
+    for (module, target, _, weight), f in zip(plan, factors):
+        result.deltas[target] = adapter.delta(module, f, tuple(weight.shape))
+        result.adapter_ranks[target] = int(adapter.sigmas[module].numel())
+    return result
+
+
+def lora_patch(delta: Delta):
+    """A host LoRA patch (low-rank, alpha 1) for a delta; dense deltas become ``diff`` patches."""
+    if delta.is_factored:
+        up = delta.up.float().contiguous()
+        down = delta.down.float().contiguous()
+        return weight_adapter.LoRAAdapter(set(), (up, down, None, None, None, None))
+    return ("diff", (delta.weight().float().contiguous(),))
+
+
+def patched_clone(patcher, deltas: Mapping[str, Delta], strength: float):
+    """``patcher.clone()`` with every delta added as a patch; the input is never touched."""
+    clone = patcher.clone()
+    patches = {key: lora_patch(d) for key, d in deltas.items()}
+    applied = set(clone.add_patches(patches, strength))
+    missing = [k for k in patches if k not in applied]
+    if missing:
+        raise LoraxError(f"{len(missing)} patched keys do not exist in the model (first: {missing[0]})")
+    return clone
+
+
+def split_by_owner(deltas: Mapping[str, Delta], patcher) -> tuple[dict[str, Delta], dict[str, Delta]]:
+    """Deltas for the diffusion model and for the text encoder (keys the model does not have)."""
+    own = set(patcher.model.state_dict().keys())
+    model_part = {k: d for k, d in deltas.items() if k in own}
+    rest = {k: d for k, d in deltas.items() if k not in own}
+    return model_part, rest
+
+
+def load_adapter_file(path: str):
+    """A LoRA-X adapter or an ordinary adapter's tensors, validated (kind, object)."""
+    from lorax.lorax_adapter import is_lorax_file, load_lorax
+    from lorax.safetensors_io import check_safetensors_file, ensure_finite
+
+    if str(path).endswith(".safetensors") or not str(path).endswith((".pt", ".ckpt", ".bin", ".pth")):
+        check_safetensors_file(path)
+        if is_lorax_file(path):
+            return "lorax", load_lorax(path)
+    tensors = comfy.utils.load_torch_file(path, safe_load=True)
+    ensure_finite(tensors, path)
+    if not tensors:
+        raise LoraxError("the adapter file holds no tensors", path=path)
+    return "lora", tensors

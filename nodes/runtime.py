@@ -1,0 +1,38 @@
+"""Process-wide state shared by the nodes: the SVD engines and progress reporting.
+
+One engine per (method, device) lives for the whole ComfyUI process, so re-running a graph, or
+moving a second adapter between the same two models, finds every decomposition in memory.
+"""
+
+from __future__ import annotations
+
+import threading
+
+import comfy.model_management
+import comfy.utils
+
+from lorax.engine import SVDEngine
+
+_ENGINES: dict[tuple[str, str], SVDEngine] = {}
+_LOCK = threading.Lock()
+
+
+def get_engine(exact: bool = False) -> SVDEngine:
+    """The shared engine: float64 Gram route (fast, accurate) or float64 full SVD when ``exact``."""
+    device = comfy.model_management.get_torch_device()
+    method = "exact" if exact else "gram"
+    key = (method, str(device))
+    with _LOCK:
+        if key not in _ENGINES:
+            _ENGINES[key] = SVDEngine(method=method, device=device)
+        return _ENGINES[key]
+
+
+def progress_bar(total: int):
+    """A callback ``(done, total)`` driving ComfyUI's progress bar for the running node."""
+    bar = comfy.utils.ProgressBar(max(1, total))
+
+    def update(done: int, total_now: int) -> None:
+        bar.update_absolute(done, max(1, total_now))
+
+    return update
