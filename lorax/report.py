@@ -12,6 +12,8 @@ import statistics
 from typing import Iterable, Mapping
 
 _PREFIXES = ("diffusion_model.", "model.diffusion_model.")
+#: The decision a similarity report gives a layer that a transfer would move.
+PASSES = "passes threshold"
 _BLOCK_ORDER = {"input_blocks": 0, "down_blocks": 0, "middle_block": 1, "mid_block": 1, "output_blocks": 2,
                 "up_blocks": 2, "double_blocks": 3, "joint_blocks": 3, "transformer_blocks": 3,
                 "single_blocks": 4, "single_transformer_blocks": 4}
@@ -39,7 +41,8 @@ def family_of(key: str) -> str:
         if re.fullmatch(r"attn\d?|attn|img_attn|txt_attn|self_attn|cross_attn", p) and i + 1 < len(parts):
             return f"{p}.{parts[i + 1]}"
         if p in ("ff", "mlp", "img_mlp", "txt_mlp", "feed_forward"):
-            return p
+            rest = [q for q in parts[i + 1:] if q not in ("net", "proj")]
+            return ".".join([p] + rest)
     return parts[-1] if not parts[-1].isdigit() else ".".join(parts[-2:])
 
 
@@ -52,7 +55,10 @@ def summary_line(rows: list[Mapping], threshold: float | None = None) -> str:
     """E.g. "412 of 700 layers transferred, median Φ 0.93, lowest: output_blocks.5 attn2.to_k 0.41"."""
     scored = [r for r in rows if r.get("phi") is not None]
     parts = []
-    if any("decision" in r for r in rows):
+    if any(r.get("decision") == PASSES for r in rows):
+        done = sum(1 for r in rows if r.get("decision") == PASSES)
+        parts.append(f"{done} of {len(rows)} layers pass the threshold")
+    elif any("decision" in r for r in rows):
         done = sum(1 for r in rows if r.get("decision") == "transferred")
         parts.append(f"{done} of {len(rows)} layers transferred")
     else:

@@ -64,3 +64,6 @@ class TransferHandle:
     architecture: str
     target_kind: str
     skipped_text_encoder: list[str] = field(default_factory=list)
+    rows: list[dict] = field(default_factory=list)   # JSON-ready per-layer rows (model and text encoder)
+    report: str = ""                                 # the readable text report
+    title: str = ""

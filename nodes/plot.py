@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
-from lorax.report import block_of, block_sort_key, short_key
+from lorax.report import PASSES, block_of, block_sort_key, short_key
 
 WIDTH, HEIGHT = 1024, 384
 MARGIN_L, MARGIN_R, MARGIN_T, MARGIN_B = 48, 16, 28, 56
@@ -26,7 +26,7 @@ def _color(row: Mapping) -> tuple[int, int, int]:
     decision = row.get("decision")
     if decision is None:
         return COLORS["compared"]
-    if decision == "transferred":
+    if decision in ("transferred", PASSES):
         return COLORS["transferred"]
     if "similarity" in decision:
         return COLORS["low"]
@@ -73,7 +73,7 @@ def plot_rows(rows: Sequence[Mapping], threshold: float | None, title: str = "")
                 need = chance + threshold * (1 - chance)
                 ty = round(y1 - need * (y1 - y0))
                 draw.line([(left, ty), (right, ty)], fill=(255, 255, 255))
-        if r.get("decision") not in (None, "transferred"):
+        if r.get("decision") not in (None, "transferred", PASSES):
             draw.rectangle([left, y1 + 30, right, y1 + 36], fill=COLORS["low"])
     legend = "green: transferred   red: skipped (low Φ̂)   grey: other   white tick: Φ needed to pass"
     draw.text((x0, HEIGHT - 14), legend.replace("Φ̂", "phi-hat").replace("Φ", "phi"), fill=(200, 200, 200), font=font)

@@ -7,9 +7,8 @@ import os
 import folder_paths
 
 from lorax.errors import LoraxError
-from lorax.kohya_export import save_kohya_lora
-
 from .handles import TransferHandle
+from .transfer_job import save_transfer
 
 CATEGORY = "loaders/LoRA-X"
 
@@ -49,26 +48,8 @@ class LoraxSave:
         }}
 
     def save(self, transfer: TransferHandle, filename_prefix, bake_strength):
-        scale = transfer.strength if bake_strength else 1.0
-        results = [transfer.result] + ([transfer.clip_result] if transfer.clip_result is not None else [])
-        deltas = {}
-        for res in results:
-            for key, delta in res.deltas.items():
-                name = transfer.kohya_names.get(key)
-                if name is None:
-                    raise LoraxError("no kohya module name for this model key; the target's key map lacks it", key=key)
-                deltas[name] = delta.scaled(scale)
-        path = next_free_path(folder_paths.get_folder_paths("loras")[0], filename_prefix)
-        counts = transfer.result.counts()
-        provenance = {
-            "tool": "LoRA-X for ComfyUI", "source_adapter": transfer.adapter.name,
-            "adapter_kind": transfer.adapter.kind, "target_model": transfer.target_kind,
-            "rank": transfer.result.settings.rank, "threshold": transfer.result.settings.threshold,
-            "mode": transfer.result.settings.mode, "strength_baked": scale, "layers": counts,
-            "text_encoder_skipped": len(transfer.skipped_text_encoder),
-        }
-        save_kohya_lora(path, deltas, base_model_version=transfer.base_model_version,
-                        architecture=transfer.architecture, provenance=provenance)
-        rel = os.path.relpath(path, folder_paths.get_folder_paths("loras")[0])
-        message = f"Saved {len(deltas)} layers to loras/{rel}"
+        folder = folder_paths.get_folder_paths("loras")[0]
+        path = next_free_path(folder, filename_prefix)
+        count = save_transfer(transfer, path, bake_strength=bake_strength)
+        message = f"Saved {count} layers to loras/{os.path.relpath(path, folder)}"
         return {"ui": {"text": [message]}, "result": (path,)}

@@ -6,12 +6,13 @@ import json
 import re
 
 from lorax.errors import LoraxError
-from lorax.report import text_report
+from lorax.report import PASSES, text_report
 from lorax.transfer import DEFAULT_RANK, DEFAULT_THRESHOLD, similarity_table
 
 from .bridge import PatcherWeights, model_kind
 from .plot import plot_rows
 from .runtime import get_engine, progress_bar
+from .transfer_job import check_distinct
 
 CATEGORY = "loaders/LoRA-X"
 LAYER_SETS = ("adapted by LoRAs (attention, feed-forward, proj)", "all linear and conv weights")
@@ -28,12 +29,6 @@ def compared_keys(source: PatcherWeights, target: PatcherWeights, layer_set: str
             continue
         keys.append(key)
     return keys
-
-
-def check_distinct(source_model, target_model) -> None:
-    if source_model is target_model or source_model.model is target_model.model:
-        raise LoraxError("source and target are the same model; connect the checkpoint the adapter was made "
-                         "for as source and a different checkpoint as target")
 
 
 class LoraxSimilarityReport:
@@ -61,20 +56,27 @@ class LoraxSimilarityReport:
         }}
 
     def report(self, source_model, target_model, rank, layers, threshold):
-        check_distinct(source_model, target_model)
-        if not 0.0 <= threshold <= 1.0:
-            raise LoraxError(f"threshold must lie in [0, 1], got {threshold}")
-        source, target = PatcherWeights(source_model), PatcherWeights(target_model)
-        keys = compared_keys(source, target, layers)
-        if not keys:
-            raise LoraxError(f"the source ({model_kind(source_model)}) and target ({model_kind(target_model)}) "
-                             "models share no weight of equal shape to compare")
-        rows = similarity_table(source, target, keys, get_engine(), rank=rank, progress=progress_bar(len(keys)))
-        for r in rows:
-            r["decision"] = "transferred" if min(r["phi_hat"], r["phi_hat_right"]) >= threshold else \
-                "skipped: similarity below threshold"
-        title = f"Subspace similarity: {model_kind(source_model)} → {model_kind(target_model)}, rank {rank}"
-        text = text_report(rows, title=title, threshold=threshold,
-                           notes=["'transferred' here means: would pass the threshold."])
+        rows, text, title = run_similarity(source_model, target_model, rank=rank, layer_set=layers,
+                                           threshold=threshold, engine=get_engine())
         image = plot_rows(rows, threshold, title)
         return {"ui": {"text": [text]}, "result": (text, image, json.dumps(rows))}
+
+
+def run_similarity(source_model, target_model, *, rank: int, layer_set: str, threshold: float, engine,
+                   progress=None) -> tuple[list[dict], str, str]:
+    """Per-layer Φ rows of two models, the text report and its title (shared with the CLI)."""
+    check_distinct(source_model, target_model)
+    if not 0.0 <= threshold <= 1.0:
+        raise LoraxError(f"threshold must lie in [0, 1], got {threshold}")
+    source, target = PatcherWeights(source_model), PatcherWeights(target_model)
+    keys = compared_keys(source, target, layer_set)
+    if not keys:
+        raise LoraxError(f"the source ({model_kind(source_model)}) and target ({model_kind(target_model)}) "
+                         "models share no weight of equal shape to compare")
+    rows = similarity_table(source, target, keys, engine, rank=rank, progress=progress or progress_bar(len(keys)))
+    for r in rows:
+        r["decision"] = PASSES if min(r["phi_hat"], r["phi_hat_right"]) >= threshold else \
+            "skipped: similarity below threshold"
+    title = f"Subspace similarity: {model_kind(source_model)} → {model_kind(target_model)}, rank {rank}"
+    text = text_report(rows, title=title, threshold=threshold)
+    return rows, text, title

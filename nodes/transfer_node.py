@@ -4,20 +4,16 @@ from __future__ import annotations
 
 import json
 
-from lorax.errors import LoraxError
 from lorax.projection import MODES
-from lorax.report import text_report
-from lorax.transfer import (DEFAULT_RANK, DEFAULT_THRESHOLD, SHAPE_RULES, TransferSettings,
-                            transfer_deltas)
+from lorax.transfer import DEFAULT_RANK, DEFAULT_THRESHOLD, SHAPE_RULES, TransferSettings
 
 from . import bridge
-from .handles import AdapterHandle, TransferHandle
+from .handles import AdapterHandle
 from .plot import plot_rows
 from .runtime import get_engine, progress_bar
-from .similarity_node import check_distinct
+from .transfer_job import run_transfer
 
 CATEGORY = "loaders/LoRA-X"
-TE_PREFIXES = ("lora_te", "text_encoder", "te_", "te1", "te2", "clip_")
 
 
 class LoraxTransfer:
@@ -64,49 +60,15 @@ class LoraxTransfer:
 
     def transfer(self, source_model, target_model, adapter: AdapterHandle, strength, rank, threshold, mode, exact,
                  clip=None, source_clip=None, shape_rule="skip"):
-        check_distinct(source_model, target_model)
         settings = TransferSettings(rank=rank, threshold=threshold, mode=mode, shape_rule=shape_rule)
-        engine = get_engine(exact)
-        deltas = adapter.deltas_for(source_model, engine, clip=(source_clip or clip))
-        unet_part, te_part = bridge.split_by_owner(deltas.deltas, source_model)
-        progress = progress_bar(len(deltas.deltas))
-        result = transfer_deltas(unet_part, bridge.PatcherWeights(source_model), bridge.PatcherWeights(target_model),
-                                 settings, engine, adapter_ranks=deltas.adapter_ranks, progress=progress)
-        clip_result, clip_out = None, None
-        if clip is not None and te_part:
-            src_te = bridge.PatcherWeights((source_clip or clip).patcher)
-            clip_result = transfer_deltas(te_part, src_te, bridge.PatcherWeights(clip.patcher), settings, engine,
-                                          adapter_ranks=deltas.adapter_ranks)
+        handle = run_transfer(source_model, target_model, adapter, settings, get_engine(exact), strength=strength,
+                              clip=clip, source_clip=source_clip, progress=progress_bar(1))
+        model_out = bridge.patched_clone(target_model, handle.result.deltas, strength)
+        clip_out = None
         if clip is not None:
             clip_out = clip.clone()
-            if clip_result is not None:
-                clip_out.add_patches({k: bridge.lora_patch(d) for k, d in clip_result.deltas.items()}, strength)
-        model_out = bridge.patched_clone(target_model, result.deltas, strength)
-
-        te_skipped = [m for m in deltas.unmapped if m.startswith(TE_PREFIXES)]
-        other_unmapped = [m for m in deltas.unmapped if m not in te_skipped]
-        rows = [layer.row() for layer in result.layers]
-        if clip_result is not None:
-            rows += [layer.row() for layer in clip_result.layers]
-        for module in te_skipped:
-            rows.append({"key": module, "decision": "skipped: text encoder (no CLIP connected)", "phi": None})
-        for key, why in deltas.unsupported.items():
-            rows.append({"key": key, "decision": f"skipped: {why}", "phi": None})
-        notes = [result.summary()]
-        if te_skipped:
-            notes.append(f"{len(te_skipped)} text-encoder modules skipped: connect the target's CLIP to transfer them.")
-        if other_unmapped:
-            notes.append(f"{len(other_unmapped)} adapter modules match no layer of the model "
-                         f"(first: {other_unmapped[0]}).")
-        if clip is not None and source_clip is None and te_part:
-            notes.append("No source CLIP connected: text-encoder layers were compared with the target's own.")
-        title = (f"LoRA-X Transfer of {adapter.description}: {bridge.model_kind(source_model)} → "
-                 f"{bridge.model_kind(target_model)}, mode {mode}")
-        text = text_report(rows, title=title, threshold=threshold, notes=notes)
-        image = plot_rows(rows, threshold, title)
-        names = bridge.kohya_names(bridge.adapter_key_map(target_model, clip))
-        version, arch = bridge.base_model_names(target_model)
-        handle = TransferHandle(adapter=adapter, result=result, clip_result=clip_result, strength=strength,
-                                kohya_names=names, base_model_version=version, architecture=arch,
-                                target_kind=bridge.model_kind(target_model), skipped_text_encoder=te_skipped)
-        return {"ui": {"text": [text]}, "result": (model_out, clip_out, handle, text, image, json.dumps(rows))}
+            if handle.clip_result is not None:
+                clip_out.add_patches({k: bridge.lora_patch(d) for k, d in handle.clip_result.deltas.items()}, strength)
+        image = plot_rows(handle.rows, threshold, handle.title)
+        return {"ui": {"text": [handle.report]},
+                "result": (model_out, clip_out, handle, handle.report, image, json.dumps(handle.rows))}

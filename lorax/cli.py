@@ -1,0 +1,153 @@
+"""``python -m lorax``: subspace similarity and adapter transfer from the command line.
+
+Models and adapters are read the way ComfyUI reads them (its model detection, key maps and
+LoRA loaders), so the ComfyUI host is needed: ``$COMFYUI_PATH``, the ComfyUI this pack is
+installed in, or the tree ``scripts/setup`` fetched. Works without a GPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import os
+import sys
+import time
+import types
+from pathlib import Path
+
+from .errors import LoraxError
+from .projection import MODES
+from .transfer import DEFAULT_RANK, DEFAULT_THRESHOLD, TransferSettings
+
+PACK_ROOT = Path(__file__).resolve().parent.parent
+_PACK_NAME = "lorax_comfyui_pack"
+
+
+def _backend():
+    """Boot the host and import the pack's ``nodes/cli_backend.py`` (ComfyUI owns the name ``nodes``)."""
+    spec = importlib.util.spec_from_file_location(f"{_PACK_NAME}_boot", PACK_ROOT / "nodes" / "host_boot.py")
+    boot = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(boot)
+    boot.boot(PACK_ROOT)
+    import logging
+
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.ERROR)  # ComfyUI warns at import about optional audio packages; not our business
+    try:
+        if _PACK_NAME not in sys.modules:
+            pkg = types.ModuleType(_PACK_NAME)
+            pkg.__path__ = [str(PACK_ROOT)]
+            sys.modules[_PACK_NAME] = pkg
+        return importlib.import_module(f"{_PACK_NAME}.nodes.cli_backend")
+    finally:
+        root.setLevel(max(level, logging.WARNING))
+
+
+def _engine(exact: bool):
+    from .engine import SVDEngine
+
+    import torch
+
+    return SVDEngine(method="exact" if exact else "gram", device="cuda" if torch.cuda.is_available() else "cpu")
+
+
+def _progress(label: str):
+    def update(done: int, total: int) -> None:
+        if sys.stderr.isatty():
+            print(f"\r{label}: {done}/{total} layers", end="" if done < total else "\n", file=sys.stderr)
+    return update
+
+
+def _same_file(a: str, b: str) -> bool:
+    return os.path.exists(a) and os.path.exists(b) and os.path.samefile(a, b)
+
+
+def _check_inputs(*paths: str) -> None:
+    for path in paths:
+        if not os.path.isfile(path):
+            raise LoraxError("file not found; check the path", path=path)
+
+
+def cmd_similarity(args) -> int:
+    _check_inputs(args.source, args.target)
+    if _same_file(args.source, args.target):
+        raise LoraxError("source and target are the same file; compare two different checkpoints")
+    be = _backend()
+    t0 = time.perf_counter()
+    source, target = be.load_model(args.source), be.load_model(args.target)
+    layer_set = be.LAYER_SETS[1] if args.all_layers else be.LAYER_SETS[0]
+    rows, text, _ = be.run_similarity(source, target, rank=args.rank, layer_set=layer_set, threshold=args.threshold,
+                                      engine=_engine(args.exact), progress=_progress("similarity"))
+    print(text)
+    print(f"time: {time.perf_counter() - t0:.1f} s")
+    if args.json:
+        out = [{k: r[k] for k in ("key", "phi", "phi_right", "chance", "chance_right", "phi_hat", "phi_hat_right",
+                                  "k", "shape_source", "shape_target")} for r in rows]
+        Path(args.json).write_text(json.dumps(out, indent=1))
+    return 0
+
+
+def cmd_transfer(args) -> int:
+    settings = TransferSettings(rank=args.rank, threshold=args.threshold, mode=args.mode, shape_rule=args.shape_rule)
+    _check_inputs(args.source, args.target, args.adapter)
+    if _same_file(args.source, args.target):
+        raise LoraxError("source and target are the same file; the target must be a different checkpoint")
+    be = _backend()
+    t0 = time.perf_counter()
+    source, target = be.load_model(args.source), be.load_model(args.target)
+    adapter = be.AdapterHandle.open(os.path.basename(args.adapter), args.adapter)
+    handle = be.run_transfer(source, target, adapter, settings, _engine(args.exact), strength=args.strength,
+                             progress=_progress("transfer"))
+    for row in handle.rows:
+        phi = "" if row.get("phi_hat") is None else f"  Φ̂ {row['phi_hat']:.3f}/{row['phi_hat_right']:.3f}"
+        kept = "" if row.get("energy_kept") is None else f"  kept {100 * row['energy_kept']:.0f}%"
+        print(f"{row['decision']:<36} {row['key']}{phi}{kept}")
+    written = be.save_transfer(handle, args.out, bake_strength=True)
+    print(f"summary: {handle.result.summary()}; wrote {written} layers to {args.out}; "
+          f"total {time.perf_counter() - t0:.1f} s")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m lorax", description=__doc__.split("\n\n")[0])
+    sub = p.add_subparsers(dest="command", required=True)
+
+    s = sub.add_parser("similarity", help="per-layer subspace similarity Φ of two models")
+    s.add_argument("--source", required=True, help="source checkpoint or diffusion model (.safetensors)")
+    s.add_argument("--target", required=True, help="target checkpoint or diffusion model (.safetensors)")
+    s.add_argument("--rank", type=int, default=DEFAULT_RANK, help="top-k directions (capped at half each layer's rank)")
+    s.add_argument("--threshold", type=float, default=DEFAULT_THRESHOLD, help="Φ̂ a layer needs to be transferred")
+    s.add_argument("--all-layers", action="store_true", help="compare every linear/conv weight, not only LoRA targets")
+    s.add_argument("--json", help="also write the rows as JSON to this file")
+    s.add_argument("--exact", action="store_true", help="full float64 SVD instead of the Gram route")
+    s.set_defaults(func=cmd_similarity)
+
+    t = sub.add_parser("transfer", help="move an adapter from the source model to the target model")
+    t.add_argument("--source", required=True, help="the checkpoint the adapter was trained on")
+    t.add_argument("--target", required=True, help="the checkpoint to move it to")
+    t.add_argument("--adapter", required=True, help="a LoRA-X file or any LoRA/LyCORIS file ComfyUI reads")
+    t.add_argument("--out", required=True, help="where to write the transferred kohya LoRA (.safetensors)")
+    t.add_argument("--rank", type=int, default=DEFAULT_RANK)
+    t.add_argument("--threshold", type=float, default=DEFAULT_THRESHOLD)
+    t.add_argument("--mode", choices=MODES, default="lorax")
+    t.add_argument("--shape-rule", choices=("skip", "paired"), default="skip")
+    t.add_argument("--strength", type=float, default=1.0, help="baked into the written file")
+    t.add_argument("--exact", action="store_true", help="full float64 SVD instead of the Gram route")
+    t.set_defaults(func=cmd_transfer)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except LoraxError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except RuntimeError as e:
+        if "no ComfyUI found" in str(e):
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        raise

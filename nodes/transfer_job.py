@@ -1,0 +1,82 @@
+"""One transfer, independent of how it was asked for: the LoRA-X Transfer and Save nodes and the
+command line all run it through here, so they cannot drift apart."""
+
+from __future__ import annotations
+
+import os
+
+from lorax.errors import LoraxError
+from lorax.kohya_export import save_kohya_lora
+from lorax.report import text_report
+from lorax.transfer import TransferSettings, transfer_deltas
+
+from . import bridge
+from .handles import AdapterHandle, TransferHandle
+
+TE_PREFIXES = ("lora_te", "text_encoder", "te_", "te1", "te2", "clip_")
+
+
+def check_distinct(source_model, target_model) -> None:
+    if source_model is target_model or source_model.model is target_model.model:
+        raise LoraxError("source and target are the same model; connect the checkpoint the adapter was made "
+                         "for as source and a different checkpoint as target")
+
+
+def run_transfer(source_model, target_model, adapter: AdapterHandle, settings: TransferSettings, engine, *,
+                 strength: float = 1.0, clip=None, source_clip=None, progress=None) -> TransferHandle:
+    """Read the adapter against the source, transfer every layer, and describe what happened."""
+    check_distinct(source_model, target_model)
+    deltas = adapter.deltas_for(source_model, engine, clip=(source_clip or clip))
+    unet_part, te_part = bridge.split_by_owner(deltas.deltas, source_model)
+    result = transfer_deltas(unet_part, bridge.PatcherWeights(source_model), bridge.PatcherWeights(target_model),
+                             settings, engine, adapter_ranks=deltas.adapter_ranks, progress=progress)
+    clip_result = None
+    if clip is not None and te_part:
+        clip_result = transfer_deltas(te_part, bridge.PatcherWeights((source_clip or clip).patcher),
+                                      bridge.PatcherWeights(clip.patcher), settings, engine,
+                                      adapter_ranks=deltas.adapter_ranks)
+    te_skipped = [m for m in deltas.unmapped if m.startswith(TE_PREFIXES)]
+    other_unmapped = [m for m in deltas.unmapped if m not in te_skipped]
+
+    rows = [layer.row() for layer in result.layers]
+    if clip_result is not None:
+        rows += [layer.row() for layer in clip_result.layers]
+    rows += [{"key": m, "decision": "skipped: text encoder (no CLIP connected)", "phi": None} for m in te_skipped]
+    rows += [{"key": k, "decision": f"skipped: {why}", "phi": None} for k, why in deltas.unsupported.items()]
+    notes = [result.summary()]
+    if te_skipped:
+        notes.append(f"{len(te_skipped)} text-encoder modules skipped: connect the target's CLIP to transfer them.")
+    if other_unmapped:
+        notes.append(f"{len(other_unmapped)} adapter modules match no layer of the model (first: {other_unmapped[0]}).")
+    if clip is not None and source_clip is None and te_part:
+        notes.append("No source CLIP connected: text-encoder layers were compared with the target's own.")
+    title = (f"LoRA-X Transfer of {adapter.description}: {bridge.model_kind(source_model)} → "
+             f"{bridge.model_kind(target_model)}, mode {settings.mode}")
+    version, arch = bridge.base_model_names(target_model)
+    return TransferHandle(
+        adapter=adapter, result=result, clip_result=clip_result, strength=strength,
+        kohya_names=bridge.kohya_names(bridge.adapter_key_map(target_model, clip)), base_model_version=version,
+        architecture=arch, target_kind=bridge.model_kind(target_model), skipped_text_encoder=te_skipped,
+        rows=rows, report=text_report(rows, title=title, threshold=settings.threshold, notes=notes), title=title)
+
+
+def save_transfer(handle: TransferHandle, path: str | os.PathLike, *, bake_strength: bool = True) -> int:
+    """Write the transferred adapter as a kohya LoRA; returns the number of layers written."""
+    scale = handle.strength if bake_strength else 1.0
+    deltas = {}
+    for res in [handle.result] + ([handle.clip_result] if handle.clip_result is not None else []):
+        for key, delta in res.deltas.items():
+            name = handle.kohya_names.get(key)
+            if name is None:
+                raise LoraxError("no kohya module name for this model key; the target's key map lacks it", key=key)
+            deltas[name] = delta.scaled(scale)
+    settings = handle.result.settings
+    provenance = {
+        "tool": "LoRA-X for ComfyUI", "source_adapter": handle.adapter.name, "adapter_kind": handle.adapter.kind,
+        "target_model": handle.target_kind, "rank": settings.rank, "threshold": settings.threshold,
+        "mode": settings.mode, "strength_baked": scale, "layers": handle.result.counts(),
+        "text_encoder_skipped": len(handle.skipped_text_encoder),
+    }
+    save_kohya_lora(path, deltas, base_model_version=handle.base_model_version, architecture=handle.architecture,
+                    provenance=provenance)
+    return len(deltas)
