@@ -432,6 +432,16 @@ def get_comfy_host() -> ComfyHost:
     return _HOST
 
 
+def run_prompt(prompt: Mapping[str, Any], **kw) -> dict[str, dict[str, list]]:
+    """``get_comfy_host().run_prompt(prompt, **kw)``."""
+    return get_comfy_host().run_prompt(prompt, **kw)
+
+
+def load_pack(path: str | os.PathLike = REPO_ROOT, **kw) -> dict[str, type]:
+    """``get_comfy_host().load_pack(path, **kw)``: load a custom node pack into the host."""
+    return get_comfy_host().load_pack(path, **kw)
+
+
 # --------------------------------------------------------------------------------------
 # Synthetic models (no ComfyUI import needed).
 # --------------------------------------------------------------------------------------
