@@ -41,14 +41,21 @@ def check_safetensors_file(path: str | os.PathLike) -> dict:
         if len(head) < 8:
             raise LoraxError(f"not a safetensors file ({size} bytes, too short for a header)", path=path)
         (header_len,) = struct.unpack("<Q", head)
-        if header_len <= 1 or header_len > min(_MAX_HEADER_BYTES, size - 8):
+        if header_len <= 1 or header_len > _MAX_HEADER_BYTES:
             raise LoraxError("not a safetensors file (no valid header); only .safetensors files are "
                              "supported, convert .ckpt/.pt files first", path=path)
         raw = f.read(header_len)
+    if not raw.startswith(b"{"):
+        raise LoraxError("not a safetensors file (no JSON header); only .safetensors files are supported, "
+                         "convert .ckpt/.pt files first", path=path)
+    if len(raw) < header_len:
+        raise LoraxError(f"file is truncated: its header alone needs {header_len} bytes but only {len(raw)} "
+                         "are present; download or copy the file again", path=path)
     try:
         header = json.loads(raw)
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise LoraxError(f"not a safetensors file (header is not JSON: {e})", path=path) from None
+        raise LoraxError(f"not a safetensors file (header is not JSON: {e}); only .safetensors files are "
+                         "supported, convert .ckpt/.pt files first", path=path) from None
     if not isinstance(header, dict):
         raise LoraxError("not a safetensors file (header is not a JSON object)", path=path)
     data_len = size - 8 - header_len

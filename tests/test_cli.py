@@ -1,0 +1,123 @@
+"""``python -m lorax`` as a user runs it: the README's example, verbatim, in a fresh process.
+
+The transferred file is checked against the library run in-process on the same state dicts
+(float32 file vs float64 reference: 1e-5 relative).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shlex
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import host
+from lorax.delta import Delta
+from lorax.engine import SVDEngine
+from lorax.transfer import DictWeights, TransferSettings, transfer_deltas
+from reference import rel_err
+
+README = host.REPO_ROOT / "README.md"
+
+
+def readme_cli_commands() -> list[str]:
+    text = README.read_text()
+    section = text.split("## Command line", 1)[1].split("\n## ", 1)[0]
+    block = re.search(r"```bash\n(.*?)```", section, re.S).group(1)
+    return [line for line in block.splitlines() if line.strip()]
+
+
+def _run(argv: list[str], cwd) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env["PYTHONPATH"] = str(host.REPO_ROOT)
+    return subprocess.run(argv, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
+
+
+def _argv(command: str) -> list[str]:
+    argv = shlex.split(command)
+    assert argv[0] == ".venv/bin/python"
+    argv[0] = sys.executable
+    if argv[1].startswith("scripts/"):
+        argv[1] = str(host.REPO_ROOT / argv[1])
+    return argv
+
+
+@pytest.fixture(scope="module")
+def readme_run(tmp_path_factory):
+    cwd = tmp_path_factory.mktemp("cli")
+    outputs = []
+    for command in readme_cli_commands():
+        proc = _run(_argv(command), cwd)
+        assert proc.returncode == 0, f"{command}\n{proc.stdout}\n{proc.stderr}"
+        outputs.append(proc.stdout)
+    return cwd, outputs
+
+
+def test_readme_similarity_example(readme_run):
+    cwd, outputs = readme_run
+    assert "layers pass the threshold" in outputs[1] and "median Φ" in outputs[1]
+    rows = json.loads((cwd / "demo" / "similarity.json").read_text())
+    assert len(rows) == 84  # attention, ff and proj weights of the mini SD1.5
+    for r in rows:
+        assert {"key", "phi", "phi_right", "shape_source", "shape_target"} <= set(r)
+        assert 0.9 < r["phi"] <= 1.0  # a 5 % fine-tune keeps its principal subspaces
+
+
+def test_readme_transfer_example_matches_library(readme_run):
+    cwd, outputs = readme_run
+    demo = cwd / "demo"
+    assert re.search(r"summary: 8 of 8 layers transferred", outputs[2]), outputs[2]
+    assert outputs[2].count("\ntransferred ") + outputs[2].startswith("transferred ") == 8
+    source, target = load_file(str(demo / "source.safetensors")), load_file(str(demo / "target.safetensors"))
+    lora = load_file(str(demo / "style_lora.safetensors"))
+    written = load_file(str(demo / "style_on_target.safetensors"))
+    deltas = {}
+    for up_key in [k for k in lora if k.endswith(".lora_up.weight")]:
+        name = up_key[:-len(".lora_up.weight")]
+        unet_key = name[len("lora_unet_"):]
+        model_key = next(k for k in source if k.replace(".", "_") == unet_key + "_weight")
+        up, down = lora[up_key].double(), lora[f"{name}.lora_down.weight"].double()
+        scale = float(lora[f"{name}.alpha"]) / down.shape[0]
+        deltas[model_key] = Delta.factored(source[model_key].shape, up * scale, down)
+    ref = transfer_deltas(deltas, DictWeights(source), DictWeights(target), TransferSettings(), SVDEngine(method="exact"))
+    assert len(ref.deltas) == 8
+    downs = [k for k in written if k.endswith(".lora_down.weight")]
+    assert len(downs) == 8
+    # Each written module is one of the reference deltas (names are kohya's diffusers-style names).
+    got = []
+    for k in downs:
+        name = k[:-len(".lora_down.weight")]
+        up, down = written[f"{name}.lora_up.weight"].double(), written[k].double()
+        got.append((up @ down) * float(written[f"{name}.alpha"]) / down.shape[0])
+    for key, delta in ref.deltas.items():
+        best = min(rel_err(g, delta.matrix()) for g in got if g.shape == delta.matrix().shape)
+        assert best < 1e-5, key
+
+
+def test_cli_bad_input_exits_2_with_file_named(readme_run):
+    cwd, _ = readme_run
+    demo = cwd / "demo"
+    proc = _run([sys.executable, "-m", "lorax", "transfer", "--source", str(demo / "source.safetensors"),
+                 "--target", str(demo / "target.safetensors"), "--adapter", str(demo / "source.safetensors"),
+                 "--out", str(demo / "x.safetensors"), "--rank", "64"], cwd)
+    assert proc.returncode == 2
+    assert "source.safetensors" in proc.stderr and "made for another architecture" in proc.stderr
+    assert not (demo / "x.safetensors").exists()
+    proc = _run([sys.executable, "-m", "lorax", "similarity", "--source", str(demo / "source.safetensors"),
+                 "--target", str(demo / "source.safetensors")], cwd)
+    assert proc.returncode == 2 and "same file" in proc.stderr
+    broken = demo / "broken.safetensors"
+    broken.write_bytes((demo / "target.safetensors").read_bytes()[:4096])
+    proc = _run([sys.executable, "-m", "lorax", "similarity", "--source", str(demo / "source.safetensors"),
+                 "--target", str(broken)], cwd)
+    assert proc.returncode == 2 and "truncated" in proc.stderr and "broken.safetensors" in proc.stderr
+    proc = _run([sys.executable, "-m", "lorax", "transfer", "--source", str(demo / "source.safetensors"),
+                 "--target", str(demo / "target.safetensors"), "--adapter", str(demo / "style_lora.safetensors"),
+                 "--out", str(demo / "x.safetensors"), "--threshold", "2"], cwd)
+    assert proc.returncode == 2 and "threshold must lie in [0, 1]" in proc.stderr
