@@ -46,11 +46,14 @@ def _backend():
 
 
 def _engine(exact: bool):
-    from .engine import SVDEngine
-
     import torch
 
-    return SVDEngine(method="exact" if exact else "gram", device="cuda" if torch.cuda.is_available() else "cpu")
+    from .engine import SVDEngine
+    from .svd_cache import cache_from_env
+
+    store = cache_from_env(Path.home() / ".cache" / "lorax" / "svd")
+    return SVDEngine(method="exact" if exact else "gram", device="cuda" if torch.cuda.is_available() else "cpu",
+                     store=store)
 
 
 def _progress(label: str):

@@ -1,17 +1,23 @@
 """Process-wide state shared by the nodes: the SVD engines and progress reporting.
 
 One engine per (method, device) lives for the whole ComfyUI process, so re-running a graph, or
-moving a second adapter between the same two models, finds every decomposition in memory.
+moving a second adapter between the same two models, finds every decomposition in memory; the
+engines share an on-disk cache under ComfyUI's user directory (``lorax-svd-cache``; see
+``LORAX_SVD_CACHE`` / ``LORAX_SVD_CACHE_GB`` in the README) so a restart loses nothing either.
 """
 
 from __future__ import annotations
 
 import threading
 
+import os
+
 import comfy.model_management
 import comfy.utils
+import folder_paths
 
 from lorax.engine import SVDEngine
+from lorax.svd_cache import cache_from_env
 
 _ENGINES: dict[tuple[str, str], SVDEngine] = {}
 _LOCK = threading.Lock()
@@ -24,7 +30,8 @@ def get_engine(exact: bool = False) -> SVDEngine:
     key = (method, str(device))
     with _LOCK:
         if key not in _ENGINES:
-            _ENGINES[key] = SVDEngine(method=method, device=device)
+            store = cache_from_env(os.path.join(folder_paths.get_user_directory(), "lorax-svd-cache"))
+            _ENGINES[key] = SVDEngine(method=method, device=device, store=store)
         return _ENGINES[key]
 
 

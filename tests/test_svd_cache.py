@@ -1,0 +1,86 @@
+"""The SVD cache: hits do no SVD, damaged or stale entries are rebuilt, the folder stays bounded."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from lorax.engine import SVDEngine
+from lorax.svd_cache import SVDCache
+from reference import fresh_seed, power_law_matrix, rel_err, t
+
+
+@pytest.fixture
+def weights():
+    rng = np.random.default_rng(fresh_seed())
+    return [t(power_law_matrix(rng, 96, 64), torch.float32) for _ in range(3)] + \
+           [t(power_law_matrix(rng, 64, 40), torch.float32)]
+
+
+def test_second_engine_does_no_svd(tmp_path, weights):
+    first = SVDEngine(store=SVDCache(tmp_path))
+    ref = first.factors_many([(w, 16) for w in weights])
+    assert first.stats.layers_decomposed == 4 and first.stats.svd_calls == 2  # batched by shape
+    second = SVDEngine(store=SVDCache(tmp_path))
+    again = second.factors_many([(w, 12) for w in weights])
+    assert second.stats.layers_decomposed == 0 and second.stats.svd_calls == 0 and second.stats.disk_hits == 4
+    for a, b in zip(ref, again):
+        assert rel_err(a.top(12).U @ a.top(12).U.T, b.U @ b.U.T) < 1e-6
+    # A different adapter on the same model asks for the same layers: memory hits now.
+    second.factors_many([(w, 8) for w in weights])
+    assert second.stats.layers_decomposed == 0 and second.stats.memory_hits == 4
+    # A larger k than cached is a miss, computed once and stored.
+    third = SVDEngine(store=SVDCache(tmp_path))
+    third.factors(weights[0], 20)
+    assert third.stats.layers_decomposed == 1
+
+
+@pytest.mark.parametrize("damage", ["truncate", "garbage", "stale", "not_orthonormal"])
+def test_damaged_entry_is_detected_and_rebuilt(tmp_path, weights, damage):
+    cache = SVDCache(tmp_path)
+    SVDEngine(store=cache).factors(weights[0], 16)
+    (path, size, _), = cache.entries()
+    data = open(path, "rb").read()
+    if damage == "truncate":
+        open(path, "wb").write(data[: size // 2])
+    elif damage == "garbage":
+        open(path, "wb").write(b"\x00" * size)
+    elif damage == "stale":  # an entry filed under another weight's digest
+        other = SVDCache(tmp_path / "other")
+        SVDEngine(store=other).factors(weights[1], 16)
+        os.replace(other.entries()[0][0], path)
+    else:
+        from safetensors.torch import load_file, save_file
+        from safetensors import safe_open
+        with safe_open(path, "pt") as f:
+            meta = f.metadata()
+        tensors = load_file(path)
+        tensors["U"] = tensors["U"] * 2
+        save_file(tensors, path, metadata=meta)
+    engine = SVDEngine(store=SVDCache(tmp_path))
+    f = engine.factors(weights[0], 16)
+    assert engine.stats.layers_decomposed == 1 and engine.store.rejected == 1
+    exact = SVDEngine(method="exact").factors(weights[0], 16)
+    assert rel_err(f.U @ f.U.T, exact.U @ exact.U.T) < 1e-6
+    # The rebuilt entry is valid again.
+    fresh = SVDEngine(store=SVDCache(tmp_path))
+    fresh.factors(weights[0], 16)
+    assert fresh.stats.layers_decomposed == 0 and fresh.stats.disk_hits == 1
+
+
+def test_cache_is_size_bounded_lru(tmp_path, weights):
+    probe = SVDCache(tmp_path / "probe")
+    SVDEngine(store=probe).factors(weights[0], 16)
+    one = probe.size_bytes()
+    cache = SVDCache(tmp_path / "c", max_bytes=int(2.5 * one))
+    engine = SVDEngine(store=cache)
+    for w in weights[:3]:
+        engine.factors(w, 16)
+        os.utime(cache.entries()[-1][0], (1e9 + len(cache.entries()),) * 2)  # distinct mtimes
+    assert len(cache.entries()) == 2 and cache.size_bytes() <= 2.5 * one
+    fresh = SVDEngine(store=SVDCache(tmp_path / "c", max_bytes=int(2.5 * one)))
+    fresh.factors(weights[0], 16)  # the oldest was evicted
+    assert fresh.stats.layers_decomposed == 1
