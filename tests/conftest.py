@@ -33,8 +33,26 @@ import host as _host  # noqa: E402
 _host.prepare_early()
 
 
+class _PackRootIsNotATestPackage:
+    """The repository root is a ComfyUI node pack, so it has an ``__init__.py`` with
+    relative imports. pytest would collect it as a ``Package`` and import that
+    ``__init__.py`` under the folder's name (``main``, or fail outright for a folder like
+    ``ci-clone``). Collect it as a plain directory instead; the pack is loaded only the way
+    ComfyUI loads it (``comfy_host.load_pack()``). Registered as a plugin because a hook in
+    this conftest would only apply below ``tests/``.
+    """
+
+    @pytest.hookimpl(tryfirst=True)
+    def pytest_collect_directory(self, path, parent):
+        if Path(path) == _host.REPO_ROOT and (Path(path) / "__init__.py").is_file():
+            return pytest.Dir.from_parent(parent, path=Path(path))
+        return None
+
+
 def pytest_configure(config):
     config.addinivalue_line("markers", "comfy: uses the real in-process ComfyUI host (tests/host.py)")
+    if not config.pluginmanager.has_plugin("lorax-pack-root-dir"):
+        config.pluginmanager.register(_PackRootIsNotATestPackage(), "lorax-pack-root-dir")
 
 
 def pytest_collection_modifyitems(config, items):
