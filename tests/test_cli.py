@@ -36,6 +36,7 @@ def readme_cli_commands() -> list[str]:
 def _run(argv: list[str], cwd) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     env["PYTHONPATH"] = str(host.REPO_ROOT)
+    env["LORAX_SVD_CACHE"] = str(cwd / "svd-cache")  # keep the user's cache out of the tests
     return subprocess.run(argv, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
 
 

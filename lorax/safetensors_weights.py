@@ -1,0 +1,50 @@
+"""Weights read layer by layer from safetensors files, so a second model need not sit in memory.
+
+A :class:`SafetensorsWeights` is a :class:`lorax.transfer.WeightSource` over one checkpoint or
+diffusion-model file: shapes come from the header, and each tensor is read (memory-mapped, then
+copied) only when asked for and dropped by the caller after use. Checkpoint prefixes
+(``model.diffusion_model.``) are mapped to the ``diffusion_model.`` keys ComfyUI's models use.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from .errors import LoraxError
+from .safetensors_io import check_safetensors_file, open_safetensors
+
+_CHECKPOINT_PREFIX = "model.diffusion_model."
+
+
+class SafetensorsWeights:
+    def __init__(self, path: str | os.PathLike):
+        self.path = os.fspath(path)
+        header = check_safetensors_file(self.path)
+        self._file_key: dict[str, str] = {}
+        self._shapes: dict[str, tuple[int, ...]] = {}
+        for key, info in header.items():
+            if key == "__metadata__":
+                continue
+            model_key = key
+            if key.startswith(_CHECKPOINT_PREFIX):
+                model_key = "diffusion_model." + key[len(_CHECKPOINT_PREFIX):]
+            elif not key.startswith(("diffusion_model.", "cond_stage_model.", "first_stage_model.",
+                                     "conditioner.", "text_encoders.")):
+                model_key = "diffusion_model." + key
+            self._file_key[model_key] = key
+            self._shapes[model_key] = tuple(int(d) for d in info["shape"])
+        self._handle = None
+
+    def keys(self):
+        return self._shapes.keys()
+
+    def shape(self, key: str):
+        return self._shapes.get(key)
+
+    def weight(self, key: str) -> torch.Tensor:
+        if key not in self._file_key:
+            raise LoraxError("no such tensor in the file", path=self.path, key=key)
+        with open_safetensors(self.path) as f:
+            return f.get_tensor(self._file_key[key])
