@@ -35,7 +35,6 @@ class SafetensorsWeights:
                 model_key = "diffusion_model." + key
             self._file_key[model_key] = key
             self._shapes[model_key] = tuple(int(d) for d in info["shape"])
-        self._handle = None
 
     def keys(self):
         return self._shapes.keys()

@@ -31,22 +31,39 @@ def locate_comfyui(pack_root: Path) -> Path | None:
     return cache if is_comfy_tree(cache) else None
 
 
-def declare_torchvision_schemas() -> None:
-    """Let a CUDA-only torchvision wheel import on CPU torch (its C extension cannot load there)."""
+def declare_torchvision_schemas() -> bool:
+    """Let a CUDA-only torchvision wheel import on CPU torch (its C extension cannot load there).
+
+    torchvision's Python import registers fake kernels for ``nms`` and ``qnms``, which fails when
+    its extension did not define them. Declaring the two schemas first lets the import succeed
+    (detection ops stay unusable; nothing here needs them). Skipped when torchvision is already
+    imported, torch has CUDA, a CPU build of torchvision is installed, or the ops exist.
+    Returns True when the schemas are declared (now or earlier).
+    """
     global _TORCHVISION_LIB
     import torch
 
-    if _TORCHVISION_LIB is not None or "torchvision" in sys.modules or torch.version.cuda is not None:
-        return
+    if _TORCHVISION_LIB is not None:
+        return True
+    if "torchvision" in sys.modules or torch.version.cuda is not None:
+        return False
     try:
-        torch.ops.torchvision.nms  # noqa: B018
-        return
+        import importlib.metadata as md
+
+        if md.version("torchvision").endswith("+cpu"):
+            return False
+    except Exception:
+        pass
+    try:
+        torch.ops.torchvision.nms  # noqa: B018  (raises when the op is not declared)
+        return False
     except (AttributeError, RuntimeError):
         pass
     lib = torch.library.Library("torchvision", "DEF")
     lib.define("nms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
     lib.define("qnms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
     _TORCHVISION_LIB = lib
+    return True
 
 
 def boot(pack_root: Path, *, cpu: bool | None = None) -> Path:

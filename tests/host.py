@@ -90,42 +90,24 @@ _TV = None
 _early: dict[str, Any] = {}
 
 
+def _host_boot_module():
+    """The pack's nodes/host_boot.py, loaded by path (it imports nothing from ComfyUI)."""
+    path = REPO_ROOT / "nodes" / "host_boot.py"
+    spec = importlib.util.spec_from_file_location("_lorax_host_boot", str(path))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
 def declare_torchvision_schemas() -> bool:
-    """Declare ``torchvision::nms`` and ``torchvision::qnms`` so torchvision imports on CPU torch.
-
-    torchvision 0.28.0 from PyPI is a CUDA build; its C extension does not load against the
-    CPU torch wheel, and its Python import then fails registering fake kernels for these two
-    ops. Declaring the schemas first lets the import succeed (detection ops stay unusable).
-    Skipped when torchvision is already imported, when the ops already exist, or when the
-    installed torchvision is a matching CPU build (``+cpu``) or torch has CUDA.
-    Returns True when it declared them (now or earlier).
-    """
+    """See nodes/host_boot.py: the same declaration the command line uses."""
     global _TV
-    if _TV is not None:
-        return True
-    if "torchvision" in sys.modules:
-        return False
-    import torch
+    declared = _HOST_BOOT.declare_torchvision_schemas()
+    _TV = _HOST_BOOT._TORCHVISION_LIB
+    return declared
 
-    if torch.version.cuda is not None:
-        return False
-    try:
-        import importlib.metadata as md
 
-        if md.version("torchvision").endswith("+cpu"):
-            return False
-    except Exception:
-        pass
-    try:
-        torch.ops.torchvision.nms  # noqa: B018  (raises when the op is not declared)
-        return False  # declared already (by torchvision's own extension or someone else)
-    except (AttributeError, RuntimeError):
-        pass
-    lib = torch.library.Library("torchvision", "DEF")
-    lib.define("nms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
-    lib.define("qnms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
-    _TV = lib
-    return True
+_HOST_BOOT = _host_boot_module()
 
 
 def _clean_nodes_module() -> None:
