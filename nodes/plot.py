@@ -22,6 +22,11 @@ MARGIN_L, MARGIN_R, MARGIN_T, MARGIN_B = 48, 16, 28, 56
 COLORS = {"transferred": (64, 178, 96), "low": (214, 72, 72), "other": (140, 140, 140), "compared": (80, 140, 220)}
 
 
+def _drawable(text: str) -> str:
+    """Pillow's default font has no Greek letters or arrows."""
+    return text.replace("→", "->").replace("Φ̂", "phi-hat").replace("Φ", "phi")
+
+
 def _color(row: Mapping) -> tuple[int, int, int]:
     decision = row.get("decision")
     if decision is None:
@@ -48,7 +53,7 @@ def plot_rows(rows: Sequence[Mapping], threshold: float | None, title: str = "")
         y = round(y1 - v * (y1 - y0))
         draw.line([(x0, y), (x1, y)], fill=(60, 60, 66))
         draw.text((4, y - 6), f"{v:.2f}", fill=(200, 200, 200), font=font)
-    draw.text((x0, 6), title or "Subspace similarity Φ per layer", fill=(230, 230, 230), font=font)
+    draw.text((x0, 6), _drawable(title or "Subspace similarity Φ per layer"), fill=(230, 230, 230), font=font)
     rows = ordered(rows)
     n = max(1, len(rows))
     slot = (x1 - x0) / n
@@ -76,6 +81,6 @@ def plot_rows(rows: Sequence[Mapping], threshold: float | None, title: str = "")
         if r.get("decision") not in (None, "transferred", PASSES):
             draw.rectangle([left, y1 + 30, right, y1 + 36], fill=COLORS["low"])
     legend = "green: transferred   red: skipped (low Φ̂)   grey: other   white tick: Φ needed to pass"
-    draw.text((x0, HEIGHT - 14), legend.replace("Φ̂", "phi-hat").replace("Φ", "phi"), fill=(200, 200, 200), font=font)
+    draw.text((x0, HEIGHT - 14), _drawable(legend), fill=(200, 200, 200), font=font)
     arr = np.asarray(img, dtype=np.float32) / 255.0
     return torch.from_numpy(arr)[None]
