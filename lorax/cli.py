@@ -1,4 +1,4 @@
-"""``python -m lorax``: subspace similarity and adapter transfer from the command line.
+"""``python -m lorax``: subspace similarity, adapter transfer and LoRA → LoRA-X conversion.
 
 Models and adapters are read the way ComfyUI reads them (its model detection, key maps and
 LoRA loaders), so the ComfyUI host is needed: ``$COMFYUI_PATH``, the ComfyUI this pack is
@@ -113,6 +113,23 @@ def cmd_transfer(args) -> int:
     return 0
 
 
+def cmd_convert(args) -> int:
+    _check_inputs(args.source, args.adapter)
+    be = _backend()
+    from .lorax_adapter import save_lorax
+
+    source = be.load_model(args.source)
+    adapter = be.AdapterHandle.open(os.path.basename(args.adapter), args.adapter)
+    converted, rows, summary = be.convert_adapter(source, adapter, args.rank, _engine(args.exact))
+    for row in rows:
+        print(f"kept {100 * row['kept']:5.1f}%  r {row['rank']:>4}  {row['module']}")
+    save_lorax(args.out, converted)
+    print(f"summary: {summary}")
+    print(f"wrote {len(converted.sigmas)} layers, {converted.parameter_count} parameters, "
+          f"{os.path.getsize(args.out)} bytes to {args.out}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m lorax", description=__doc__.split("\n\n")[0])
     sub = p.add_subparsers(dest="command", required=True)
@@ -139,6 +156,14 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--strength", type=float, default=1.0, help="baked into the written file")
     t.add_argument("--exact", action="store_true", help="full float64 SVD instead of the Gram route")
     t.set_defaults(func=cmd_transfer)
+
+    c = sub.add_parser("convert", help="turn an ordinary LoRA into a LoRA-X adapter on its source model")
+    c.add_argument("--source", required=True, help="the checkpoint the LoRA was trained on")
+    c.add_argument("--adapter", required=True, help="any LoRA/LyCORIS file ComfyUI reads")
+    c.add_argument("--out", required=True, help="where to write the LoRA-X file (.safetensors)")
+    c.add_argument("--rank", type=int, default=DEFAULT_RANK, help="r per layer (capped at the layer's rank)")
+    c.add_argument("--exact", action="store_true", help="full float64 SVD instead of the Gram route")
+    c.set_defaults(func=cmd_convert)
     return p
 
 

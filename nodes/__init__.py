@@ -1,5 +1,6 @@
 """ComfyUI glue for LoRA-X: thin nodes over the pure ``lorax`` library (see bridge.py)."""
 
+from .convert_node import LoraxConvert
 from .load_node import LoraxLoad
 from .save_node import LoraxSave
 from .similarity_node import LoraxSimilarityReport
@@ -10,6 +11,7 @@ NODE_CLASS_MAPPINGS = {
     "LoraxSimilarityReport": LoraxSimilarityReport,
     "LoraxTransfer": LoraxTransfer,
     "LoraxSave": LoraxSave,
+    "LoraxConvert": LoraxConvert,
 }
 
 NODE_DISPLAY_NAME_MAPPINGS = {
@@ -17,4 +19,5 @@ NODE_DISPLAY_NAME_MAPPINGS = {
     "LoraxSimilarityReport": "Subspace Similarity Report",
     "LoraxTransfer": "LoRA-X Transfer",
     "LoraxSave": "LoRA-X Save",
+    "LoraxConvert": "LoRA to LoRA-X",
 }

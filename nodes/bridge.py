@@ -104,19 +104,25 @@ def adapter_key_map(patcher, clip=None) -> dict[str, Any]:
     return key_map
 
 
-def kohya_names(key_map: Mapping[str, Any], prefixes: tuple[str, ...] = ("lora_unet_", "lora_te")) -> dict[str, str]:
+def kohya_names(key_map: Mapping[str, Any], prefixes: tuple[str, ...] = ("lora_unet_", "lora_te"),
+                internal: bool = False) -> dict[str, str]:
     """Model key → the kohya module name to write for it.
 
-    Prefers kohya's own (diffusers-derived) naming, which kohya sd-scripts, A1111 and Forge all
-    read; falls back to the host-internal name (``lora_unet_`` + the model key with dots as
-    underscores), which ComfyUI reads and is what Flux-era trainers write.
+    By default prefers kohya's own (diffusers-derived) naming, which kohya sd-scripts, A1111 and
+    Forge all read, for exported LoRAs; ``internal=True`` prefers the host-internal name
+    (``lora_unet_`` + the model key with dots as underscores), which ComfyUI reads, Flux-era
+    trainers write, and LoRA-X files use.
     """
     out: dict[str, str] = {}
     for name, target in key_map.items():
         if not isinstance(target, str) or not name.startswith(prefixes):
             continue
-        internal = "lora_unet_" + target[len("diffusion_model."):-len(".weight")].replace(".", "_")
-        if target not in out or (out[target] == internal and name != internal):
+        own = "lora_unet_" + target[len("diffusion_model."):-len(".weight")].replace(".", "_")
+
+        def preferred(candidate: str) -> bool:
+            return (candidate == own) if internal else (candidate != own)
+
+        if target not in out or (preferred(name) and not preferred(out[target])):
             out[target] = name
     return out
 

@@ -7,11 +7,12 @@ import comfy.sd
 from lorax.errors import LoraxError
 from lorax.safetensors_io import check_safetensors_file
 
+from .convert_node import convert_adapter
 from .handles import AdapterHandle
 from .similarity_node import LAYER_SETS, run_similarity
 from .transfer_job import check_distinct, run_transfer, save_transfer
 
-__all__ = ["AdapterHandle", "LAYER_SETS", "check_distinct", "load_model", "run_similarity", "run_transfer",
+__all__ = ["AdapterHandle", "LAYER_SETS", "check_distinct", "convert_adapter", "load_model", "run_similarity", "run_transfer",
            "save_transfer"]
 
 

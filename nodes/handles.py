@@ -35,6 +35,8 @@ class AdapterHandle:
             _FILE_MEMO.clear()  # keep one file's tensors, not every file ever opened
             _FILE_MEMO[memo_key] = bridge.load_adapter_file(path)
         kind, content = _FILE_MEMO[memo_key]
+        if kind == "lorax":
+            content.path = path
         return AdapterHandle(name=name, path=path, kind=kind, content=content)
 
     def deltas_for(self, patcher, engine, clip=None) -> bridge.AdapterDeltas:

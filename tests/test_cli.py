@@ -101,6 +101,17 @@ def test_readme_transfer_example_matches_library(readme_run):
         assert best < 1e-5, key
 
 
+def test_readme_convert_example(readme_run):
+    cwd, outputs = readme_run
+    from lorax.lorax_adapter import load_lorax
+
+    adapter = load_lorax(cwd / "demo" / "style_lorax.safetensors")
+    assert len(adapter.sigmas) == 8 and adapter.rank == 64 and adapter.parameter_count == 8 * 64
+    assert "8 layers converted" in outputs[3] and "wrote 8 layers, 512 parameters" in outputs[3]
+    kept = [float(m) for m in re.findall(r"kept\s+([0-9.]+)%", outputs[3])]
+    assert len(kept) == 8 and all(0 < k < 20 for k in kept)  # a random LoRA mostly lies outside the top-64 directions
+
+
 def test_cli_bad_input_exits_2_with_file_named(readme_run):
     cwd, _ = readme_run
     demo = cwd / "demo"

@@ -2,7 +2,7 @@
 import { app } from "../../scripts/app.js";
 import { ComfyWidgets } from "../../scripts/widgets.js";
 
-const NODES = new Set(["LoraxSimilarityReport", "LoraxTransfer", "LoraxSave"]);
+const NODES = new Set(["LoraxSimilarityReport", "LoraxTransfer", "LoraxSave", "LoraxConvert"]);
 
 app.registerExtension({
   name: "lorax.report",
