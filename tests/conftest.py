@@ -8,6 +8,7 @@ asks for the ``comfy_host`` fixture, so tests of the pure ``lorax`` library do n
 
 Fixtures (session-scoped unless noted):
 
+* ``rng``                 -> numpy Generator on a fresh, printed seed (function scope)
 * ``comfy_host``          -> host.ComfyHost (run_prompt, load_pack, save_unet, ...)
 * ``run_prompt``          -> comfy_host.run_prompt (function scope alias)
 * ``mini_sd15``           -> dict[str, Tensor]: build_mini_sd15_unet(seed=0); shared, do not mutate
@@ -66,6 +67,17 @@ def pytest_report_header(config):
     if early["tree"] is None:
         return f"ComfyUI host: not found ({early['how']}); {_host.SETUP_HINT}"
     return f"ComfyUI host: {early['tree']} ({early['how']}), base dir {early['base_dir']}"
+
+
+@pytest.fixture
+def rng():
+    """A numpy generator on a fresh seed every run (printed; LORAX_TEST_SEED replays it)."""
+    import numpy as np
+    from reference import fresh_seed
+
+    seed = fresh_seed()
+    print(f"LORAX_TEST_SEED={seed}")
+    return np.random.default_rng(seed)
 
 
 @pytest.fixture(scope="session")

@@ -12,14 +12,8 @@ from lorax.delta import Delta
 from lorax.engine import SVDEngine
 from lorax.lorax_adapter import load_lorax, save_lorax
 from lorax.transfer import DictWeights
-from reference import fresh_seed, power_law_matrix, rel_err, t, top_svd
+from reference import power_law_matrix, rel_err, t, top_svd
 
-
-@pytest.fixture
-def rng():
-    seed = fresh_seed()
-    print(f"LORAX_TEST_SEED={seed}")
-    return np.random.default_rng(seed)
 
 
 def test_planted_lorax_delta_converts_losslessly(tmp_path, rng):

@@ -22,16 +22,10 @@ from lorax.kohya_export import save_kohya_lora
 from lorax.lorax_adapter import LoraxAdapter, load_lorax, save_lorax
 from lorax.safetensors_io import load_tensors, read_metadata
 from lorax.transfer import Decision, DictWeights, TransferSettings, similarity_table, transfer_deltas
-from reference import fresh_seed, lorax_ref, perturbed, power_law_matrix, rel_err, t, top_svd
+from reference import lorax_ref, perturbed, power_law_matrix, rel_err, t, top_svd
 
 EXACT_TOL = 1e-6
 
-
-@pytest.fixture
-def rng():
-    seed = fresh_seed()
-    print(f"LORAX_TEST_SEED={seed}")
-    return np.random.default_rng(seed)
 
 
 def _models(rng, strength=0.2):

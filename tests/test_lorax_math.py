@@ -19,7 +19,7 @@ from lorax.delta import Delta
 from lorax.projection import project_lorax, project_paired, project_prolora
 from lorax.similarity import chance_phi, layer_similarity, phi
 from lorax.svd import canonical_signs, truncated_svd, truncated_svd_batch
-from reference import (fresh_seed, lorax_ref, orthonormal, paired_ref, perturbed, phi_ref, power_law_matrix,
+from reference import (lorax_ref, orthonormal, paired_ref, perturbed, phi_ref, power_law_matrix,
                        prolora_ref, rel_err, t, top_svd)
 
 EXACT_TOL = 1e-6
@@ -28,12 +28,6 @@ FAST_TOL = 1e-2
 # (weight shape, k): square, wide, tall (cross-attention k/v), conv 3×3 and 1×1.
 SHAPES = [((64, 64), 16), ((48, 120), 20), ((120, 48), 12), ((32, 16, 3, 3), 10), ((40, 40, 1, 1), 8)]
 
-
-@pytest.fixture
-def rng():
-    seed = fresh_seed()
-    print(f"LORAX_TEST_SEED={seed}")
-    return np.random.default_rng(seed)
 
 
 def _weight(rng, shape):
