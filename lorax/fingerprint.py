@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import weakref
 
 import torch
 
@@ -39,16 +40,41 @@ def sketch_tolerance(dtype: torch.dtype) -> float:
     return 5e-3
 
 
+# id(tensor) → (weak reference, version counter, digest): a weight that is still the same live,
+# unmodified tensor is not hashed again (ComfyUI keeps model parameters alive across runs).
+_DIGEST_MEMO: dict[int, tuple[weakref.ref, int, str]] = {}
+
+
+def _version(weight: torch.Tensor) -> int | None:
+    try:
+        return int(weight._version)
+    except RuntimeError:  # inference tensors keep no version counter: never memoise those
+        return None
+
+
 def weight_digest(weight: torch.Tensor) -> str:
-    """Hex digest of the weight's bytes, dtype and shape."""
+    """Hex digest of the weight's bytes, dtype and shape (memoised per live, unmodified tensor)."""
+    key = id(weight)
+    hit = _DIGEST_MEMO.get(key)
+    version = _version(weight)
+    if hit is not None and version is not None and hit[0]() is weight and hit[1] == version:
+        return hit[2]
     t = weight.detach()
     if t.device.type != "cpu":
         t = t.to("cpu")
     t = t.contiguous()
     h = hashlib.blake2b(digest_size=16)
     h.update(f"{t.dtype}|{tuple(t.shape)}|".encode())
-    h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-    return h.hexdigest()
+    if t.numel():
+        h.update(memoryview(t.view(torch.uint8).numpy()))  # no copy of the bytes
+    digest = h.hexdigest()
+    if version is not None:
+        try:
+            ref = weakref.ref(weight, lambda _ref, key=key: _DIGEST_MEMO.pop(key, None))
+        except TypeError:
+            return digest
+        _DIGEST_MEMO[key] = (ref, version, digest)
+    return digest
 
 
 def _probes(count: int, n: int, seed: int, device) -> torch.Tensor:

@@ -88,7 +88,9 @@ class PatcherWeights:
             weight = backup.weight
         if convert is not None:
             weight = convert(weight, inplace=False)
-        return weight.detach()
+        # The live parameter itself (not a detached view): its identity lets the digest memo of
+        # lorax.fingerprint skip re-hashing it on every run. Callers never modify it.
+        return weight
 
 
 def unet_key_map(patcher) -> dict[str, str]:
