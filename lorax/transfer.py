@@ -37,6 +37,7 @@ import torch
 from .delta import Delta
 from .engine import SVDEngine
 from .errors import LoraxError
+from .layer_map import LayerMap
 from .projection import MODES, project_lorax, project_paired, project_prolora
 from .similarity import LayerSimilarity, layer_similarity
 from .svd import max_rank
@@ -109,7 +110,11 @@ class TransferSettings:
 
 @dataclass
 class LayerTransfer:
-    """The outcome for one layer: decision, scores, and the transferred delta if any."""
+    """The outcome for one layer: decision, scores, and the transferred delta if any.
+
+    ``key`` is the source layer; ``target_key`` the target layer it went to when a layer map
+    paired differently named layers (None: the same key).
+    """
 
     key: str
     decision: Decision
@@ -120,12 +125,18 @@ class LayerTransfer:
     energy_kept: float | None = None
     note: str = ""
     delta: Delta | None = field(default=None, repr=False)
+    target_key: str | None = None
+
+    @property
+    def target(self) -> str:
+        return self.target_key or self.key
 
     def row(self) -> dict:
         """A JSON-ready row for reports (no tensors)."""
         s = self.similarity
         return {
-            "key": self.key,
+            "key": self.target,
+            "source_key": self.key,
             "decision": self.decision.value,
             "phi": None if s is None else round(s.phi, 6),
             "phi_right": None if s is None else round(s.phi_right, 6),
@@ -149,7 +160,8 @@ class TransferResult:
 
     @property
     def deltas(self) -> dict[str, Delta]:
-        return {l.key: l.delta for l in self.layers if l.delta is not None}
+        """Transferred deltas by *target* key."""
+        return {l.target: l.delta for l in self.layers if l.delta is not None}
 
     def counts(self) -> dict[str, int]:
         out: dict[str, int] = {}
@@ -174,52 +186,81 @@ Progress = Callable[[int, int], None]
 
 def transfer_deltas(deltas: Mapping[str, Delta], source: WeightSource, target: WeightSource,
                     settings: TransferSettings, engine: SVDEngine, *,
-                    adapter_ranks: Mapping[str, int] | None = None,
+                    adapter_ranks: Mapping[str, int] | None = None, layer_map: LayerMap | None = None,
                     progress: Progress | None = None) -> TransferResult:
     """Transfer every delta onto the target (see the module docstring).
 
-    ``deltas`` are keyed by the weight key shared by source and target (e.g.
-    ``diffusion_model.input_blocks.1.1.transformer_blocks.0.attn1.to_q.weight``).
-    ``adapter_ranks`` gives the k to use per key for LoRA-X adapters.
+    ``deltas`` are keyed by source weight key (e.g.
+    ``diffusion_model.input_blocks.1.1.transformer_blocks.0.attn1.to_q.weight``); without a
+    ``layer_map`` each goes to the target weight of the same key, with one (see
+    :mod:`lorax.layer_map`) to the target layers mapped from it. ``adapter_ranks`` gives the k
+    to use per source key for LoRA-X adapters.
     """
     t0 = time.perf_counter()
     adapter_ranks = adapter_ranks or {}
     _check_explicit_rank(deltas, source, settings)
-    results: dict[str, LayerTransfer] = {}
-    groups: dict[tuple, list[str]] = {}
+    targets_of: dict[str, list[str]] = {}
+    if layer_map is not None:
+        for s_key, t_key in layer_map.pairs():
+            targets_of.setdefault(s_key, []).append(t_key)
+    results: dict[tuple[str, str | None], LayerTransfer] = {}
+    order: list[tuple[str, str | None]] = []
+    groups: dict[tuple, list[tuple[str, str]]] = {}
     for key, delta in deltas.items():
-        s_shape, t_shape = source.shape(key), target.shape(key)
-        if s_shape is None:
-            s_shape = tuple(delta.shape)
-        if t_shape is None:
-            results[key] = LayerTransfer(key, Decision.MISSING_IN_TARGET, s_shape, None,
-                                         note="the target model has no weight with this key")
-        elif len(t_shape) < 2:
-            results[key] = LayerTransfer(key, Decision.NOT_A_MATRIX, s_shape, t_shape,
-                                         note="biases and norms have no singular subspace")
-        elif tuple(s_shape) != tuple(t_shape) and settings.shape_rule == "skip":
-            results[key] = LayerTransfer(key, Decision.SHAPE_MISMATCH, s_shape, t_shape,
-                                         note="shapes differ; the 'paired' shape rule would pair singular "
-                                              "directions by index")
-        else:
-            groups.setdefault((tuple(s_shape), tuple(t_shape)), []).append(key)
-    total = len(deltas)
+        s_shape = source.shape(key) or tuple(delta.shape)
+        t_keys = targets_of.get(key, []) if layer_map is not None else [key]
+        if not t_keys or target.shape(t_keys[0]) is None:
+            note = ("no target layer is mapped from this layer" if layer_map is not None
+                    else "the target model has no weight with this key")
+            order.append((key, None))
+            results[(key, None)] = LayerTransfer(key, Decision.MISSING_IN_TARGET, s_shape, None, note=note)
+            continue
+        for t_key in t_keys:
+            t_shape = target.shape(t_key)
+            order.append((key, t_key))
+            moved_to = None if t_key == key else t_key
+            if len(t_shape) < 2:
+                results[(key, t_key)] = LayerTransfer(key, Decision.NOT_A_MATRIX, s_shape, t_shape, target_key=moved_to,
+                                                      note="biases and norms have no singular subspace")
+            elif tuple(s_shape) != tuple(t_shape) and settings.shape_rule == "skip":
+                results[(key, t_key)] = LayerTransfer(
+                    key, Decision.SHAPE_MISMATCH, s_shape, t_shape, target_key=moved_to,
+                    note="shapes differ; the 'paired' shape rule would pair singular directions by index")
+            else:
+                groups.setdefault((tuple(s_shape), tuple(t_shape)), []).append((key, t_key))
+    total = len(order)
     done = len(results)
     if progress:
         progress(done, total)
-    for (s_shape, t_shape), keys in groups.items():
-        for start in range(0, len(keys), engine.batch_size):
-            chunk = keys[start:start + engine.batch_size]
-            ks = [_rank_for_pair(settings, s_shape, t_shape, adapter_ranks.get(key)) for key in chunk]
-            src = engine.factors_many([(_loader(source, key), k) for key, k in zip(chunk, ks)])
-            tgt = engine.factors_many([(_loader(target, key), k) for key, k in zip(chunk, ks)])
-            for key, k, fs, ft in zip(chunk, ks, src, tgt):
-                results[key] = _transfer_one(key, deltas[key], fs, ft, s_shape, t_shape, k, settings, engine)
+    for (s_shape, t_shape), pairs in groups.items():
+        for start in range(0, len(pairs), engine.batch_size):
+            chunk = pairs[start:start + engine.batch_size]
+            ks = [_rank_for_pair(settings, s_shape, t_shape, adapter_ranks.get(s_key)) for s_key, _ in chunk]
+            src = engine.factors_many([(_loader(source, s_key), k) for (s_key, _), k in zip(chunk, ks)])
+            tgt = engine.factors_many([(_loader(target, t_key), k) for (_, t_key), k in zip(chunk, ks)])
+            for (s_key, t_key), k, fs, ft in zip(chunk, ks, src, tgt):
+                layer = _transfer_one(s_key, deltas[s_key], fs, ft, s_shape, t_shape, k, settings, engine)
+                layer.target_key = None if t_key == s_key else t_key
+                results[(s_key, t_key)] = layer
             done += len(chunk)
             if progress:
                 progress(done, total)
-    ordered = [results[key] for key in deltas]
-    return TransferResult(ordered, settings, time.perf_counter() - t0)
+    return TransferResult([results[p] for p in order], settings, time.perf_counter() - t0)
+
+
+def similarity_scorer(source: WeightSource, target: WeightSource, engine: SVDEngine,
+                      rank: int = DEFAULT_RANK) -> Callable[[str, str], float]:
+    """Φ̂ (the weaker side) of a source and a target layer of equal shape, for layer maps."""
+    settings = TransferSettings(rank=rank)
+
+    def score(source_key: str, target_key: str) -> float:
+        shape = source.shape(source_key)
+        k = settings.rank_for(shape)
+        fs = engine.factors(source.weight(source_key), k)
+        ft = engine.factors(target.weight(target_key), k)
+        return layer_similarity(fs, ft, k).phi_hat_min
+
+    return score
 
 
 def _loader(source: WeightSource, key: str):

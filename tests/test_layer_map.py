@@ -1,0 +1,110 @@
+"""Layer maps for models with blocks removed (SSD-1B / BK-SDM style), on synthetic state dicts.
+
+The target keeps blocks 1 and 3 of a five-block source stage as perturbed copies (10 % relative,
+the order of a distillation's drift) and renumbers them 0 and 1, as ComfyUI does for SSD-1B.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from lorax.delta import Delta
+from lorax.engine import SVDEngine
+from lorax.errors import LoraxError
+from lorax.layer_map import build_layer_map, load_user_map
+from lorax.transfer import Decision, DictWeights, TransferSettings, similarity_scorer, transfer_deltas
+from reference import lorax_ref, perturbed, power_law_matrix, rel_err, t, top_svd
+
+FAMILIES = {"attn1.to_q": (48, 48), "attn1.to_k": (48, 48), "attn2.to_k": (48, 32), "ff.net.2": (48, 96)}
+KEPT = {0: 1, 1: 3}  # target block → the source block it was distilled from
+
+
+def _key(stage: str, block: int, family: str) -> str:
+    return f"diffusion_model.{stage}.1.transformer_blocks.{block}.{family}.weight"
+
+
+def _pair(rng):
+    source, target = {}, {}
+    for b in range(5):
+        for fam, shape in FAMILIES.items():
+            source[_key("input_blocks", b, fam)] = t(power_law_matrix(rng, *shape), torch.float32)
+    for tb, sb in KEPT.items():
+        for fam in FAMILIES:
+            w = source[_key("input_blocks", sb, fam)].double().numpy()
+            target[_key("input_blocks", tb, fam)] = t(perturbed(rng, w, 0.1), torch.float32)
+    # A stage both models have in full: mapped by name, no scoring needed.
+    for fam, shape in FAMILIES.items():
+        w = power_law_matrix(rng, *shape)
+        source[_key("middle_block", 0, fam)] = t(w, torch.float32)
+        target[_key("middle_block", 0, fam)] = t(perturbed(rng, w, 0.1), torch.float32)
+    return source, target
+
+
+def _shapes(sd):
+    return {k: tuple(v.shape) for k, v in sd.items()}
+
+
+def test_similarity_map_recovers_the_kept_blocks(rng):
+    source, target = _pair(rng)
+    engine = SVDEngine(method="exact")
+    scorer = similarity_scorer(DictWeights(source), DictWeights(target), engine, rank=8)
+    lmap = build_layer_map(_shapes(source), _shapes(target), mode="similarity", scorer=scorer)
+    for tb, sb in KEPT.items():
+        for fam in FAMILIES:
+            m = lmap.matches[_key("input_blocks", tb, fam)]
+            assert m.source == _key("input_blocks", sb, fam) and m.how == "similarity", m
+            assert m.score > 0.5
+    for fam in FAMILIES:
+        assert lmap.matches[_key("middle_block", 0, fam)].how == "name"
+    assert not lmap.unmatched and "12 of 12 target layers matched (4 by name, 8 by similarity)" in lmap.summary()
+    # By name the kept blocks are wrongly paired with source blocks 0 and 1.
+    by_name = build_layer_map(_shapes(source), _shapes(target), mode="name")
+    assert by_name.source_of(_key("input_blocks", 1, "attn1.to_q")) == _key("input_blocks", 1, "attn1.to_q")
+
+
+def test_transfer_through_the_map_equals_projection_of_the_source_delta(rng):
+    source, target = _pair(rng)
+    engine = SVDEngine(method="exact")
+    lmap = build_layer_map(_shapes(source), _shapes(target), mode="similarity",
+                           scorer=similarity_scorer(DictWeights(source), DictWeights(target), engine, rank=8))
+    deltas = {}
+    for k, w in source.items():
+        m, n = w.shape
+        deltas[k] = Delta.factored(w.shape, t(rng.standard_normal((m, 3)) * 0.1), t(rng.standard_normal((3, n)) * 0.1))
+    result = transfer_deltas(deltas, DictWeights(source), DictWeights(target), TransferSettings(rank=8, threshold=0.3),
+                             engine, layer_map=lmap)
+    moved = result.deltas
+    assert len(moved) == len(target)
+    for tb, sb in KEPT.items():
+        for fam in FAMILIES:
+            t_key, s_key = _key("input_blocks", tb, fam), _key("input_blocks", sb, fam)
+            Ut, _, Vt = top_svd(target[t_key].double().numpy(), 8)
+            ref = lorax_ref(deltas[s_key].matrix().numpy(), Ut, Vt)
+            assert rel_err(moved[t_key].matrix(), ref) < 1e-6
+    dropped = [l for l in result.layers if l.decision is Decision.MISSING_IN_TARGET]
+    assert len(dropped) == 3 * len(FAMILIES)  # source blocks 0, 2, 4 have no target
+    assert all("no target layer is mapped" in l.note for l in dropped)
+    rows = [l.row() for l in result.layers if l.target_key]
+    assert rows and all(r["key"] != r["source_key"] for r in rows)
+
+
+def test_reuse_and_user_map(rng):
+    source, target = _pair(rng)
+    engine = SVDEngine(method="exact")
+    scorer = similarity_scorer(DictWeights(source), DictWeights(target), engine, rank=8)
+    reuse = build_layer_map(_shapes(source), _shapes(target), scorer=scorer, allow_reuse=True)
+    assert reuse.source_of(_key("input_blocks", 1, "ff.net.2")) == _key("input_blocks", 3, "ff.net.2")
+    user = load_user_map('{"%s": "%s"}' % (_key("input_blocks", 0, "attn1.to_q"), _key("input_blocks", 4, "attn1.to_q")))
+    lmap = build_layer_map(_shapes(source), _shapes(target), scorer=scorer, user_map=user)
+    assert lmap.matches[_key("input_blocks", 0, "attn1.to_q")].how == "user"
+    with pytest.raises(LoraxError, match="not valid JSON"):
+        load_user_map("{nope")
+    with pytest.raises(LoraxError, match="JSON object"):
+        load_user_map('["a", "b"]')
+    with pytest.raises(LoraxError) as e:
+        build_layer_map(_shapes(source), _shapes(target), scorer=scorer, user_map={"nope.weight": _key("input_blocks", 0, "attn1.to_q")})
+    assert "target model does not have" in str(e.value) and "nope.weight" in str(e.value)
+    with pytest.raises(LoraxError, match="unknown layer-map mode"):
+        build_layer_map(_shapes(source), _shapes(target), mode="fuzzy")
