@@ -14,6 +14,11 @@ Fixtures (session-scoped unless noted):
 * ``mini_sd15``           -> dict[str, Tensor]: build_mini_sd15_unet(seed=0); shared, do not mutate
 * ``mini_sd15_unet_name`` -> str: mini_sd15 saved in diffusion_models (for UNETLoader)
 * ``mini_sd15_ckpt_name`` -> str: mini_sd15 saved as a UNet-only checkpoint (CheckpointLoaderSimple)
+* ``mini_sd15_full_ckpt_name`` -> str: a full SD1.5 checkpoint (mini_sd15 + CLIP-L text encoder +
+  VAE, random weights; host.build_full_sd15_checkpoint) -- CheckpointLoaderSimple gives a working
+  MODEL, CLIP and VAE
+* ``mini_sd15_full_ft_ckpt_name`` -> str: its fine-tuned twin (host.fine_tune(mini_sd15, seed=1)
+  and host.fine_tune_text_encoder(seed=1), same VAE)
 
 Tests that use ``comfy_host`` get the ``comfy`` marker (deselect with ``-m "not comfy"``).
 """
@@ -107,3 +112,31 @@ def mini_sd15_unet_name(comfy_host, mini_sd15) -> str:
 @pytest.fixture(scope="session")
 def mini_sd15_ckpt_name(comfy_host, mini_sd15) -> str:
     return comfy_host.save_checkpoint(mini_sd15, "mini_sd15_ckpt.safetensors")
+
+
+@pytest.fixture(scope="session")
+def mini_sd15_te_vae():
+    """(text encoder, VAE) of the full synthetic checkpoints, checkpoint-keyed, float16; shared."""
+    return _host.build_sd15_text_encoder(seed=0, dtype=_fp16()), _host.build_sd15_vae(seed=0, dtype=_fp16())
+
+
+def _fp16():
+    import torch
+
+    return torch.float16
+
+
+@pytest.fixture(scope="session")
+def mini_sd15_full_ckpt_name(comfy_host, mini_sd15, mini_sd15_te_vae) -> str:
+    te, vae = mini_sd15_te_vae
+    ckpt = _host.build_full_sd15_checkpoint(mini_sd15, seed=0, text_encoder=te, vae=vae)
+    return comfy_host.save_full_checkpoint(ckpt, "mini_sd15_full.safetensors")
+
+
+@pytest.fixture(scope="session")
+def mini_sd15_full_ft_ckpt_name(comfy_host, mini_sd15, mini_sd15_te_vae) -> str:
+    te, vae = mini_sd15_te_vae
+    ckpt = _host.build_full_sd15_checkpoint(_host.fine_tune(mini_sd15, seed=1, strength=0.05), seed=0,
+                                            text_encoder=_host.fine_tune_text_encoder(te, seed=1, strength=0.05),
+                                            vae=vae)
+    return comfy_host.save_full_checkpoint(ckpt, "mini_sd15_full_ft.safetensors")

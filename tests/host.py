@@ -677,3 +677,256 @@ def unet_ksampler_prompt(unet_name: str, *, seed: int = 0, steps: int = 1, cfg: 
     if extra:
         p.update(copy.deepcopy(dict(extra)))
     return p
+
+
+# --------------------------------------------------------------------------------------
+# Full synthetic SD1.5 checkpoints: UNet + CLIP-L text encoder + VAE.
+# --------------------------------------------------------------------------------------
+
+#: Checkpoint key prefixes of an SD1.x checkpoint (what ComfyUI's SD15 config reads).
+SD15_UNET_PREFIX = "model.diffusion_model."
+SD15_TE_PREFIX = "cond_stage_model."
+SD15_VAE_PREFIX = "first_stage_model."
+
+#: The ddconfig ``comfy.sd.VAE`` uses for SD1.x/SD2.x VAEs (its "default SD1.x/SD2.x VAE
+#: parameters" branch, ComfyUI 0.3.75 comfy/sd.py); with ``post_quant_conv`` in the state dict
+#: it builds ``AutoencoderKL(ddconfig=..., embed_dim=4)``.
+SD1_VAE_DDCONFIG = {"double_z": True, "z_channels": 4, "resolution": 256, "in_channels": 3, "out_ch": 3,
+                    "ch": 128, "ch_mult": [1, 2, 4, 4], "num_res_blocks": 2, "attn_resolutions": [],
+                    "dropout": 0.0}
+
+_SD15_LAYOUT: dict[str, dict[str, tuple[int, ...]]] = {}
+
+
+def sd15_te_vae_layout() -> dict[str, dict[str, tuple[int, ...]]]:
+    """``{"text_encoder": {key: shape}, "vae": {key: shape}}`` with checkpoint key names.
+
+    Taken from ComfyUI's own classes, instantiated on the ``meta`` device (no memory, ~10 ms):
+    the SD15 model config's clip target (``sd1_clip.SD1ClipModel``, CLIP-L) whose state dict
+    goes through ``SD15.process_clip_state_dict_for_saving`` -- exactly what ComfyUI's
+    CheckpointSave writes (``cond_stage_model.transformer.text_model.*``; ``text_projection``
+    and ``logit_scale`` are dropped, as in real SD1.5 checkpoints) -- and
+    ``comfy.ldm.models.autoencoder.AutoencoderKL`` with :data:`SD1_VAE_DDCONFIG`, prefixed with
+    the config's ``vae_key_prefix`` (``first_stage_model.``).
+    Needs the ComfyUI tree (calls :func:`prepare_early`); cached per process.
+    """
+    if _SD15_LAYOUT:
+        return _SD15_LAYOUT
+    early = prepare_early()
+    if early["tree"] is None:
+        raise RuntimeError(f"No ComfyUI {COMFYUI_VERSION} tree found ({early['how']}): {SETUP_HINT}.")
+    import torch
+    import comfy.supported_models
+    from comfy.ldm.models.autoencoder import AutoencoderKL
+
+    config = comfy.supported_models.SD15({})
+    target = config.clip_target()
+    with torch.device("meta"):
+        te = target.clip(device="meta", dtype=torch.float32)
+        vae = AutoencoderKL(ddconfig=dict(SD1_VAE_DDCONFIG), embed_dim=4)
+    te_sd = config.process_clip_state_dict_for_saving(dict(te.state_dict()))
+    (vae_prefix,) = config.vae_key_prefix
+    _SD15_LAYOUT["text_encoder"] = {k: tuple(v.shape) for k, v in te_sd.items()}
+    _SD15_LAYOUT["vae"] = {vae_prefix + k: tuple(v.shape) for k, v in vae.state_dict().items()}
+    bad = [k for k in _SD15_LAYOUT["text_encoder"] if not k.startswith(SD15_TE_PREFIX)]
+    if bad or vae_prefix != SD15_VAE_PREFIX:
+        raise RuntimeError(f"unexpected SD15 checkpoint layout in this ComfyUI: {bad[:3]} {vae_prefix!r}")
+    return _SD15_LAYOUT
+
+
+def spectral_matrix(rows: int, cols: int, *, seed: int = 0, key: str = "", decay: float = 0.8,
+                    gain: float = 1.0):
+    """Like :func:`power_law_matrix` (``U diag(s) Vᵀ``, ``s_i ∝ i^-decay``, ``‖W‖_F = gain·√rows``)
+    but with structured orthonormal factors, built in O(rows·cols·log) instead of QR + matmul.
+
+    ``U = D_r C_rᵀ P_r``, ``V = D_c C_cᵀ P_c``: orthonormal DCT-II bases ``C`` with random column
+    permutations ``P`` and random row signs ``D``, so ``W = D_r · idct2(S) · D_c`` where ``S``
+    holds the singular values on randomly permuted positions. The singular values are exact and
+    the singular vectors are delocalised (every entry ±O(1/√n)), like a random basis, and
+    different (seed, key) give incoherent bases. Used for the text encoder (72 matrices, ~1 s in
+    all) where QR-based construction takes 10-30 s on a busy 2-core machine. float32.
+    """
+    import numpy as np
+    import scipy.fft
+    import torch
+
+    g = _gen(seed, key)
+    r = min(rows, cols)
+    s = torch.arange(1, r + 1, dtype=torch.float64).pow(-decay)
+    s = s * (gain * math.sqrt(rows) / s.norm())
+    pr = torch.randperm(rows, generator=g)[:r].numpy()
+    pc = torch.randperm(cols, generator=g)[:r].numpy()
+    dr = (torch.randint(0, 2, (rows, 1), generator=g) * 2 - 1).numpy()
+    dc = (torch.randint(0, 2, (1, cols), generator=g) * 2 - 1).numpy()
+    S = np.zeros((cols, rows), dtype=np.float32)  # transposed: scipy's DCT is ~4× faster along
+    S[pc, pr] = s.numpy()                         # the last axis, so keep the long one there
+    Wt = scipy.fft.idctn(S, type=2, norm="ortho") * dc.T * dr.T
+    return torch.from_numpy(np.ascontiguousarray(Wt.T, dtype=np.float32))
+
+
+def build_sd15_text_encoder(seed: int = 0, *, dtype=None, decay: float = 0.8, bias_std: float = 0.01,
+                            token_std: float = 0.02, position_std: float = 0.01) -> dict[str, Any]:
+    """A CLIP-L text encoder for SD1.5 with random weights, keyed ``cond_stage_model.*``.
+
+    Keys and shapes from :func:`sd15_te_vae_layout` (ComfyUI's own ``SD1ClipModel``). Linear
+    weights (attention q/k/v/out, MLP fc1/fc2) are :func:`spectral_matrix` (power-law spectrum
+    with the norm of an iid ``1/√fan_in`` init, so subspace similarity behaves as for trained
+    weights); layer norms are weight 1 / bias 0; biases N(0, bias_std²); token embeddings
+    N(0, token_std²), position embeddings N(0, position_std²). The pre-LN transformer keeps
+    every activation finite. ``dtype`` (default float32) is the stored dtype; ComfyUI runs the
+    text encoder in float16 on CPU anyway. ~123M parameters; deterministic per (seed, key).
+    """
+    import torch
+
+    dtype = dtype or torch.float32
+    out: dict[str, Any] = {}
+    for key, shape in sd15_te_vae_layout()["text_encoder"].items():
+        if "layer_norm" in key:
+            t = torch.ones(shape) if key.endswith(".weight") else torch.zeros(shape)
+        elif key.endswith("token_embedding.weight"):
+            t = torch.randn(shape, generator=_gen(seed, key)) * token_std
+        elif key.endswith("position_embedding.weight"):
+            t = torch.randn(shape, generator=_gen(seed, key)) * position_std
+        elif len(shape) == 2:
+            t = spectral_matrix(shape[0], shape[1], seed=seed, key=key, decay=decay)
+        elif key.endswith(".bias"):
+            t = torch.randn(shape, generator=_gen(seed, key)) * bias_std
+        else:
+            raise RuntimeError(f"no initialisation rule for text-encoder key {key} {shape}")
+        out[key] = t.to(dtype)
+    return out
+
+
+def build_sd15_vae(seed: int = 0, *, dtype=None, bias_std: float = 0.01) -> dict[str, Any]:
+    """The SD1.x VAE (``AutoencoderKL``, ch 128, ch_mult 1-2-4-4, ~84M parameters) with random
+    weights, keyed ``first_stage_model.*``: conv weights N(0, 1/fan_in), group norms weight 1 /
+    bias 0, biases N(0, bias_std²). GroupNorm in every block keeps the decoder's output finite
+    (ComfyUI clamps it to [0, 1]). Decoding a 64×64 image costs well under a second on CPU.
+    ``dtype`` (default float32) is the stored dtype; ComfyUI decodes in float32 on CPU."""
+    import torch
+
+    dtype = dtype or torch.float32
+    out: dict[str, Any] = {}
+    for key, shape in sd15_te_vae_layout()["vae"].items():
+        if len(shape) == 1 and ("norm" in key.rsplit(".", 2)[-2]):
+            t = torch.ones(shape) if key.endswith(".weight") else torch.zeros(shape)
+        elif len(shape) >= 2:
+            fan_in = int(math.prod(shape[1:]))
+            t = torch.randn(shape, generator=_gen(seed, key)) / math.sqrt(fan_in)
+        else:
+            t = torch.randn(shape, generator=_gen(seed, key)) * bias_std
+        out[key] = t.to(dtype)
+    return out
+
+
+def build_full_sd15_checkpoint(unet_sd: Mapping[str, Any], seed: int = 0, *,
+                               text_encoder: Mapping[str, Any] | None = None,
+                               vae: Mapping[str, Any] | None = None, dtype=None) -> dict[str, Any]:
+    """A complete SD1.5 checkpoint state dict: ``model.diffusion_model.*`` (``unet_sd``, e.g.
+    :func:`build_mini_sd15_unet`), ``cond_stage_model.*`` (CLIP-L) and ``first_stage_model.*``
+    (VAE), so that the stock ``CheckpointLoaderSimple`` returns a working MODEL, CLIP and VAE.
+
+    ``text_encoder`` / ``vae`` (checkpoint-keyed, e.g. from :func:`build_sd15_text_encoder`,
+    :func:`fine_tune_text_encoder`) are used when given, else built from ``seed`` with ``dtype``
+    (default float16 for these two parts, like the fp16 SD1.5 checkpoints people download: ComfyUI
+    runs the text encoder in float16 on CPU anyway, so nothing is lost, and the file is 0.4 GB
+    smaller). The UNet tensors are used as they are (not copied).
+    """
+    import torch
+
+    dtype = dtype or torch.float16
+    te = text_encoder if text_encoder is not None else build_sd15_text_encoder(seed, dtype=dtype)
+    v = vae if vae is not None else build_sd15_vae(seed, dtype=dtype)
+    out: dict[str, Any] = {SD15_UNET_PREFIX + k: t for k, t in unet_sd.items()}
+    for part, prefix in ((te, SD15_TE_PREFIX), (v, SD15_VAE_PREFIX)):
+        bad = [k for k in part if not k.startswith(prefix)]
+        if bad:
+            raise ValueError(f"expected keys starting with {prefix!r}, got e.g. {bad[0]!r}")
+        out.update(part)
+    return out
+
+
+def fine_tune_text_encoder(te_sd: Mapping[str, Any], seed: int, strength: float = 0.05,
+                           decay: float = 1.0) -> dict[str, Any]:
+    """A "fine-tuned" copy of a checkpoint-keyed text encoder: every transformer-layer matrix
+    (``...encoder.layers.*``: attention, MLP) gets ``W + P`` with ``‖P‖_F = strength·‖W‖_F`` and P
+    a :func:`spectral_matrix` of its own (power-law spectrum ``i^-decay``, random basis: a change
+    concentrated on a few directions, as fine-tunes are); layer-norm weights and biases get
+    ``+ strength·0.1·N(0, 1)``. Embeddings and the final layer norm are shared unchanged (same
+    tensor objects). ~1 s (a dense Gaussian perturbation as in :func:`fine_tune` takes ~7 s here).
+    Deterministic per (seed, key); the input is not modified."""
+    import torch
+
+    out = dict(te_sd)
+    for key, w in te_sd.items():
+        if ".encoder.layers." not in key:
+            continue
+        if w.ndim >= 2:
+            m = w.reshape(w.shape[0], -1).to(torch.float32)
+            p = spectral_matrix(m.shape[0], m.shape[1], seed=seed + 7919, key=key, decay=decay)
+            p = p * (strength * m.norm() / p.norm())
+            out[key] = (m + p).reshape(w.shape).to(w.dtype)
+        else:
+            g = _gen(seed + 7919, key)
+            out[key] = (w.to(torch.float32) + strength * 0.1 * torch.randn(w.shape, generator=g)).to(w.dtype)
+    return out
+
+
+def te_lora_prefix(layer: int, module: str) -> str:
+    """kohya name of an SD1.x text-encoder module, as ``comfy.lora.model_lora_keys_clip`` maps
+    it: ``te_lora_prefix(0, "self_attn.q_proj")`` -> ``lora_te_text_model_encoder_layers_0_self_attn_q_proj``
+    (-> ``clip_l.transformer.text_model.encoder.layers.0.self_attn.q_proj.weight``)."""
+    return f"lora_te_text_model_encoder_layers_{layer}_{module.replace('.', '_')}"
+
+
+def te_clip_key(layer: int, module: str) -> str:
+    """The key of that module's weight in ComfyUI's SD1.x CLIP model (``clip.cond_stage_model``)."""
+    return f"clip_l.transformer.text_model.encoder.layers.{layer}.{module}.weight"
+
+
+def _save_full_checkpoint(self: "ComfyHost", sd: Mapping[str, Any], name: str,
+                          metadata: dict | None = None) -> str:
+    """``comfy_host.save_full_checkpoint(sd, name)``: save an already-prefixed checkpoint state
+    dict (e.g. :func:`build_full_sd15_checkpoint`) into ``checkpoints`` as it is; returns the
+    ``ckpt_name`` for ``CheckpointLoaderSimple``. (``save_checkpoint`` prefixes a UNet instead.)"""
+    bad = [k for k in sd if not k.startswith((SD15_UNET_PREFIX, SD15_TE_PREFIX, SD15_VAE_PREFIX))]
+    if bad:
+        raise ValueError(f"not a checkpoint key: {bad[0]!r}")
+    return self._save("checkpoints", sd, name, metadata)
+
+
+ComfyHost.save_full_checkpoint = _save_full_checkpoint
+
+
+def make_sd15_lora_with_te(unet_sd: Mapping[str, Any], unet_keys: Sequence[str],
+                           te_modules: Sequence[tuple[int, str]], *, rank: int = 4, alpha: float = 2.0,
+                           std: float = 0.05, seed: int = 5) -> tuple[dict[str, Any], dict[str, tuple[Any, Any]]]:
+    """A kohya LoRA for SD1.5 touching UNet weights and CLIP-L text-encoder modules.
+
+    ``unet_keys``: UNet weight keys (as in ``unet_sd``); ``te_modules``: ``(layer, module)`` pairs
+    such as ``(0, "self_attn.q_proj")`` or ``(11, "mlp.fc2")``, written as
+    ``lora_te_text_model_encoder_layers_<layer>_<module>`` (:func:`te_lora_prefix`). Factors are
+    N(0, std²) of rank ``rank`` (convs: ``down`` ``[r, in, kh, kw]``), alpha as given (ComfyUI
+    scales ``up @ down`` by ``alpha / rank``). Returns ``(lora state dict, factors)`` with
+    ``factors`` keyed by the UNet key (unprefixed) or the CLIP key (:func:`te_clip_key`).
+    """
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    factors: dict[str, tuple[Any, Any]] = {}
+    for key in unet_keys:
+        w = unet_sd[key]
+        factors[key] = (torch.randn(w.shape[0], rank, generator=g) * std,
+                        (torch.randn(rank, w[0].numel(), generator=g) * std).reshape(rank, *w.shape[1:]))
+    lora = make_kohya_lora({k: factors[k] for k in unet_keys}, alpha=alpha)
+    te_shapes = sd15_te_vae_layout()["text_encoder"]
+    for layer, module in te_modules:
+        shape = te_shapes[f"{SD15_TE_PREFIX}transformer.text_model.encoder.layers.{layer}.{module}.weight"]
+        up = torch.randn(shape[0], rank, generator=g) * std
+        down = torch.randn(rank, shape[1], generator=g) * std
+        p = te_lora_prefix(layer, module)
+        lora[f"{p}.lora_up.weight"] = up
+        lora[f"{p}.lora_down.weight"] = down
+        lora[f"{p}.alpha"] = torch.tensor(float(alpha))
+        factors[te_clip_key(layer, module)] = (up, down)
+    return lora, factors
