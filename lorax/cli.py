@@ -101,12 +101,19 @@ def cmd_transfer(args) -> int:
     t0 = time.perf_counter()
     source, target = be.load_model(args.source), be.load_model(args.target)
     adapter = be.AdapterHandle.open(os.path.basename(args.adapter), args.adapter)
+    user_map = None
+    if args.layer_map_file:
+        from .layer_map import load_user_map
+
+        _check_inputs(args.layer_map_file)
+        user_map = load_user_map(Path(args.layer_map_file).read_text(), path=args.layer_map_file)
     handle = be.run_transfer(source, target, adapter, settings, _engine(args.exact), strength=args.strength,
-                             progress=_progress("transfer"))
+                             progress=_progress("transfer"), layer_map_mode=args.layer_map, user_map=user_map)
     for row in handle.rows:
         phi = "" if row.get("phi_hat") is None else f"  Φ̂ {row['phi_hat']:.3f}/{row['phi_hat_right']:.3f}"
         kept = "" if row.get("energy_kept") is None else f"  kept {100 * row['energy_kept']:.0f}%"
-        print(f"{row['decision']:<36} {row['key']}{phi}{kept}")
+        moved = "" if row.get("source_key") in (None, row["key"]) else f"  (from {row['source_key']})"
+        print(f"{row['decision']:<36} {row['key']}{moved}{phi}{kept}")
     written = be.save_transfer(handle, args.out, bake_strength=True)
     print(f"summary: {handle.result.summary()}; wrote {written} layers to {args.out}; "
           f"total {time.perf_counter() - t0:.1f} s")
@@ -154,6 +161,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--mode", choices=MODES, default="lorax")
     t.add_argument("--shape-rule", choices=("skip", "paired"), default="skip")
     t.add_argument("--strength", type=float, default=1.0, help="baked into the written file")
+    t.add_argument("--layer-map", choices=("similarity", "name"), default="similarity",
+                   help="pair layers by role and similarity where block counts differ (default), or by name only")
+    t.add_argument("--layer-map-file", help='JSON {"target key": "source key"} overriding the layer map')
     t.add_argument("--exact", action="store_true", help="full float64 SVD instead of the Gram route")
     t.set_defaults(func=cmd_transfer)
 

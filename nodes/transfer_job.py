@@ -8,7 +8,8 @@ import os
 from lorax.errors import LoraxError
 from lorax.kohya_export import save_kohya_lora
 from lorax.report import text_report
-from lorax.transfer import TransferSettings, transfer_deltas
+from lorax.layer_map import LayerMap, build_layer_map, role_of
+from lorax.transfer import TransferSettings, similarity_scorer, transfer_deltas
 
 from . import bridge
 from .handles import AdapterHandle, TransferHandle
@@ -22,14 +23,38 @@ def check_distinct(source_model, target_model) -> None:
                          "for as source and a different checkpoint as target")
 
 
+def layer_map_for(deltas, source: bridge.PatcherWeights, target: bridge.PatcherWeights, engine, *, mode: str,
+                  rank: int, user_map=None, allow_reuse: bool = False) -> LayerMap | None:
+    """The target←source layer map over the roles the adapter touches (None: same keys)."""
+    if mode == "name" and not user_map:
+        return None
+    roles = {role_of(k, d.shape) for k, d in deltas.items()}
+
+    def shapes(weights):
+        return {k: weights.shape(k) for k in weights.keys()
+                if len(weights.shape(k)) >= 2 and role_of(k, weights.shape(k)) in roles}
+
+    return build_layer_map(shapes(source), shapes(target), mode=mode, user_map=user_map, allow_reuse=allow_reuse,
+                           scorer=similarity_scorer(source, target, engine, rank))
+
+
 def run_transfer(source_model, target_model, adapter: AdapterHandle, settings: TransferSettings, engine, *,
-                 strength: float = 1.0, clip=None, source_clip=None, progress=None) -> TransferHandle:
-    """Read the adapter against the source, transfer every layer, and describe what happened."""
+                 strength: float = 1.0, clip=None, source_clip=None, progress=None, layer_map_mode: str = "similarity",
+                 user_map=None) -> TransferHandle:
+    """Read the adapter against the source, transfer every layer, and describe what happened.
+
+    ``layer_map_mode`` ``similarity`` pairs layers by role and Φ̂ where the two models have different
+    numbers of blocks (it coincides with pairing by name where they do not); ``name`` pairs equal keys
+    only. ``user_map`` (``{"target key": "source key"}``) overrides both.
+    """
     check_distinct(source_model, target_model)
     deltas = adapter.deltas_for(source_model, engine, clip=(source_clip or clip))
     unet_part, te_part = bridge.split_by_owner(deltas.deltas, source_model)
-    result = transfer_deltas(unet_part, bridge.PatcherWeights(source_model), bridge.PatcherWeights(target_model),
-                             settings, engine, adapter_ranks=deltas.adapter_ranks, progress=progress)
+    source_w, target_w = bridge.PatcherWeights(source_model), bridge.PatcherWeights(target_model)
+    lmap = layer_map_for(unet_part, source_w, target_w, engine, mode=layer_map_mode, rank=settings.rank,
+                         user_map=user_map)
+    result = transfer_deltas(unet_part, source_w, target_w, settings, engine, adapter_ranks=deltas.adapter_ranks,
+                             layer_map=lmap, progress=progress)
     clip_result = None
     if clip is not None and te_part:
         clip_result = transfer_deltas(te_part, bridge.PatcherWeights((source_clip or clip).patcher),
@@ -44,6 +69,8 @@ def run_transfer(source_model, target_model, adapter: AdapterHandle, settings: T
     rows += [{"key": m, "decision": "skipped: text encoder (no CLIP connected)", "phi": None} for m in te_skipped]
     rows += [{"key": k, "decision": f"skipped: {why}", "phi": None} for k, why in deltas.unsupported.items()]
     notes = [result.summary()]
+    if lmap is not None:
+        notes.append(lmap.summary())
     if te_skipped:
         notes.append(f"{len(te_skipped)} text-encoder modules skipped: connect the target's CLIP to transfer them.")
     if other_unmapped:
