@@ -38,7 +38,7 @@ def test_second_engine_does_no_svd(tmp_path, weights):
     assert third.stats.layers_decomposed == 1
 
 
-@pytest.mark.parametrize("damage", ["truncate", "garbage", "stale", "not_orthonormal"])
+@pytest.mark.parametrize("damage", ["truncate", "garbage", "stale", "not_orthonormal", "repeated_column"])
 def test_damaged_entry_is_detected_and_rebuilt(tmp_path, weights, damage):
     cache = SVDCache(tmp_path)
     SVDEngine(store=cache).factors(weights[0], 16)
@@ -58,7 +58,10 @@ def test_damaged_entry_is_detected_and_rebuilt(tmp_path, weights, damage):
         with safe_open(path, "pt") as f:
             meta = f.metadata()
         tensors = load_file(path)
-        tensors["U"] = tensors["U"] * 2
+        if damage == "not_orthonormal":
+            tensors["U"] = tensors["U"] * 2
+        else:  # unit columns, but two of them equal
+            tensors["U"][:, -1] = tensors["U"][:, 0]
         save_file(tensors, path, metadata=meta)
     engine = SVDEngine(store=SVDCache(tmp_path))
     f = engine.factors(weights[0], 16)
