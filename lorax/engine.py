@@ -22,7 +22,7 @@ from .svd import Method, SVDFactors, truncated_svd_batch
 
 
 class FactorStore(Protocol):
-    """What the engine needs of a persistent cache."""
+    """What the engine needs of a persistent cache (identity methods are optional)."""
 
     def get(self, digest: str, method: str, k: int) -> SVDFactors | None: ...
 
@@ -63,6 +63,7 @@ class SVDEngine:
         self.seed = seed
         self.stats = EngineStats()
         self._memo: OrderedDict[tuple[str, str], SVDFactors] = OrderedDict()
+        self._identities: dict[str, str] = {}
         self._lock = threading.Lock()
 
     def _lookup(self, digest: str, k: int) -> SVDFactors | None:
@@ -95,22 +96,45 @@ class SVDEngine:
         """Top-k factors of one weight."""
         return self.factors_many([(weight, k)], digests=[digest])[0]
 
+    def _digest_of_identity(self, identity: str | None) -> str | None:
+        if identity is None:
+            return None
+        digest = self._identities.get(identity)
+        if digest is None and self.store is not None and hasattr(self.store, "digest_of_identity"):
+            digest = self.store.digest_of_identity(identity)
+        return digest
+
+    def _remember_identity(self, identity: str | None, digest: str) -> None:
+        if identity is None or self._identities.get(identity) == digest:
+            return
+        self._identities[identity] = digest
+        if self.store is not None and hasattr(self.store, "remember_identity"):
+            self.store.remember_identity(identity, digest)
+
     def factors_many(self, requests: Sequence[tuple[torch.Tensor | Callable[[], torch.Tensor], int]],
-                     digests: Sequence[str | None] | None = None) -> list[SVDFactors]:
+                     digests: Sequence[str | None] | None = None,
+                     identities: Sequence[str | None] | None = None) -> list[SVDFactors]:
         """Top-k factors for each ``(weight, k)``; misses of one shape are decomposed together.
 
         A weight may be given as a zero-argument callable that loads it, so that cached layers
-        are never read at all when a digest is supplied.
+        are never read at all when their digest is known: given directly, or through an
+        ``identity`` — a string that changes whenever the bytes may have (a file's path, size,
+        mtime and inode plus the tensor's header entry) — seen before. That spares a warm run
+        from reading and hashing gigabytes of weights just to find their cache entries.
         """
         import time
 
         digests = list(digests) if digests is not None else [None] * len(requests)
+        identities = list(identities) if identities is not None else [None] * len(requests)
         out: list[SVDFactors | None] = [None] * len(requests)
         pending: dict[tuple, list[tuple[int, torch.Tensor, str, int]]] = {}
-        for i, ((weight, k), digest) in enumerate(zip(requests, digests)):
+        for i, ((weight, k), digest, identity) in enumerate(zip(requests, digests, identities)):
+            if digest is None:
+                digest = self._digest_of_identity(identity)
             if digest is None:
                 weight = weight() if callable(weight) else weight
                 digest = weight_digest(weight)
+                self._remember_identity(identity, digest)
             hit = self._lookup(digest, k)
             if hit is not None:
                 out[i] = hit

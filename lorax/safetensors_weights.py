@@ -22,6 +22,9 @@ class SafetensorsWeights:
     def __init__(self, path: str | os.PathLike):
         self.path = os.fspath(path)
         header = check_safetensors_file(self.path)
+        st = os.stat(self.path)
+        self._file_identity = f"{os.path.abspath(self.path)}|{st.st_size}|{st.st_mtime_ns}|{st.st_ino}"
+        self._entries = {k: v for k, v in header.items() if k != "__metadata__"}
         self._file_key: dict[str, str] = {}
         self._shapes: dict[str, tuple[int, ...]] = {}
         for key, info in header.items():
@@ -41,6 +44,14 @@ class SafetensorsWeights:
 
     def shape(self, key: str):
         return self._shapes.get(key)
+
+    def identity(self, key: str) -> str | None:
+        """Changes whenever this tensor's bytes may have: the file's identity plus its header entry."""
+        file_key = self._file_key.get(key)
+        if file_key is None:
+            return None
+        e = self._entries[file_key]
+        return f"{self._file_identity}|{file_key}|{e['dtype']}|{e['shape']}|{e['data_offsets']}"
 
     def weight(self, key: str) -> torch.Tensor:
         if key not in self._file_key:

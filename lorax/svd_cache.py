@@ -38,6 +38,42 @@ class SVDCache:
         self.max_bytes = int(max_bytes)
         self._lock = threading.Lock()
         self.rejected = 0  # entries found corrupt or stale and removed
+        self._identities: dict[str, str] | None = None
+
+    # Identity → digest index: an append-only log of "identity<TAB>digest" lines (later lines win;
+    # damaged lines are ignored). It only saves re-hashing: a wrong or missing line costs a hash,
+    # and the factors themselves stay keyed and validated by digest.
+    def _identity_log(self) -> str:
+        return os.path.join(self.folder, "identities.log")
+
+    def _load_identities(self) -> dict[str, str]:
+        if self._identities is None:
+            self._identities = {}
+            try:
+                with open(self._identity_log(), encoding="utf-8", errors="replace") as f:
+                    for line in f:
+                        parts = line.rstrip("\n").split("\t")
+                        if len(parts) == 2 and len(parts[1]) == 32:
+                            self._identities[parts[0]] = parts[1]
+            except FileNotFoundError:
+                pass
+        return self._identities
+
+    def digest_of_identity(self, identity: str) -> str | None:
+        return self._load_identities().get(identity)
+
+    def remember_identity(self, identity: str, digest: str) -> None:
+        if "\t" in identity or "\n" in identity:
+            return
+        identities = self._load_identities()
+        with self._lock:
+            try:
+                os.makedirs(self.folder, exist_ok=True)
+                with open(self._identity_log(), "a", encoding="utf-8") as f:
+                    f.write(f"{identity}\t{digest}\n")
+            except OSError:
+                return
+            identities[identity] = digest
 
     def _path(self, digest: str, method: str) -> str:
         return os.path.join(self.folder, f"{digest}-{method}{_SUFFIX}")

@@ -236,8 +236,10 @@ def transfer_deltas(deltas: Mapping[str, Delta], source: WeightSource, target: W
         for start in range(0, len(pairs), engine.batch_size):
             chunk = pairs[start:start + engine.batch_size]
             ks = [_rank_for_pair(settings, s_shape, t_shape, adapter_ranks.get(s_key)) for s_key, _ in chunk]
-            src = engine.factors_many([(_loader(source, s_key), k) for (s_key, _), k in zip(chunk, ks)])
-            tgt = engine.factors_many([(_loader(target, t_key), k) for (_, t_key), k in zip(chunk, ks)])
+            src = engine.factors_many([(_loader(source, s_key), k) for (s_key, _), k in zip(chunk, ks)],
+                                      identities=[_identity(source, s_key) for s_key, _ in chunk])
+            tgt = engine.factors_many([(_loader(target, t_key), k) for (_, t_key), k in zip(chunk, ks)],
+                                      identities=[_identity(target, t_key) for _, t_key in chunk])
             for (s_key, t_key), k, fs, ft in zip(chunk, ks, src, tgt):
                 layer = _transfer_one(s_key, deltas[s_key], fs, ft, s_shape, t_shape, k, settings, engine)
                 layer.target_key = None if t_key == s_key else t_key
@@ -265,6 +267,12 @@ def similarity_scorer(source: WeightSource, target: WeightSource, engine: SVDEng
 
 def _loader(source: WeightSource, key: str):
     return lambda: source.weight(key)
+
+
+def _identity(source: WeightSource, key: str) -> str | None:
+    """The source's cheap identity for a weight, when it has one (see SVDEngine.factors_many)."""
+    identity = getattr(source, "identity", None)
+    return identity(key) if identity is not None else None
 
 
 def _rank_for_pair(settings: TransferSettings, s_shape, t_shape, adapter_rank) -> int:
@@ -323,8 +331,10 @@ def similarity_table(source: WeightSource, target: WeightSource, keys: Iterable[
         for start in range(0, len(keys_), engine.batch_size):
             chunk = keys_[start:start + engine.batch_size]
             k = settings.rank_for(shape)
-            src = engine.factors_many([(_loader(source, key), k) for key in chunk])
-            tgt = engine.factors_many([(_loader(target, key), k) for key in chunk])
+            src = engine.factors_many([(_loader(source, key), k) for key in chunk],
+                                      identities=[_identity(source, key) for key in chunk])
+            tgt = engine.factors_many([(_loader(target, key), k) for key in chunk],
+                                      identities=[_identity(target, key) for key in chunk])
             for key, fs, ft in zip(chunk, src, tgt):
                 sim = layer_similarity(fs, ft, k)
                 rows.append({"key": key, "phi": sim.phi, "phi_right": sim.phi_right, "chance": sim.chance,

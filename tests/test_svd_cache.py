@@ -87,3 +87,35 @@ def test_cache_is_size_bounded_lru(tmp_path, weights):
     fresh = SVDEngine(store=SVDCache(tmp_path / "c", max_bytes=int(2.5 * one)))
     fresh.factors(weights[0], 16)  # the oldest was evicted
     assert fresh.stats.layers_decomposed == 1
+
+
+def test_warm_run_over_files_neither_hashes_nor_decomposes(tmp_path, weights, monkeypatch):
+    """Through SafetensorsWeights, a second engine finds entries by file identity: no hash, no SVD;
+    rewriting the file (new mtime/size) makes it hash again and still find the same content."""
+    from safetensors.torch import save_file
+
+    from lorax import fingerprint
+    from lorax.delta import Delta
+    from lorax.safetensors_weights import SafetensorsWeights
+    from lorax.transfer import TransferSettings, transfer_deltas
+
+    sd = {f"diffusion_model.l{i}.weight": w for i, w in enumerate(weights)}
+    save_file(sd, str(tmp_path / "src.safetensors"))
+    save_file({k: v * 1.01 for k, v in sd.items()}, str(tmp_path / "tgt.safetensors"))
+    deltas = {k: Delta.factored(v.shape, torch.ones(v.shape[0], 1), torch.ones(1, v.shape[1])) for k, v in sd.items()}
+
+    def run():
+        engine = SVDEngine(store=SVDCache(tmp_path / "cache"))
+        transfer_deltas(deltas, SafetensorsWeights(tmp_path / "src.safetensors"),
+                        SafetensorsWeights(tmp_path / "tgt.safetensors"), TransferSettings(rank=8), engine)
+        return engine
+
+    assert run().stats.layers_decomposed == 8
+    hashed = []
+    real = fingerprint.hashlib.blake2b
+    monkeypatch.setattr(fingerprint.hashlib, "blake2b", lambda **kw: hashed.append(1) or real(**kw))
+    warm = run()
+    assert warm.stats.layers_decomposed == 0 and hashed == []
+    save_file({k: v * 1.01 for k, v in sd.items()}, str(tmp_path / "tgt.safetensors"))  # same bytes, new file
+    again = run()
+    assert again.stats.layers_decomposed == 0 and len(hashed) == 4  # target re-hashed, found by content
