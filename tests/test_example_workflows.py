@@ -1,0 +1,341 @@
+"""The workflows in example_workflows/ load and run in the real ComfyUI.
+
+Each file is the UI format the frontend saves (nodes with widgets_values, links, groups). The test
+converts it to the API form the way the frontend's ``graphToPrompt`` does -- widget inputs in
+``INPUT_TYPES`` order (required, then optional), the extra ``control_after_generate`` value after a
+seed, links as ``[node id, output slot]``, Notes left out -- checking the graph's structure against
+the node classes on the way, and failing loudly when a workflow no longer matches a node (a
+widget count off by one would otherwise shift every later value into the wrong input).
+
+The checkpoints and the LoRA the files name are swapped for the synthetic full SD1.5 pair
+(``mini_sd15_full_ckpt_name`` / ``mini_sd15_full_ft_ckpt_name``) and a LoRA with UNet and
+text-encoder modules; the image size and step count are cut to 64×64 and one step. Everything else
+runs as saved, through ``execution.validate_prompt`` and ``PromptExecutor``.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors import safe_open
+
+import host
+
+WORKFLOWS_DIR = host.REPO_ROOT / "example_workflows"
+WORKFLOWS = sorted(WORKFLOWS_DIR.glob("*.json"))
+
+# Names used in the example files -> fixture that provides the synthetic stand-in.
+CHECKPOINTS = {"v1-5-pruned-emaonly.safetensors": "mini_sd15_full_ckpt_name",
+               "dreamshaper_8.safetensors": "mini_sd15_full_ft_ckpt_name"}
+LORAS = {"my_style_lora.safetensors": "example_lora_name"}
+
+WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
+CONTROL_VALUES = {"fixed", "increment", "decrement", "randomize"}
+NOTE_TYPES = {"Note", "MarkdownNote"}
+REROUTE = "Reroute"
+# Combo inputs listing files in a models folder: their options depend on the installation.
+FILE_INPUTS = {"ckpt_name", "lora_name", "adapter_name", "unet_name", "vae_name", "clip_name"}
+
+
+class WorkflowError(AssertionError):
+    """The UI workflow does not match the node definitions (stale or malformed)."""
+
+
+# --------------------------------------------------------------------------------------
+# UI format -> API format
+# --------------------------------------------------------------------------------------
+
+
+def _input_specs(cls):
+    spec = cls.INPUT_TYPES()
+    for section in ("required", "optional"):
+        for name, entry in (spec.get(section) or {}).items():
+            kind = entry[0]
+            options = entry[1] if len(entry) > 1 and isinstance(entry[1], dict) else {}
+            yield name, kind, options
+
+
+def _is_widget(kind, options) -> bool:
+    if options.get("forceInput"):
+        return False
+    return isinstance(kind, (list, tuple)) or kind in WIDGET_TYPES
+
+
+def _has_control_widget(name, kind, options) -> bool:
+    """The frontend adds a 'control after generate' widget (its value is saved right after the
+    input's own) when the input asks for it, and -- legacy convention -- for INT seeds."""
+    return bool(options.get("control_after_generate")) or (kind == "INT" and name in ("seed", "noise_seed"))
+
+
+def _type_name(kind) -> str:
+    return "COMBO" if isinstance(kind, (list, tuple)) else str(kind)
+
+
+def ui_to_api(workflow: dict, classes: dict) -> dict:
+    """The API prompt of a UI workflow; raises WorkflowError with the node named on any mismatch."""
+    if not isinstance(workflow.get("nodes"), list) or not isinstance(workflow.get("links"), list):
+        raise WorkflowError("not a UI-format workflow (needs 'nodes' and 'links' lists)")
+    nodes = {n["id"]: n for n in workflow["nodes"]}
+    if len(nodes) != len(workflow["nodes"]):
+        raise WorkflowError("duplicate node ids")
+    links = {}
+    for link in workflow["links"]:
+        if not (isinstance(link, list) and len(link) == 6):
+            raise WorkflowError(f"link {link!r} is not [id, origin, origin_slot, target, target_slot, type]")
+        links[link[0]] = link
+    if workflow.get("last_node_id", 0) < max(nodes) or workflow.get("last_link_id", 0) < max(links, default=0):
+        raise WorkflowError("last_node_id / last_link_id lower than the ids in use")
+
+    def where(node):
+        return f"node {node['id']} ({node['type']}{', ' + repr(node['title']) if node.get('title') else ''})"
+
+    # Links must agree with both ends, or the frontend drops them on load.
+    for lid, (_, origin, oslot, target, tslot, ltype) in links.items():
+        if origin not in nodes or target not in nodes:
+            raise WorkflowError(f"link {lid} joins missing nodes {origin} -> {target}")
+        o, t = nodes[origin], nodes[target]
+        out = (o.get("outputs") or [])[oslot] if oslot < len(o.get("outputs") or []) else None
+        inp = (t.get("inputs") or [])[tslot] if tslot < len(t.get("inputs") or []) else None
+        if out is None or lid not in (out.get("links") or []):
+            raise WorkflowError(f"link {lid} is not listed on output {oslot} of {where(o)}")
+        if inp is None or inp.get("link") != lid:
+            raise WorkflowError(f"link {lid} is not the link of input {tslot} of {where(t)}")
+        if not (ltype == out["type"] == inp["type"]):
+            raise WorkflowError(f"link {lid} types differ: {out['type']} -> {ltype} -> {inp['type']}")
+
+    def source(lid):
+        origin, oslot = links[lid][1], links[lid][2]
+        seen = set()
+        while nodes[origin]["type"] == REROUTE:
+            if origin in seen:
+                raise WorkflowError(f"reroute loop at node {origin}")
+            seen.add(origin)
+            up = nodes[origin]["inputs"][0].get("link")
+            if up is None:
+                raise WorkflowError(f"reroute node {origin} has no input")
+            origin, oslot = links[up][1], links[up][2]
+        return origin, oslot
+
+    prompt = {}
+    for node in workflow["nodes"]:
+        ntype = node["type"]
+        if ntype in NOTE_TYPES or ntype == REROUTE:
+            continue
+        if node.get("mode", 0) != 0:
+            raise WorkflowError(f"{where(node)} is muted or bypassed; example workflows keep every node active")
+        cls = classes.get(ntype)
+        if cls is None:
+            raise WorkflowError(f"{where(node)}: no such node type in this ComfyUI")
+        returns = list(cls.RETURN_TYPES)
+        for slot, out in enumerate(node.get("outputs") or []):
+            if slot >= len(returns) or out["type"] != returns[slot]:
+                raise WorkflowError(f"{where(node)} output {slot} is {out['type']}, the node returns "
+                                    f"{returns[slot] if slot < len(returns) else 'nothing'} there")
+        specs = list(_input_specs(cls))
+        by_name = {name: (kind, options) for name, kind, options in specs}
+        values = node.get("widgets_values", [])
+        if not isinstance(values, list):
+            raise WorkflowError(f"{where(node)}: widgets_values is not a list")
+        values = list(values)
+        widgets = [(n, k, o) for n, k, o in specs if _is_widget(k, o)]
+        expected = sum(2 if _has_control_widget(n, k, o) else 1 for n, k, o in widgets)
+        if len(values) != expected:
+            raise WorkflowError(f"{where(node)} has {len(values)} widget values, the node has {expected} "
+                                f"({', '.join(n for n, _, _ in widgets)}): the workflow is stale")
+        inputs = {}
+        for name, kind, options in widgets:
+            value = values.pop(0)
+            if _has_control_widget(name, kind, options):
+                control = values.pop(0)
+                if control not in CONTROL_VALUES:
+                    raise WorkflowError(f"{where(node)}: '{name}' is followed by {control!r}, not a "
+                                        "control_after_generate value")
+            if isinstance(kind, (list, tuple)) and name not in FILE_INPUTS and value not in kind:
+                raise WorkflowError(f"{where(node)}: {value!r} is not an option of '{name}'")
+            inputs[name] = value
+        for slot in node.get("inputs") or []:
+            name = slot["name"]
+            if name not in by_name:
+                raise WorkflowError(f"{where(node)} has an input '{name}' the node does not have")
+            kind, options = by_name[name]
+            if slot["type"] != _type_name(kind) and not (slot.get("widget") and _is_widget(kind, options)):
+                raise WorkflowError(f"{where(node)} input '{name}' is {slot['type']}, the node wants {_type_name(kind)}")
+            if slot.get("link") is not None:
+                origin, oslot = source(slot["link"])
+                inputs[name] = [str(origin), oslot]
+        prompt[str(node["id"])] = {"class_type": ntype, "inputs": inputs,
+                                   "_meta": {"title": node.get("title") or ntype}}
+    return prompt
+
+
+# --------------------------------------------------------------------------------------
+# Fixtures
+# --------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def pack(comfy_host):
+    comfy_host.load_pack(host.REPO_ROOT)
+    return comfy_host.pack_module(host.REPO_ROOT)
+
+
+@pytest.fixture(scope="module")
+def example_lora_name(comfy_host, mini_sd15):
+    """A kohya LoRA with UNet modules and SD1 text-encoder modules (``lora_te_text_model_...``)."""
+    unet_keys = [f"input_blocks.1.1.transformer_blocks.0.{a}.{p}.weight" for a in ("attn1", "attn2")
+                 for p in ("to_q", "to_k", "to_v", "to_out.0")] + ["middle_block.1.proj_in.weight"]
+    te_modules = [(layer, m) for layer in (0, 5, 11) for m in ("self_attn.q_proj", "self_attn.v_proj", "mlp.fc1")]
+    lora, _ = host.make_sd15_lora_with_te(mini_sd15, unet_keys, te_modules, rank=8, alpha=4.0, seed=21)
+    return comfy_host.save_lora(lora, "example_style_lora.safetensors")
+
+
+@pytest.fixture(scope="module")
+def executor(comfy_host):
+    """One PromptExecutor for the module, as one ComfyUI session: its cache keeps the loaded
+    checkpoints between the workflows (same files, same loader inputs) instead of reading 1.3 GB
+    twice per graph."""
+    ex = comfy_host.new_executor()
+    yield ex
+    del ex
+    comfy_host.unload_all()
+
+
+def _load(path: Path) -> dict:
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
+def _prepare(prompt: dict, request) -> dict:
+    """Swap the example's model files for the synthetic ones; shrink the image and steps."""
+    prompt = copy.deepcopy(prompt)
+    for nid, node in prompt.items():
+        inputs = node["inputs"]
+        for field, table in (("ckpt_name", CHECKPOINTS), ("adapter_name", LORAS), ("lora_name", LORAS)):
+            if field in inputs and not isinstance(inputs[field], list):
+                if inputs[field] not in table:
+                    raise AssertionError(f"node {nid}: no synthetic stand-in for {field} {inputs[field]!r}")
+                inputs[field] = request.getfixturevalue(table[inputs[field]])
+        if node["class_type"] == "EmptyLatentImage":
+            inputs.update(width=64, height=64, batch_size=1)
+        if node["class_type"] in ("KSampler", "KSamplerAdvanced"):
+            inputs["steps"] = 1
+    return prompt
+
+
+def _image_file(comfy_host, entry) -> Path:
+    folder = comfy_host.folders["output" if entry["type"] == "output" else "temp"]
+    return folder / entry.get("subfolder", "") / entry["filename"]
+
+
+# --------------------------------------------------------------------------------------
+# Tests
+# --------------------------------------------------------------------------------------
+
+
+def test_the_three_example_workflows_exist():
+    assert {p.name for p in WORKFLOWS} >= {"transfer_lora_to_finetune.json", "similarity_report.json",
+                                          "save_transferred_lora.json"}
+
+
+@pytest.mark.parametrize("path", WORKFLOWS, ids=[p.stem for p in WORKFLOWS])
+def test_example_workflow_runs(comfy_host, pack, executor, path, request):
+    workflow = _load(path)
+    assert workflow.get("version") == 0.4
+    for node in workflow["nodes"]:  # laid out and titled for people opening the file
+        assert len(node["pos"]) == 2 and len(node["size"]) == 2 and node["size"][0] >= 200, node["id"]
+    api = ui_to_api(workflow, comfy_host.nodes.NODE_CLASS_MAPPINGS)
+    prompt = _prepare(api, request)
+    # Hand the decoded images and plots back too, to check them as tensors.
+    for nid, node in list(prompt.items()):
+        if node["class_type"] in ("SaveImage", "PreviewImage"):
+            prompt[f"cap_{nid}"] = host.capture(node["inputs"]["images"])
+    out = comfy_host.run_prompt(prompt, executor=executor)
+
+    output_nodes = [nid for nid, n in prompt.items() if getattr(
+        comfy_host.nodes.NODE_CLASS_MAPPINGS[n["class_type"]], "OUTPUT_NODE", False) and not nid.startswith("cap_")]
+    assert output_nodes and all(nid in out for nid in output_nodes), (output_nodes, list(out))
+    for nid in output_nodes:
+        ctype = prompt[nid]["class_type"]
+        if ctype in ("SaveImage", "PreviewImage"):
+            tensor = out[f"cap_{nid}"]["value"][0]
+            assert torch.isfinite(tensor).all(), nid
+            (entry,) = out[nid]["images"]
+            file = _image_file(comfy_host, entry)
+            assert file.is_file(), file
+            pixels = np.asarray(Image.open(file).convert("RGB"), dtype=np.float32) / 255.0
+            assert pixels.shape[:2] == tuple(tensor.shape[1:3])
+            assert pixels.std() > 0.02 and len(np.unique(pixels.reshape(-1, 3), axis=0)) > 8, (nid, file)
+            if ctype == "SaveImage":
+                assert entry["type"] == "output" and pixels.shape[:2] == (64, 64)
+            else:  # the LoRA-X plot: a wide chart with bars
+                assert pixels.shape[1] > pixels.shape[0] >= 200, pixels.shape
+                green = np.array(pack.nodes.plot.COLORS["transferred"]) / 255.0
+                assert (np.abs(pixels - green).max(axis=-1) < 0.01).sum() > 100, \
+                    "no bars in the 'transferred / passes' colour in the plot"
+        elif ctype == "LoraxSimilarityReport":
+            assert "layers pass the threshold" in out[nid]["text"][0]
+        elif ctype == "LoraxSave":
+            _check_saved_lora(comfy_host, executor, prompt, nid, out[nid]["text"][0])
+        else:
+            raise AssertionError(f"no check written for output node {nid} ({ctype})")
+
+
+def _check_saved_lora(comfy_host, executor, prompt, nid, message):
+    assert message.startswith("Saved ") and "loras/" in message, message
+    rel = message.split("loras/", 1)[1].strip()
+    path = comfy_host.folders["loras"] / rel
+    with safe_open(str(path), framework="pt") as f:
+        keys = set(f.keys())
+    unet_modules = {k.split(".")[0] for k in keys if k.startswith("lora_unet_")}
+    te_modules = {k.split(".")[0] for k in keys if k.startswith("lora_te_")}
+    assert unet_modules and te_modules, "the target's CLIP is connected: both parts are saved"
+    assert len(keys) == 3 * (len(unet_modules) + len(te_modules))  # lora_up, lora_down, alpha each
+    # The stock loader takes every module of it onto the target checkpoint.
+    transfer = prompt[prompt[nid]["inputs"]["transfer"][0]]
+    target_loader = prompt[transfer["inputs"]["target_model"][0]]
+    out = comfy_host.run_prompt({
+        "ck": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": target_loader["inputs"]["ckpt_name"]}},
+        "lora": {"class_type": "LoraLoader", "inputs": {"model": ["ck", 0], "clip": ["ck", 1], "lora_name": rel,
+                                                        "strength_model": 1.0, "strength_clip": 1.0}},
+        "m": host.capture(["lora", 0]), "c": host.capture(["lora", 1]),
+    }, executor=executor)
+    assert len(out["m"]["value"][0].patches) == len(unet_modules)
+    assert len(out["c"]["value"][0].patcher.patches) == len(te_modules)
+
+
+def test_converter_fails_loudly_on_a_stale_workflow(comfy_host, pack):
+    workflow = _load(WORKFLOWS_DIR / "transfer_lora_to_finetune.json")
+    classes = comfy_host.nodes.NODE_CLASS_MAPPINGS
+    api = ui_to_api(workflow, classes)
+    transfer_id = next(n["id"] for n in workflow["nodes"] if n["type"] == "LoraxTransfer")
+    assert api[str(transfer_id)]["inputs"]["mode"] == "lorax" and api[str(transfer_id)]["inputs"]["rank"] == 320
+    ks = next(nid for nid, n in api.items() if n["class_type"] == "KSampler")
+    assert api[ks]["inputs"]["seed"] == 42 and api[ks]["inputs"]["steps"] == 25  # "fixed" consumed after seed
+
+    def mutate(fn):
+        w = copy.deepcopy(workflow)
+        fn(w)
+        return w
+
+    def node_of(w, nid):
+        return next(n for n in w["nodes"] if n["id"] == nid)
+
+    too_few = mutate(lambda w: node_of(w, transfer_id)["widgets_values"].pop())
+    too_many = mutate(lambda w: node_of(w, transfer_id)["widgets_values"].append(1))
+    no_control = mutate(lambda w: node_of(w, int(ks))["widgets_values"].pop(1))
+    for stale in (too_few, too_many):
+        with pytest.raises(WorkflowError, match=rf"node {transfer_id} \(LoraxTransfer.*widget values.*stale"):
+            ui_to_api(stale, classes)
+    with pytest.raises(WorkflowError, match="widget values"):
+        ui_to_api(no_control, classes)
+    bad_type = mutate(lambda w: w["links"][0].__setitem__(5, "LATENT"))
+    with pytest.raises(WorkflowError, match="types differ"):
+        ui_to_api(bad_type, classes)
+    unknown = mutate(lambda w: node_of(w, transfer_id).__setitem__("type", "LoraxTransferOld"))
+    with pytest.raises(WorkflowError, match="no such node type"):
+        ui_to_api(unknown, classes)
