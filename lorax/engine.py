@@ -48,17 +48,19 @@ class SVDEngine:
     ``method`` is ``"gram"`` (fast and accurate, the default), ``"randomized"`` (float32, for
     devices with slow float64) or ``"exact"`` (float64 full SVD, the reference).
     ``device`` is where the arithmetic runs; ``batch_size`` bounds how many weights of one shape
-    are decomposed together (and so the memory in flight). ``memory_items`` bounds the in-process
+    are decomposed together, and ``max_batch_bytes`` the upcast weights of one batch (so the
+    memory in flight stays at a few layers). ``memory_items`` bounds the in-process
     memo (least recently used factors are dropped first).
     """
 
     def __init__(self, method: Method = "gram", device: torch.device | str | None = None,
                  store: FactorStore | None = None, batch_size: int = 8, memory_items: int = 4096,
-                 seed: int = 0):
+                 seed: int = 0, max_batch_bytes: int = 256 << 20):
         self.method = method
         self.device = torch.device(device) if device is not None else torch.device("cpu")
         self.store = store
         self.batch_size = max(1, int(batch_size))
+        self.max_batch_bytes = int(max_batch_bytes)
         self.memory_items = memory_items
         self.seed = seed
         self.stats = EngineStats()
@@ -142,8 +144,13 @@ class SVDEngine:
             weight = weight() if callable(weight) else weight
             pending.setdefault(tuple(weight.shape), []).append((i, weight, digest, k))
         for shape, items in pending.items():
-            for start in range(0, len(items), self.batch_size):
-                chunk = items[start:start + self.batch_size]
+            # Bound the memory in flight: a batch holds each weight upcast (8 bytes an element)
+            # plus its Gram matrix and factors, so big layers go fewer at a time.
+            elem = 4 if self.method == "randomized" else 8
+            per_item = elem * items[0][1].numel()
+            step = max(1, min(self.batch_size, self.max_batch_bytes // max(1, per_item)))
+            for start in range(0, len(items), step):
+                chunk = items[start:start + step]
                 k = max(item[3] for item in chunk)
                 t0 = time.perf_counter()
                 results = truncated_svd_batch([item[1] for item in chunk], k, method=self.method,
@@ -151,9 +158,7 @@ class SVDEngine:
                 self.stats.seconds += time.perf_counter() - t0
                 self.stats.svd_calls += 1
                 self.stats.layers_decomposed += len(chunk)
-                elem = 4 if self.method == "randomized" else 8
-                self.stats.peak_batch_bytes = max(self.stats.peak_batch_bytes,
-                                                  len(chunk) * elem * shape[0] * (chunk[0][1].numel() // shape[0]))
+                self.stats.peak_batch_bytes = max(self.stats.peak_batch_bytes, len(chunk) * per_item)
                 for (i, _, digest, k_i), f in zip(chunk, results):
                     f = f.to(device="cpu")
                     self._remember(digest, f)

@@ -119,3 +119,9 @@ def test_warm_run_over_files_neither_hashes_nor_decomposes(tmp_path, weights, mo
     save_file({k: v * 1.01 for k, v in sd.items()}, str(tmp_path / "tgt.safetensors"))  # same bytes, new file
     again = run()
     assert again.stats.layers_decomposed == 0 and len(hashed) == 4  # target re-hashed, found by content
+
+
+def test_batches_are_bounded_in_bytes(weights):
+    engine = SVDEngine(batch_size=8, max_batch_bytes=2 * 8 * weights[0].numel())
+    engine.factors_many([(w, 8) for w in weights[:3]])
+    assert engine.stats.svd_calls == 2 and engine.stats.peak_batch_bytes == 2 * 8 * weights[0].numel()
