@@ -59,7 +59,9 @@ class LoraxSimilarityReport:
         rows, text, title = run_similarity(source_model, target_model, rank=rank, layer_set=layers,
                                            threshold=threshold, engine=get_engine())
         image = plot_rows(rows, threshold, title)
-        return {"ui": {"text": [text]}, "result": (text, image, json.dumps(rows))}
+        from lorax.report import ui_payload  # text + the per-block view web/lorax.js draws, < 200 KB
+        return {"ui": ui_payload(rows, threshold=threshold, title=title, text=text),
+                "result": (text, image, json.dumps(rows))}
 
 
 def run_similarity(source_model, target_model, *, rank: int, layer_set: str, threshold: float, engine,
