@@ -48,7 +48,9 @@ def run_transfer(source_model, target_model, adapter: AdapterHandle, settings: T
     only. ``user_map`` (``{"target key": "source key"}``) overrides both.
     """
     check_distinct(source_model, target_model)
-    deltas = adapter.deltas_for(source_model, engine, clip=(source_clip or clip))
+    # Text-encoder modules are read only when there is a target CLIP to put them on; otherwise
+    # they stay unmapped and are reported as skipped (a lone source_clip must not swallow them).
+    deltas = adapter.deltas_for(source_model, engine, clip=(source_clip or clip) if clip is not None else None)
     unet_part, te_part = bridge.split_by_owner(deltas.deltas, source_model)
     source_w, target_w = bridge.PatcherWeights(source_model), bridge.PatcherWeights(target_model)
     lmap = layer_map_for(unet_part, source_w, target_w, engine, mode=layer_map_mode, rank=settings.rank,
@@ -69,6 +71,8 @@ def run_transfer(source_model, target_model, adapter: AdapterHandle, settings: T
     rows += [{"key": m, "decision": "skipped: text encoder (no CLIP connected)", "phi": None} for m in te_skipped]
     rows += [{"key": k, "decision": f"skipped: {why}", "phi": None} for k, why in deltas.unsupported.items()]
     notes = [result.summary()]
+    if clip_result is not None:
+        notes.append("text encoder: " + clip_result.summary())
     if lmap is not None:
         notes.append(lmap.summary())
     if te_skipped:

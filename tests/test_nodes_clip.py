@@ -267,11 +267,6 @@ def test_transfer_without_clip_lists_text_encoder_modules_as_skipped(
     assert json.loads(read_metadata(v["cap_path"])["lorax_provenance"])["text_encoder_skipped"] == len(te_names)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "product bug, nodes/transfer_job.py run_transfer: with source_clip connected but no clip, the "
-    "adapter's text-encoder modules are mapped through source_clip, land in te_part, are never "
-    "transferred (clip is None) and are not in deltas.unmapped either, so they get no row and no note: "
-    "silently dropped"))
 def test_source_clip_without_clip_still_lists_text_encoder_modules(
         comfy_host, pack, mini_sd15_full_ckpt_name, mini_sd15_full_ft_ckpt_name, te_lora):
     """Only ``source_clip`` connected (a wiring slip): the target's text encoder is unknown, so
