@@ -4,6 +4,7 @@ from .convert_node import LoraxConvert
 from .load_node import LoraxLoad
 from .save_node import LoraxSave
 from .similarity_node import LoraxSimilarityReport
+from .train_node import LoraxTrain
 from .transfer_node import LoraxTransfer
 
 NODE_CLASS_MAPPINGS = {
@@ -12,6 +13,7 @@ NODE_CLASS_MAPPINGS = {
     "LoraxTransfer": LoraxTransfer,
     "LoraxSave": LoraxSave,
     "LoraxConvert": LoraxConvert,
+    "LoraxTrain": LoraxTrain,
 }
 
 NODE_DISPLAY_NAME_MAPPINGS = {
@@ -20,4 +22,5 @@ NODE_DISPLAY_NAME_MAPPINGS = {
     "LoraxTransfer": "LoRA-X Transfer",
     "LoraxSave": "LoRA-X Save",
     "LoraxConvert": "LoRA to LoRA-X",
+    "LoraxTrain": "LoRA-X Train",
 }

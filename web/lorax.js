@@ -5,14 +5,14 @@
 // in each block (height = median Φ, dark line = lowest Φ, white tick = Φ needed to pass the threshold,
 // green/orange/red = all/some/none of its layers transferred, red mark below = layers skipped), the
 // summary line, and on hover or click a block's layers (Φ and Φ̂ left and right, k, decision). The
-// text report stays available, read-only, under "Text report". LoRA-X Save and LoRA to LoRA-X only
+// text report stays available, read-only, under "Text report". LoRA-X Save, LoRA to LoRA-X and LoRA-X Train only
 // send text, shown the same read-only way.
 //
 // Plain ES module, no build step: ComfyUI serves this folder (WEB_DIRECTORY) as it is.
 import { app } from "../../scripts/app.js";
 
 const VIEW_NODES = new Set(["LoraxSimilarityReport", "LoraxTransfer"]);
-const TEXT_NODES = new Set(["LoraxSimilarityReport", "LoraxTransfer", "LoraxSave", "LoraxConvert"]);
+const TEXT_NODES = new Set(["LoraxSimilarityReport", "LoraxTransfer", "LoraxSave", "LoraxConvert", "LoraxTrain"]);
 const WIDGET = "lorax_report";
 
 const COLORS = {
