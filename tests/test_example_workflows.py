@@ -224,6 +224,8 @@ def _prepare(prompt: dict, request) -> dict:
             inputs.update(width=64, height=64, batch_size=1)
         if node["class_type"] in ("KSampler", "KSamplerAdvanced"):
             inputs["steps"] = 1
+        if node["class_type"] == "LoraxTrain":
+            inputs["steps"] = 2  # at least 2: Plot Loss Graph divides by max(loss) - min(loss)
     return prompt
 
 
@@ -279,6 +281,16 @@ def test_example_workflow_runs(comfy_host, pack, executor, path, request):
                     "no bars in the 'transferred / passes' colour in the plot"
         elif ctype == "LoraxSimilarityReport":
             assert "layers pass the threshold" in out[nid]["text"][0]
+        elif ctype == "LoraxTrain":
+            text = out[nid]["text"][0]
+            assert "trained parameters:" in text and "saved to loras/" in text, text
+            assert (comfy_host.folders["loras"] / text.split("saved to loras/", 1)[1].split(" (")[0]).is_file()
+        elif ctype == "LossGraphNode":
+            (entry,) = out[nid]["images"]
+            assert _image_file(comfy_host, entry).is_file()
+        elif ctype == "LoraxConvert":
+            text = out[nid]["text"][0]
+            assert "layers converted" in text and "saved to loras/" in text, text
         elif ctype == "LoraxSave":
             _check_saved_lora(comfy_host, executor, prompt, nid, out[nid]["text"][0])
         else:
