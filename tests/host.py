@@ -250,12 +250,17 @@ class ComfyHost:
 
         Returns the ``{node type: class}`` entries the pack registered. Raises
         AssertionError with ComfyUI's logged traceback when ComfyUI reports failure.
-        Cached per path unless ``force``.
+        Cached per path unless ``force``, which imports the pack afresh, as a new ComfyUI
+        process would: its modules are dropped from ``sys.modules`` first (re-executing only
+        its ``__init__.py`` would give a package object without its submodule attributes).
         """
         path = str(Path(path).resolve())
         if path in self._packs and not force:
             return self._packs[path]
-        before = dict(self.nodes.NODE_CLASS_MAPPINGS)
+        if force:
+            key = self._module_key(path)
+            for name in [m for m in sys.modules if m == key or m.startswith(key + ".")]:
+                del sys.modules[name]
         records: list[str] = []
 
         class _Grab(logging.Handler):
@@ -271,15 +276,20 @@ class ComfyHost:
             root.removeHandler(grab)
         if not ok:
             raise AssertionError(f"ComfyUI could not load the custom node pack {path}:\n" + "\n".join(records))
-        added = {k: v for k, v in self.nodes.NODE_CLASS_MAPPINGS.items() if before.get(k) is not v}
+        # What the pack itself declares and the host now serves.
+        declared = getattr(self.pack_module(path), "NODE_CLASS_MAPPINGS", {})
+        added = {k: v for k, v in declared.items() if self.nodes.NODE_CLASS_MAPPINGS.get(k) is v}
         self._packs[path] = added
         return added
 
     def pack_module(self, path: str | os.PathLike = REPO_ROOT):
         """The module object ComfyUI made for a loaded pack (``sys.modules`` key is the path)."""
-        path = str(Path(path).resolve())
-        key = path.replace(".", "_x_") if os.path.isdir(path) else os.path.splitext(path)[0]
-        return sys.modules[key]
+        return sys.modules[self._module_key(str(Path(path).resolve()))]
+
+    @staticmethod
+    def _module_key(path: str) -> str:
+        """The ``sys.modules`` name ``nodes.load_custom_node`` gives a pack at ``path``."""
+        return path.replace(".", "_x_") if os.path.isdir(path) else os.path.splitext(path)[0]
 
     # -- running graphs ------------------------------------------------------------
     def new_executor(self):

@@ -126,7 +126,7 @@ def test_reloading_the_pack_logs_no_error(comfy_host, pack_nodes):
     problems = _problems(records, (str(host.REPO_ROOT),))
     assert not problems, "\n".join(problems)
     pack = comfy_host.pack_module(host.REPO_ROOT)
-    for node in CORE_NODES:  # re-executing __init__ re-registers the same classes
+    for node in CORE_NODES:  # the fresh import's classes are the ones the host now serves
         assert comfy_host.nodes.NODE_CLASS_MAPPINGS[node] is pack.NODE_CLASS_MAPPINGS[node]
 
 
