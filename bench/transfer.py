@@ -15,9 +15,10 @@ What it measures, per model (``--models sd15,sdxl``), on one device (``--device 
   with the top-k factors). Same process, same weight reader.
 * ``read only`` / ``read+digest`` — a pass that only reads every source and target weight through
   :class:`~lorax.safetensors_weights.SafetensorsWeights` (and, in the second, hashes it with
-  :func:`lorax.fingerprint.weight_digest`): what any run that reads the weights pays, and the floor
-  of the warm run as the engine works today (it hashes every weight to find its cache entry).
-  The first pass also brings the files into the page cache, so all later runs read from memory.
+  :func:`lorax.fingerprint.weight_digest`): what a run that reads and hashes every weight pays
+  (the cold run does; a warm run finds its cache entries by the files' identity and reads
+  neither). The first pass also brings the files into the page cache, so later runs read from
+  memory (as long as the machine has the memory to keep them there).
 
 Columns: wall seconds (``cold s`` / ``warm s``), ``×baseline`` = baseline seconds / run seconds
 (> 1: faster than the baseline), ``cpu s`` = the process's CPU time (user + system) during the
@@ -110,6 +111,7 @@ Deterministic: ``--seed`` fixes weights, adapter and the randomized method's see
 
 from __future__ import annotations
 
+import _thread
 import argparse
 import ctypes
 import gc
@@ -463,9 +465,30 @@ def make_adapter(model: str, layers, seed: int) -> dict[str, Delta]:
 _PAGE = os.sysconf("SC_PAGE_SIZE")
 
 
+def engine_options(args) -> dict:
+    """The SVDEngine options the command line overrides (none: the library's defaults)."""
+    out = {}
+    if args.memo_mb is not None:
+        out["memory_bytes"] = int(args.memo_mb * (1 << 20))
+    if args.workers is not None:
+        out["workers"] = args.workers
+    return out
+
+
 def rss_bytes() -> int:
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * _PAGE
+
+
+def mem_available() -> int | None:
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
 
 
 def release_memory() -> None:
@@ -484,6 +507,7 @@ class Measure:
     cpu_seconds: float = 0.0
     load_end: float = 0.0
     vram_extra: int | None = None
+    aborted: str = ""             # why the memory guard stopped the run ("" = it finished)
 
     @property
     def extra_rss(self) -> int:
@@ -493,15 +517,25 @@ class Measure:
 class measured:
     """Context manager: wall time, peak RSS sampled every ``interval`` s, CPU time, CUDA peak."""
 
-    def __init__(self, device: torch.device, interval: float = 0.02):
+    def __init__(self, device: torch.device, interval: float = 0.02, min_free_bytes: int = 0):
         self.device = device
         self.interval = interval
+        self.min_free = min_free_bytes
         self.m = Measure()
         self._stop = threading.Event()
 
     def _sample(self):
+        i = 0
         while not self._stop.wait(self.interval):
             self.m.rss_peak = max(self.m.rss_peak, rss_bytes())
+            i += 1
+            if self.min_free and i % 10 == 0 and not self.m.aborted:
+                free = mem_available()
+                if free is not None and free < self.min_free:
+                    # The machine is shared: stop this run before the kernel's OOM killer picks a victim.
+                    self.m.aborted = (f"memory guard: {free / 2**30:.1f} GiB available < {self.min_free / 2**30:.1f} "
+                                      f"GiB with this process at {rss_bytes() / 2**30:.1f} GiB RSS")
+                    _thread.interrupt_main()
 
     def __enter__(self) -> Measure:
         release_memory()
@@ -562,9 +596,10 @@ def naive_exact_transfer(deltas, source, target, settings: TransferSettings, dev
 
 
 def read_pass(keys, source, target, digest: bool) -> None:
+    # safetensors returns memory-mapped tensors: the clone is what makes the bytes be read.
     for key in keys:
         for w in (source, target):
-            t = w.weight(key)
+            t = w.weight(key).clone()
             if digest:
                 weight_digest(t)
             del t
@@ -662,6 +697,7 @@ def run_model(model: str, args, device: torch.device, folder: Path, log) -> tupl
     info["rss_before_runs"] = rss_bytes()
     keys = [k for k, _ in layers]
     shapes = dict(layers)
+    min_free = int(args.min_free_gb * (1 << 30))
     rows: list[Row] = []
     runs = args.runs
 
@@ -677,20 +713,27 @@ def run_model(model: str, args, device: torch.device, folder: Path, log) -> tupl
 
     def svd_run(method: str, cache_dir: Path, warm: bool) -> Row:
         store = SVDCache(cache_dir, **({} if args.cache_gb is None else {"max_bytes": int(args.cache_gb * (1 << 30))}))
-        engine = SVDEngine(method=method, device=device, store=store, seed=args.seed)
+        engine = SVDEngine(method=method, device=device, store=store, seed=args.seed, **engine_options(args))
         label = f"{method} {'warm' if warm else 'cold'}"
         log(f"  {label} …")
-        with measured(device) as m:
-            res = transfer_deltas(deltas, source, target, settings, engine)
-        moved = {l.key: l.delta for l in res.layers if l.decision is Decision.TRANSFERRED}
+        res = None
+        try:
+            with measured(device, min_free_bytes=min_free) as m:
+                res = transfer_deltas(deltas, source, target, settings, engine)
+        except KeyboardInterrupt:
+            if not m.aborted:
+                raise
+        moved = {} if res is None else {l.key: l.delta for l in res.layers if l.decision is Decision.TRANSFERRED}
         row = Row(model, len(layers), label, m, warm=warm, svds=engine.stats.layers_decomposed,
-                  moved=len(moved), errors=errors_of(moved))
+                  moved=None if res is None else len(moved), errors=[] if res is None else errors_of(moved))
         cache_bytes = store.size_bytes()
-        row.note = (f"{engine.stats.svd_calls} batched SVD calls, {engine.stats.disk_hits} cache hits, "
-                    f"SVD time {engine.stats.seconds:.1f} s; cache {len(store.entries())} entries, "
-                    f"{cache_bytes / 1e9:.2f} GB (limit {store.max_bytes / 1e9:.2f} GB)" + worst(row.errors))
+        row.note = (("ABORTED by the " + m.aborted + "; " if m.aborted else "") +
+                    f"{engine.stats.svd_calls} SVD calls ({engine.stats.peak_workers} side by side at most), "
+                    f"{engine.stats.disk_hits} cache hits, SVD time {engine.stats.seconds:.1f} s; cache "
+                    f"{len(store.entries())} entries, {cache_bytes / 1e9:.2f} GB (limit {store.max_bytes / 1e9:.2f} GB); "
+                    f"engine memo {engine.memo_bytes / 1e9:.2f} GB ({engine.factor_dtype})" + worst(row.errors))
         log(f"    {m.seconds:.1f} s; {row.note}")
-        del res, moved
+        del res, moved, engine
         return row
 
     if "read" in runs:
@@ -716,7 +759,7 @@ def run_model(model: str, args, device: torch.device, folder: Path, log) -> tupl
         shutil.rmtree(cache_root, ignore_errors=True)
     if "baseline" in runs:
         log("  naive svd32 baseline …")
-        with measured(device) as m:
+        with measured(device, min_free_bytes=min_free) as m:
             moved, svds = naive_exact_transfer(deltas, source, target, settings, device)
         errs = errors_of(moved)
         rows.append(Row(model, len(layers), "naive svd32", m, svds=svds, moved=len(moved), errors=errs,
@@ -768,8 +811,8 @@ def profile_model(model: str, args, folder: Path, log) -> None:
             k = settings.rank_for(shape)
             w = target.weight(key)
             t = {}
-            t["read"] = _best(lambda: target.weight(key), r)
-            t["digest"] = _best(lambda: weight_digest(w), r)
+            t["read"] = _best(lambda: target.weight(key).clone(), r)  # mapped lazily: clone reads
+            t["digest"] = _best(lambda: weight_digest(w.view(w.shape)), r)  # a new tensor: no memo hit
             t["upcast64"] = _best(lambda: weight_matrix(w, torch.float64), r)
             M = weight_matrix(w, torch.float64)
             A = M.mT if M.shape[0] > M.shape[1] else M
@@ -789,7 +832,7 @@ def profile_model(model: str, args, folder: Path, log) -> None:
             f32 = store.get(digest, "gram", k)
             fs = SVDEngine("gram").factors(source.weight(key), k)
             t["Φ̂+project"] = _best(lambda: (layer_similarity(fs, f32, k), project_lorax(deltas[key], f32)), r)
-            t["engine 1"] = _best(lambda: SVDEngine("gram").factors(w, k), r)
+            t["engine 1"] = _best(lambda: SVDEngine("gram").factors(w.view(w.shape), k), r)
             ws = [target.weight(kk) for kk in (ks * 8)[:8]]
             t["engine ×8/8"] = _best(lambda: SVDEngine("gram", batch_size=8).factors_many([(x, k) for x in ws]), r) / 8
             del ws, M, A, G, vec, V, U
@@ -827,7 +870,8 @@ def print_table(rows: list[Row], infos: list[dict], device: torch.device, args, 
     for r in rows:
         b = base.get(r.model)
         mx, md = fmt_err(r.errors)
-        cells = [r.model + (" (quick)" if args.quick else ""), str(r.layers), r.method,
+        cells = [r.model + (" (quick)" if args.quick else ""), str(r.layers),
+                 r.method + (" ABORTED" if r.measure.aborted else ""),
                  "" if r.warm else f"{r.measure.seconds:.1f}", f"{r.measure.seconds:.1f}" if r.warm else "",
                  f"{b / r.measure.seconds:.2f}" if b and not r.method.startswith("read") else "-",
                  f"{r.measure.extra_rss / 2**20:.0f}", mx, md,
@@ -851,11 +895,13 @@ def print_table(rows: list[Row], infos: list[dict], device: torch.device, args, 
           f"device {device}{' (' + torch.cuda.get_device_name(device) + ')' if cuda else ''}, "
           f"Python {platform.python_version()}, OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', 'unset')}; "
           f"load average {args.load_start:.1f} at start")
+    print(f"code: {_git_state()}")
     print("process baseline RSS (before the runs, adapter and reference held): " +
           ", ".join(f"{i['model']} {i['rss_before_runs'] / 2**20:.0f} MB" for i in infos) +
           f" (at start {rss0 / 2**20:.0f} MB)")
     print(f"settings: TransferSettings() defaults (k = 320 capped at half the layer rank, Φ̂ ≥ 0.3, lorax), "
-          f"LoRA rank {LORA_RANK}, engine batch 8, SVD cache limit "
+          f"LoRA rank {LORA_RANK}, engine defaults"
+          f"{''.join(f' but {k}={v}' for k, v in engine_options(args).items())}, SVD cache limit "
           f"{'library default 4 GiB' if args.cache_gb is None else f'{args.cache_gb:g} GiB'}, seed {args.seed}")
     for info in infos:
         floor = info.get("floor") or []
@@ -872,9 +918,12 @@ def print_table(rows: list[Row], infos: list[dict], device: torch.device, args, 
         mr = {r.method: r for r in rows if r.model == model}
         b = base.get(model)
         quick = " [quick subset]" if args.quick else ""
+        for r in mr.values():
+            if r.measure.aborted:
+                print(f"  {model}{quick}: {r.method} did not finish ({r.measure.aborted}): MISS")
         for method in ("gram cold", "randomized cold"):
             r = mr.get(method)
-            if r is None or not b:
+            if r is None or not b or r.measure.aborted:
                 continue
             speed = b / r.measure.seconds
             err = max(r.errors) if r.errors else float("nan")
@@ -894,6 +943,17 @@ def print_table(rows: list[Row], infos: list[dict], device: torch.device, args, 
                 mb = r.measure.extra_rss / 2**20
                 print(f"  {model}{quick}: {method} peak extra RSS {mb:.0f} MB (≤ {TARGET_EXTRA_RSS_MB:.0f} MB): "
                       f"{'PASS' if mb <= TARGET_EXTRA_RSS_MB else 'MISS'}")
+
+
+def _git_state() -> str:
+    try:
+        head = subprocess.run(["git", "-C", str(REPO_ROOT), "log", "-1", "--format=%h %ad", "--date=iso"],
+                              capture_output=True, text=True, timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "-C", str(REPO_ROOT), "status", "--porcelain", "--", "lorax"],
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown (no git)"
+    return f"commit {head or '?'}" + (", lorax/ has uncommitted changes" if dirty else ", lorax/ clean")
 
 
 def _cpu_model() -> str:
@@ -921,12 +981,21 @@ def main(argv=None) -> int:
                    help="which runs (default all): read, gram, warm, randomized, baseline")
     p.add_argument("--cache-gb", type=float, default=None,
                    help="SVD cache size limit in GiB (default: the library's default, 4)")
+    p.add_argument("--memo-mb", type=float, default=None,
+                   help="SVDEngine(memory_bytes=…) in MiB: factors the engine keeps in memory (default: the "
+                        "library's default)")
+    p.add_argument("--workers", type=int, default=None,
+                   help="SVDEngine(workers=…): decompositions side by side on the CPU (default: the "
+                        "library's default, torch.get_num_threads())")
     p.add_argument("--ref-per-shape", type=int, default=2, help="reference layers per shape class (default 2)")
     p.add_argument("--profile", action="store_true", help="profile the gram route per shape class instead")
     p.add_argument("--repeat", type=int, default=3, help="repetitions per profiled step (best is kept)")
     p.add_argument("--verify-keys", action="store_true",
                    help="check the derived keys against ComfyUI's UNetModel (needs the ComfyUI tree)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--min-free-gb", type=float, default=2.0,
+                   help="memory guard: stop a run (reported as ABORTED) when the machine's available "
+                        "memory falls below this (default 2; 0 = off)")
     p.add_argument("--threads", type=int, default=0, help="torch.set_num_threads (default: torch's choice)")
     args = p.parse_args(argv)
     models = [m.strip() for m in args.models.split(",") if m.strip()]

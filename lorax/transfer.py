@@ -236,10 +236,7 @@ def transfer_deltas(deltas: Mapping[str, Delta], source: WeightSource, target: W
         for start in range(0, len(pairs), engine.batch_size):
             chunk = pairs[start:start + engine.batch_size]
             ks = [_rank_for_pair(settings, s_shape, t_shape, adapter_ranks.get(s_key)) for s_key, _ in chunk]
-            src = engine.factors_many([(_loader(source, s_key), k) for (s_key, _), k in zip(chunk, ks)],
-                                      identities=[_identity(source, s_key) for s_key, _ in chunk])
-            tgt = engine.factors_many([(_loader(target, t_key), k) for (_, t_key), k in zip(chunk, ks)],
-                                      identities=[_identity(target, t_key) for _, t_key in chunk])
+            src, tgt = _factors_of_pairs(engine, source, target, chunk, ks)
             for (s_key, t_key), k, fs, ft in zip(chunk, ks, src, tgt):
                 layer = _transfer_one(s_key, deltas[s_key], fs, ft, s_shape, t_shape, k, settings, engine)
                 layer.target_key = None if t_key == s_key else t_key
@@ -263,6 +260,17 @@ def similarity_scorer(source: WeightSource, target: WeightSource, engine: SVDEng
         return layer_similarity(fs, ft, k).phi_hat_min
 
     return score
+
+
+def _factors_of_pairs(engine: SVDEngine, source: WeightSource, target: WeightSource,
+                      pairs: list[tuple[str, str]], ks: list[int]):
+    """Source and target factors of ``(source key, target key)`` pairs, asked for in one call so
+    the engine can run all of them side by side."""
+    requests = ([(_loader(source, s), k) for (s, _), k in zip(pairs, ks)]
+                + [(_loader(target, t), k) for (_, t), k in zip(pairs, ks)])
+    identities = [_identity(source, s) for s, _ in pairs] + [_identity(target, t) for _, t in pairs]
+    factors = engine.factors_many(requests, identities=identities)
+    return factors[:len(pairs)], factors[len(pairs):]
 
 
 def _loader(source: WeightSource, key: str):
@@ -331,10 +339,7 @@ def similarity_table(source: WeightSource, target: WeightSource, keys: Iterable[
         for start in range(0, len(keys_), engine.batch_size):
             chunk = keys_[start:start + engine.batch_size]
             k = settings.rank_for(shape)
-            src = engine.factors_many([(_loader(source, key), k) for key in chunk],
-                                      identities=[_identity(source, key) for key in chunk])
-            tgt = engine.factors_many([(_loader(target, key), k) for key in chunk],
-                                      identities=[_identity(target, key) for key in chunk])
+            src, tgt = _factors_of_pairs(engine, source, target, [(key, key) for key in chunk], [k] * len(chunk))
             for key, fs, ft in zip(chunk, src, tgt):
                 sim = layer_similarity(fs, ft, k)
                 rows.append({"key": key, "phi": sim.phi, "phi_right": sim.phi_right, "chance": sim.chance,

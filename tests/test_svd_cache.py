@@ -21,7 +21,7 @@ def weights():
 
 
 def test_second_engine_does_no_svd(tmp_path, weights):
-    first = SVDEngine(store=SVDCache(tmp_path))
+    first = SVDEngine(store=SVDCache(tmp_path), workers=1)
     ref = first.factors_many([(w, 16) for w in weights])
     assert first.stats.layers_decomposed == 4 and first.stats.svd_calls == 2  # batched by shape
     second = SVDEngine(store=SVDCache(tmp_path))
@@ -122,6 +122,40 @@ def test_warm_run_over_files_neither_hashes_nor_decomposes(tmp_path, weights, mo
 
 
 def test_batches_are_bounded_in_bytes(weights):
-    engine = SVDEngine(batch_size=8, max_batch_bytes=2 * 8 * weights[0].numel())
+    engine = SVDEngine(batch_size=8, max_batch_bytes=2 * 8 * weights[0].numel(), workers=1)
     engine.factors_many([(w, 8) for w in weights[:3]])
     assert engine.stats.svd_calls == 2 and engine.stats.peak_batch_bytes == 2 * 8 * weights[0].numel()
+    # Side by side on the CPU, the same bound limits how many run at once.
+    side = SVDEngine(max_batch_bytes=2 * 8 * weights[0].numel(), workers=3)
+    side.factors_many([(w, 8) for w in weights[:3]])
+    assert side.stats.peak_workers == 2 and side.stats.peak_batch_bytes == 2 * 8 * weights[0].numel()
+
+
+def test_cpu_workers_give_the_serial_results_and_restore_threads(weights):
+    """Side-by-side single-threaded decompositions: one task per weight, same factors as the
+    batched serial path (float32 factors: 1e-6 is a few float32 roundings of a unit projector),
+    and the caller's torch thread count comes back."""
+    threads = torch.get_num_threads()
+    serial = SVDEngine(workers=1).factors_many([(w, 10) for w in weights])
+    side = SVDEngine(workers=3)
+    parallel = side.factors_many([(w, 10) for w in weights])
+    assert side.stats.svd_calls == 4 and side.stats.layers_decomposed == 4 and side.stats.peak_workers == 3
+    assert torch.get_num_threads() == threads
+    for a, b in zip(serial, parallel):
+        assert a.U.dtype == b.U.dtype == torch.float32
+        assert rel_err(a.U @ a.U.T, b.U @ b.U.T) < 1e-6 and rel_err(a.S, b.S) < 1e-6
+    # A failing task propagates its error, and the thread count is restored all the same.
+    with pytest.raises(ValueError):
+        SVDEngine(workers=2).factors_many([(weights[0], 10), (torch.ones(5), 1)])
+    assert torch.get_num_threads() == threads
+
+
+def test_memo_is_bounded_in_bytes(weights):
+    one = 4 * (96 * 16 + 16 + 64 * 16)  # float32 U, S, V of one 96×64 weight at k = 16
+    engine = SVDEngine(memory_bytes=2 * one)
+    engine.factors_many([(w, 16) for w in weights[:3]])
+    assert engine.memo_bytes == 2 * one
+    engine.factors(weights[2], 16)  # the newest stayed
+    assert engine.stats.memory_hits == 1 and engine.stats.layers_decomposed == 3
+    engine.factors(weights[0], 16)  # the oldest went first
+    assert engine.stats.layers_decomposed == 4
