@@ -68,7 +68,7 @@ class SVDEngine:
     """
 
     def __init__(self, method: Method = "gram", device: torch.device | str | None = None,
-                 store: FactorStore | None = None, batch_size: int = 8, memory_bytes: int = 1 << 30,
+                 store: FactorStore | None = None, batch_size: int = 8, memory_bytes: int = 512 << 20,
                  seed: int = 0, max_batch_bytes: int = 256 << 20, workers: int | None = None):
         self.method = method
         self.device = torch.device(device) if device is not None else torch.device("cpu")
