@@ -17,7 +17,9 @@ import types
 from pathlib import Path
 
 from .errors import LoraxError
+from .layer_map import MODES as LAYER_MAP_MODES, load_user_map
 from .projection import MODES
+from .skip_reasons import why_left_out
 from .transfer import DEFAULT_RANK, DEFAULT_THRESHOLD, TransferSettings
 
 PACK_ROOT = Path(__file__).resolve().parent.parent
@@ -82,18 +84,20 @@ def cmd_similarity(args) -> int:
     source, target = be.load_model(args.source), be.load_model(args.target)
     layer_set = be.LAYER_SETS[1] if args.all_layers else be.LAYER_SETS[0]
     rows, text, _ = be.run_similarity(source, target, rank=args.rank, layer_set=layer_set, threshold=args.threshold,
-                                      engine=_engine(args.exact), progress=_progress("similarity"))
+                                      engine=_engine(args.exact), progress=_progress("similarity"),
+                                      layer_map_mode=args.layer_map, user_map=_user_map(args.layer_map_file))
     print(text)
     print(f"time: {time.perf_counter() - t0:.1f} s")
     if args.json:
-        out = [{k: r[k] for k in ("key", "phi", "phi_right", "chance", "chance_right", "phi_hat", "phi_hat_right",
-                                  "k", "shape_source", "shape_target")} for r in rows]
+        out = [{k: r[k] for k in ("key", "source_key", "phi", "phi_right", "chance", "chance_right", "phi_hat",
+                                  "phi_hat_right", "k", "shape_source", "shape_target")} for r in rows]
         Path(args.json).write_text(json.dumps(out, indent=1))
     return 0
 
 
 def cmd_transfer(args) -> int:
-    settings = TransferSettings(rank=args.rank, threshold=args.threshold, mode=args.mode, shape_rule=args.shape_rule)
+    settings = TransferSettings(rank=args.rank, threshold=args.threshold, mode=args.mode, shape_rule=args.shape_rule,
+                                cross_attention_kv=not args.no_cross_attention_kv)
     _check_inputs(args.source, args.target, args.adapter)
     if _same_file(args.source, args.target):
         raise LoraxError("source and target are the same file; the target must be a different checkpoint")
@@ -101,14 +105,9 @@ def cmd_transfer(args) -> int:
     t0 = time.perf_counter()
     source, target = be.load_model(args.source), be.load_model(args.target)
     adapter = be.AdapterHandle.open(os.path.basename(args.adapter), args.adapter)
-    user_map = None
-    if args.layer_map_file:
-        from .layer_map import load_user_map
-
-        _check_inputs(args.layer_map_file)
-        user_map = load_user_map(Path(args.layer_map_file).read_text(), path=args.layer_map_file)
     handle = be.run_transfer(source, target, adapter, settings, _engine(args.exact), strength=args.strength,
-                             progress=_progress("transfer"), layer_map_mode=args.layer_map, user_map=user_map)
+                             progress=_progress("transfer"), layer_map_mode=args.layer_map,
+                             user_map=_user_map(args.layer_map_file))
     for row in handle.rows:
         phi = "" if row.get("phi_hat") is None else f"  Φ̂ {row['phi_hat']:.3f}/{row['phi_hat_right']:.3f}"
         kept = "" if row.get("energy_kept") is None else f"  kept {100 * row['energy_kept']:.0f}%"
@@ -117,7 +116,16 @@ def cmd_transfer(args) -> int:
     written = be.save_transfer(handle, args.out, bake_strength=True)
     print(f"summary: {handle.result.summary()}; wrote {written} layers to {args.out}; "
           f"total {time.perf_counter() - t0:.1f} s")
+    for line in why_left_out(handle.result.layers):
+        print(f"  {line}")
     return 0
+
+
+def _user_map(path: str | None):
+    if not path:
+        return None
+    _check_inputs(path)
+    return load_user_map(Path(path).read_text(), path=path)
 
 
 def cmd_convert(args) -> int:
@@ -137,6 +145,12 @@ def cmd_convert(args) -> int:
     return 0
 
 
+def _layer_map_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--layer-map", choices=LAYER_MAP_MODES, default="similarity",
+                   help="pair layers by role and similarity where block counts differ (default), or by name only")
+    p.add_argument("--layer-map-file", help='JSON {"target key": "source key"} overriding the layer map')
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m lorax", description=__doc__.split("\n\n")[0])
     sub = p.add_subparsers(dest="command", required=True)
@@ -149,6 +163,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--all-layers", action="store_true", help="compare every linear/conv weight, not only LoRA targets")
     s.add_argument("--json", help="also write the rows as JSON to this file")
     s.add_argument("--exact", action="store_true", help="full float64 SVD instead of the Gram route")
+    _layer_map_arguments(s)
     s.set_defaults(func=cmd_similarity)
 
     t = sub.add_parser("transfer", help="move an adapter from the source model to the target model")
@@ -161,9 +176,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--mode", choices=MODES, default="lorax")
     t.add_argument("--shape-rule", choices=("skip", "paired"), default="skip")
     t.add_argument("--strength", type=float, default=1.0, help="baked into the written file")
-    t.add_argument("--layer-map", choices=("similarity", "name"), default="similarity",
-                   help="pair layers by role and similarity where block counts differ (default), or by name only")
-    t.add_argument("--layer-map-file", help='JSON {"target key": "source key"} overriding the layer map')
+    t.add_argument("--no-cross-attention-kv", action="store_true",
+                   help="leave the cross-attention to_k/to_v layers out (they read the text encoder's features)")
+    _layer_map_arguments(t)
     t.add_argument("--exact", action="store_true", help="full float64 SVD instead of the Gram route")
     t.set_defaults(func=cmd_transfer)
 

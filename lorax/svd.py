@@ -149,7 +149,9 @@ def truncated_svd_batch(weights: Sequence[torch.Tensor], k: int, *, method: Meth
     if dtype is None:
         dtype = torch.float32 if method == "randomized" else torch.float64
     device = torch.device(device) if device is not None else weights[0].device
-    M = torch.stack([weight_matrix(w.to(device), dtype) for w in weights])
+    # One weight (the CPU engine's case) needs no stacked copy: a view with a batch axis will do.
+    M = (weight_matrix(weights[0].to(device), dtype).unsqueeze(0) if len(weights) == 1
+         else torch.stack([weight_matrix(w.to(device), dtype) for w in weights]))
     m, n = M.shape[-2:]
     width = min(k + (k if oversample is None else oversample), min(m, n))
     if method == "randomized" and width <= _RANDOMIZED_MAX_FRACTION * min(m, n):

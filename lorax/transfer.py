@@ -19,6 +19,11 @@ Defaults, and why:
 * **shapes that differ** are skipped unless ``shape_rule="paired"`` selects the seed's
   dimension-mismatch rule: pairing singular directions by index is only meaningful between
   layers known to correspond, which a name match does not prove.
+* **cross-attention k/v** (``attn2.to_k`` / ``attn2.to_v``) read the text encoder's features.
+  Between models with the same text encoder they move like any layer; where the
+  text-conditioning width differs (SD1.5's 768 → SDXL's 2048) their shapes differ, so the shape
+  rule above decides, and ``cross_attention_kv=False`` leaves them out in every case (a LoRA
+  whose style lives in the prompt's reading then moves only its image-side part).
 
 Layers are processed in groups of equal shape (at most ``engine.batch_size`` at a time), weights
 are fetched from the source and target lazily through :class:`WeightSource`, and each group's
@@ -39,6 +44,7 @@ from .engine import SVDEngine
 from .errors import LoraxError
 from .layer_map import LayerMap
 from .projection import MODES, project_lorax, project_paired, project_prolora
+from .report import family_of
 from .similarity import LayerSimilarity, layer_similarity
 from .svd import max_rank
 
@@ -49,6 +55,8 @@ DEFAULT_RANK = 320
 #: benchmark has measured it.
 DEFAULT_THRESHOLD = 0.3
 SHAPE_RULES: tuple[str, ...] = ("skip", "paired")
+#: Layer families that read the text encoder's features in a UNet (see the module docstring).
+CROSS_ATTENTION_KV: frozenset[str] = frozenset({"attn2.to_k", "attn2.to_v"})
 
 
 class Decision(str, Enum):
@@ -57,6 +65,7 @@ class Decision(str, Enum):
     SHAPE_MISMATCH = "skipped: shape mismatch"
     MISSING_IN_TARGET = "missing in target"
     NOT_A_MATRIX = "skipped: not a matrix weight"
+    CROSS_ATTENTION_OFF = "skipped: cross-attention k/v turned off"
 
 
 class WeightSource(Protocol):
@@ -89,6 +98,7 @@ class TransferSettings:
     threshold: float = DEFAULT_THRESHOLD
     mode: str = "lorax"
     shape_rule: str = "skip"
+    cross_attention_kv: bool = True
 
     def __post_init__(self):
         if isinstance(self.rank, bool) or not isinstance(self.rank, int) or self.rank < 1:
@@ -203,12 +213,17 @@ def transfer_deltas(deltas: Mapping[str, Delta], source: WeightSource, target: W
     if layer_map is not None:
         for s_key, t_key in layer_map.pairs():
             targets_of.setdefault(s_key, []).append(t_key)
+    mapped_targets = {t for ts in targets_of.values() for t in ts}
     results: dict[tuple[str, str | None], LayerTransfer] = {}
     order: list[tuple[str, str | None]] = []
     groups: dict[tuple, list[tuple[str, str]]] = {}
     for key, delta in deltas.items():
         s_shape = source.shape(key) or tuple(delta.shape)
         t_keys = targets_of.get(key, []) if layer_map is not None else [key]
+        if not t_keys and key not in mapped_targets and target.shape(key) not in (None, tuple(s_shape)):
+            # A map pairs layers of equal shape only; the same-named target layer of another shape
+            # (SD1.5's 768-wide cross-attention k/v in SDXL, say) is left to the shape rule.
+            t_keys = [key]
         if not t_keys or target.shape(t_keys[0]) is None:
             note = ("no target layer is mapped from this layer" if layer_map is not None
                     else "the target model has no weight with this key")
@@ -222,6 +237,9 @@ def transfer_deltas(deltas: Mapping[str, Delta], source: WeightSource, target: W
             if len(t_shape) < 2:
                 results[(key, t_key)] = LayerTransfer(key, Decision.NOT_A_MATRIX, s_shape, t_shape, target_key=moved_to,
                                                       note="biases and norms have no singular subspace")
+            elif not settings.cross_attention_kv and is_cross_attention_kv(t_key):
+                results[(key, t_key)] = LayerTransfer(key, Decision.CROSS_ATTENTION_OFF, s_shape, t_shape,
+                                                      target_key=moved_to, note="cross_attention_kv is off")
             elif tuple(s_shape) != tuple(t_shape) and settings.shape_rule == "skip":
                 results[(key, t_key)] = LayerTransfer(
                     key, Decision.SHAPE_MISMATCH, s_shape, t_shape, target_key=moved_to,
@@ -273,6 +291,11 @@ def _factors_of_pairs(engine: SVDEngine, source: WeightSource, target: WeightSou
     return factors[:len(pairs)], factors[len(pairs):]
 
 
+def is_cross_attention_kv(key: str) -> bool:
+    """A UNet cross-attention key or value projection (reads the text encoder's features)."""
+    return family_of(key) in CROSS_ATTENTION_KV
+
+
 def _loader(source: WeightSource, key: str):
     return lambda: source.weight(key)
 
@@ -318,36 +341,38 @@ def _transfer_one(key, delta, fs, ft, s_shape, t_shape, k, settings, engine) -> 
     return result
 
 
-def similarity_table(source: WeightSource, target: WeightSource, keys: Iterable[str], engine: SVDEngine,
-                     rank: int = DEFAULT_RANK, progress: Progress | None = None) -> list[dict]:
-    """Per-layer Φ rows for two models over ``keys`` (matrix weights present in both, equal shapes).
+def similarity_table(source: WeightSource, target: WeightSource, keys: Iterable[str | tuple[str, str]],
+                     engine: SVDEngine, rank: int = DEFAULT_RANK, progress: Progress | None = None) -> list[dict]:
+    """Per-layer Φ rows for two models over ``keys``: a key present in both models, or a
+    ``(source key, target key)`` pair from a layer map. Pairs that are not matrix weights of
+    equal shape are left out.
 
-    Rows: ``{"key", "phi", "phi_right", "chance", "chance_right", "phi_hat", "phi_hat_right", "k",
-    "shape_source", "shape_target"}``, sorted by Φ ascending (least similar first).
+    Rows: ``{"key" (the target's), "source_key", "phi", "phi_right", "chance", "chance_right",
+    "phi_hat", "phi_hat_right", "k", "shape_source", "shape_target"}``, sorted by Φ ascending
+    (least similar first).
     """
     settings = TransferSettings(rank=rank)
-    usable, rows = [], []
-    for key in keys:
-        s, t = source.shape(key), target.shape(key)
+    by_shape: dict[tuple, list[tuple[str, str]]] = {}
+    for item in keys:
+        s_key, t_key = (item, item) if isinstance(item, str) else item
+        s, t = source.shape(s_key), target.shape(t_key)
         if s is not None and t is not None and len(s) >= 2 and tuple(s) == tuple(t):
-            usable.append(key)
-    by_shape: dict[tuple, list[str]] = {}
-    for key in usable:
-        by_shape.setdefault(tuple(source.shape(key)), []).append(key)
-    done = 0
-    for shape, keys_ in by_shape.items():
-        for start in range(0, len(keys_), engine.batch_size):
-            chunk = keys_[start:start + engine.batch_size]
+            by_shape.setdefault(tuple(s), []).append((s_key, t_key))
+    total = sum(len(v) for v in by_shape.values())
+    rows, done = [], 0
+    for shape, pairs in by_shape.items():
+        for start in range(0, len(pairs), engine.batch_size):
+            chunk = pairs[start:start + engine.batch_size]
             k = settings.rank_for(shape)
-            src, tgt = _factors_of_pairs(engine, source, target, [(key, key) for key in chunk], [k] * len(chunk))
-            for key, fs, ft in zip(chunk, src, tgt):
+            src, tgt = _factors_of_pairs(engine, source, target, chunk, [k] * len(chunk))
+            for (s_key, t_key), fs, ft in zip(chunk, src, tgt):
                 sim = layer_similarity(fs, ft, k)
-                rows.append({"key": key, "phi": sim.phi, "phi_right": sim.phi_right, "chance": sim.chance,
-                             "chance_right": sim.chance_right, "phi_hat": sim.phi_hat,
+                rows.append({"key": t_key, "source_key": s_key, "phi": sim.phi, "phi_right": sim.phi_right,
+                             "chance": sim.chance, "chance_right": sim.chance_right, "phi_hat": sim.phi_hat,
                              "phi_hat_right": sim.phi_hat_right, "k": k,
                              "shape_source": list(shape), "shape_target": list(shape)})
             done += len(chunk)
             if progress:
-                progress(done, len(usable))
+                progress(done, total)
     rows.sort(key=lambda r: r["phi"])
     return rows

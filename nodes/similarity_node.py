@@ -6,29 +6,42 @@ import json
 import re
 
 from lorax.errors import LoraxError
+from lorax.layer_map import LayerMap, build_layer_map
 from lorax.report import PASSES, text_report
-from lorax.transfer import DEFAULT_RANK, DEFAULT_THRESHOLD, similarity_table
+from lorax.transfer import DEFAULT_RANK, DEFAULT_THRESHOLD, similarity_scorer, similarity_table
 
 from .bridge import PatcherWeights, model_kind
 from .plot import plot_rows
 from .runtime import get_engine, progress_bar
-from .transfer_job import check_distinct
+from .transfer_job import LAYER_MAP_INPUTS, check_distinct, parse_layer_map_json
 
 CATEGORY = "loaders/LoRA-X"
 LAYER_SETS = ("adapted by LoRAs (attention, feed-forward, proj)", "all linear and conv weights")
 _ADAPTED = re.compile(r"(transformer_blocks|\.attn|_attn|\.ff\.|\.mlp|proj_in|proj_out|\.qkv|linear[12]|\.to_[qkv])")
 
 
-def compared_keys(source: PatcherWeights, target: PatcherWeights, layer_set: str) -> list[str]:
-    keys = []
-    for key in source.keys():
-        shape = source.shape(key)
-        if not key.endswith(".weight") or shape is None or len(shape) < 2 or target.shape(key) != shape:
+def layer_shapes(weights: PatcherWeights, layer_set: str) -> dict[str, tuple]:
+    """Shapes of the matrix weights of ``layer_set`` in one model."""
+    out = {}
+    for key in weights.keys():
+        shape = weights.shape(key)
+        if not key.endswith(".weight") or shape is None or len(shape) < 2:
             continue
         if layer_set == LAYER_SETS[0] and not _ADAPTED.search(key):
             continue
-        keys.append(key)
-    return keys
+        out[key] = shape
+    return out
+
+
+def compared_pairs(source: PatcherWeights, target: PatcherWeights, layer_set: str, engine, *, rank: int,
+                   layer_map_mode: str = "similarity", user_map=None) -> tuple[list[tuple[str, str]], LayerMap | None]:
+    """(source key, target key) pairs to compare: equal names and shapes, or a layer map's pairs."""
+    s_shapes, t_shapes = layer_shapes(source, layer_set), layer_shapes(target, layer_set)
+    if layer_map_mode == "name" and not user_map:
+        return [(k, k) for k, shape in s_shapes.items() if t_shapes.get(k) == shape], None
+    lmap = build_layer_map(s_shapes, t_shapes, mode=layer_map_mode, user_map=user_map,
+                           scorer=similarity_scorer(source, target, engine, rank))
+    return [(s, t) for s, t in lmap.pairs() if s_shapes[s] == t_shapes[t]], lmap
 
 
 class LoraxSimilarityReport:
@@ -53,11 +66,12 @@ class LoraxSimilarityReport:
             "threshold": ("FLOAT", {"default": DEFAULT_THRESHOLD, "min": 0.0, "max": 1.0, "step": 0.01,
                                     "tooltip": "Drawn on the plot: the chance-normalised similarity Φ̂ a layer needs "
                                                "for LoRA-X Transfer to move it."}),
-        }}
+        }, "optional": dict(LAYER_MAP_INPUTS)}
 
-    def report(self, source_model, target_model, rank, layers, threshold):
+    def report(self, source_model, target_model, rank, layers, threshold, layer_map="similarity", layer_map_json=""):
         rows, text, title = run_similarity(source_model, target_model, rank=rank, layer_set=layers,
-                                           threshold=threshold, engine=get_engine())
+                                           threshold=threshold, engine=get_engine(), layer_map_mode=layer_map,
+                                           user_map=parse_layer_map_json(layer_map_json))
         image = plot_rows(rows, threshold, title)
         from lorax.report import ui_payload  # text + the per-block view web/lorax.js draws, < 200 KB
         return {"ui": ui_payload(rows, threshold=threshold, title=title, text=text),
@@ -65,20 +79,28 @@ class LoraxSimilarityReport:
 
 
 def run_similarity(source_model, target_model, *, rank: int, layer_set: str, threshold: float, engine,
-                   progress=None) -> tuple[list[dict], str, str]:
-    """Per-layer Φ rows of two models, the text report and its title (shared with the CLI)."""
+                   progress=None, layer_map_mode: str = "similarity",
+                   user_map=None) -> tuple[list[dict], str, str]:
+    """Per-layer Φ rows of two models, the text report and its title (shared with the CLI).
+
+    With ``layer_map_mode="similarity"`` (or a ``user_map``) each target layer is compared with the
+    source layer the layer map pairs it with, so a model with blocks removed is compared block for
+    block with what it kept; ``"name"`` compares equal keys only.
+    """
     check_distinct(source_model, target_model)
     if not 0.0 <= threshold <= 1.0:
         raise LoraxError(f"threshold must lie in [0, 1], got {threshold}")
     source, target = PatcherWeights(source_model), PatcherWeights(target_model)
-    keys = compared_keys(source, target, layer_set)
-    if not keys:
+    pairs, lmap = compared_pairs(source, target, layer_set, engine, rank=rank, layer_map_mode=layer_map_mode,
+                                 user_map=user_map)
+    if not pairs:
         raise LoraxError(f"the source ({model_kind(source_model)}) and target ({model_kind(target_model)}) "
                          "models share no weight of equal shape to compare")
-    rows = similarity_table(source, target, keys, engine, rank=rank, progress=progress or progress_bar(len(keys)))
+    rows = similarity_table(source, target, pairs, engine, rank=rank, progress=progress or progress_bar(len(pairs)))
     for r in rows:
         r["decision"] = PASSES if min(r["phi_hat"], r["phi_hat_right"]) >= threshold else \
             "skipped: similarity below threshold"
     title = f"Subspace similarity: {model_kind(source_model)} → {model_kind(target_model)}, rank {rank}"
-    text = text_report(rows, title=title, threshold=threshold)
+    notes = [lmap.summary()] if lmap is not None and any(m.how != "name" for m in lmap.matches.values()) else []
+    text = text_report(rows, title=title, threshold=threshold, notes=notes)
     return rows, text, title

@@ -8,13 +8,37 @@ import os
 from lorax.errors import LoraxError
 from lorax.kohya_export import save_kohya_lora
 from lorax.report import text_report
-from lorax.layer_map import LayerMap, build_layer_map, role_of
+from lorax.layer_map import MODES as LAYER_MAP_MODES, LayerMap, build_layer_map, load_user_map, role_of
+from lorax.skip_reasons import why_left_out
 from lorax.transfer import TransferSettings, similarity_scorer, transfer_deltas
 
 from . import bridge
 from .handles import AdapterHandle, TransferHandle
 
 TE_PREFIXES = ("lora_te", "text_encoder", "te_", "te1", "te2", "clip_")
+
+
+#: The layer-map inputs the Transfer and Similarity Report nodes share.
+LAYER_MAP_INPUTS = {
+    "layer_map": (list(LAYER_MAP_MODES), {"tooltip": (
+        "How target layers find their source layer. similarity: by name where both models have the same "
+        "blocks; where the target has fewer (SSD-1B, Segmind Vega, BK-SDM), layers of the same role are paired "
+        "by subspace similarity, keeping their order. name: equal keys only.")}),
+    "layer_map_json": ("STRING", {"default": "", "multiline": True, "tooltip": (
+        'Optional map for exotic pairs, as JSON {"target key": "source key", ...} with the models\' own keys '
+        "(e.g. diffusion_model.input_blocks.7.1.transformer_blocks.0.attn1.to_q.weight); it overrides the mode "
+        "for the layers it names.")}),
+}
+
+
+def parse_layer_map_json(text: str) -> dict[str, str] | None:
+    """The node's optional user map (empty text: none)."""
+    if not text or not text.strip():
+        return None
+    try:
+        return load_user_map(text)
+    except LoraxError as e:
+        raise LoraxError(f"layer_map_json input: {e.detail}") from None
 
 
 def check_distinct(source_model, target_model) -> None:
@@ -71,8 +95,10 @@ def run_transfer(source_model, target_model, adapter: AdapterHandle, settings: T
     rows += [{"key": m, "decision": "skipped: text encoder (no CLIP connected)", "phi": None} for m in te_skipped]
     rows += [{"key": k, "decision": f"skipped: {why}", "phi": None} for k, why in deltas.unsupported.items()]
     notes = [result.summary()]
+    notes += ["  " + line for line in why_left_out(result.layers)]
     if clip_result is not None:
         notes.append("text encoder: " + clip_result.summary())
+        notes += ["  " + line for line in why_left_out(clip_result.layers)]
     if lmap is not None:
         notes.append(lmap.summary())
     if te_skipped:

@@ -11,7 +11,7 @@ from . import bridge
 from .handles import AdapterHandle
 from .plot import plot_rows
 from .runtime import get_engine, progress_bar
-from .transfer_job import run_transfer
+from .transfer_job import LAYER_MAP_INPUTS, parse_layer_map_json, run_transfer
 
 CATEGORY = "loaders/LoRA-X"
 
@@ -55,14 +55,21 @@ class LoraxTransfer:
                 "source_clip": ("CLIP", {"tooltip": "The source's text encoder (defaults to the target's)."}),
                 "shape_rule": (list(SHAPE_RULES), {"tooltip": "Layers whose shapes differ: skip them, or pair "
                                                               "singular directions by index (the paper's rule)."}),
+                **LAYER_MAP_INPUTS,
+                "cross_attention_kv": ("BOOLEAN", {"default": True, "tooltip": (
+                    "Transfer the cross-attention to_k/to_v layers, which read the text encoder's features. Turn "
+                    "off when the two models use different text encoders (e.g. SD1.5 → SDXL).")}),
             },
         }
 
     def transfer(self, source_model, target_model, adapter: AdapterHandle, strength, rank, threshold, mode, exact,
-                 clip=None, source_clip=None, shape_rule="skip"):
-        settings = TransferSettings(rank=rank, threshold=threshold, mode=mode, shape_rule=shape_rule)
+                 clip=None, source_clip=None, shape_rule="skip", layer_map="similarity", layer_map_json="",
+                 cross_attention_kv=True):
+        settings = TransferSettings(rank=rank, threshold=threshold, mode=mode, shape_rule=shape_rule,
+                                    cross_attention_kv=cross_attention_kv)
         handle = run_transfer(source_model, target_model, adapter, settings, get_engine(exact), strength=strength,
-                              clip=clip, source_clip=source_clip, progress=progress_bar(1))
+                              clip=clip, source_clip=source_clip, progress=progress_bar(1), layer_map_mode=layer_map,
+                              user_map=parse_layer_map_json(layer_map_json))
         model_out = bridge.patched_clone(target_model, handle.result.deltas, strength)
         clip_out = None
         if clip is not None:

@@ -463,15 +463,25 @@ def power_law_matrix(rows: int, cols: int, *, seed: int = 0, key: str = "", deca
     return (u * s) @ v.T
 
 
-def _sd15_layout(*, model_channels: int, channel_mult: Sequence[int], num_res_blocks: int,
-                 transformer_depth: Sequence[int], context_dim: int, in_channels: int,
-                 out_channels: int) -> list[tuple[str, tuple[int, ...], str]]:
-    """(key, shape, kind) for an SD1.x UNet (ComfyUI/ldm ``openaimodel.UNetModel`` with
-    ``use_spatial_transformer``, conv proj_in/proj_out, no label embedding), in order.
-    kind: 'linear', 'conv', 'norm_w', 'norm_b', 'bias'."""
+def unet_layout(*, model_channels: int, channel_mult: Sequence[int], num_res_blocks: int,
+                transformer_depth: Sequence[int], context_dim: int, in_channels: int, out_channels: int,
+                transformer_depth_middle: int | None = None, transformer_depth_output: Sequence[int] | None = None,
+                use_linear_in_transformer: bool = False,
+                adm_in_channels: int | None = None) -> list[tuple[str, tuple[int, ...], str]]:
+    """(key, shape, kind) for a UNet of ComfyUI/ldm ``openaimodel.UNetModel`` with
+    ``use_spatial_transformer``, in order. kind: 'linear', 'conv', 'norm_w', 'norm_b', 'bias'.
+
+    Defaults give SD1.x (conv proj_in/proj_out, no label embedding, the output blocks of a level
+    as deep as its input blocks, a middle transformer as deep as the last level, at least 1).
+    SDXL-family models: ``use_linear_in_transformer=True``, ``adm_in_channels=2816``, and per level
+    ``transformer_depth`` / ``transformer_depth_output`` (ComfyUI's detection reads the input
+    side; the middle and output depths are free).
+    """
     mc = model_channels
     ted = mc * 4
     out: list[tuple[str, tuple[int, ...], str]] = []
+    td_out = list(transformer_depth if transformer_depth_output is None else transformer_depth_output)
+    td_mid = max(1, transformer_depth[-1]) if transformer_depth_middle is None else transformer_depth_middle
 
     def lin(p, o, i, bias=True):
         out.append((f"{p}.weight", (o, i), "linear"))
@@ -495,9 +505,15 @@ def _sd15_layout(*, model_channels: int, channel_mult: Sequence[int], num_res_bl
         if ci != co:
             conv(f"{p}.skip_connection", co, ci, 1)
 
+    def proj(p, c):
+        if use_linear_in_transformer:
+            lin(p, c, c)
+        else:
+            conv(p, c, c, 1)
+
     def transformer(p, c, depth):
         norm(f"{p}.norm", c)
-        conv(f"{p}.proj_in", c, c, 1)
+        proj(f"{p}.proj_in", c)
         for d in range(depth):
             b = f"{p}.transformer_blocks.{d}"
             for a, kv in (("attn1", c), ("attn2", context_dim)):
@@ -509,10 +525,13 @@ def _sd15_layout(*, model_channels: int, channel_mult: Sequence[int], num_res_bl
             lin(f"{b}.ff.net.2", c, c * 4)
             for n in ("norm1", "norm2", "norm3"):
                 norm(f"{b}.{n}", c)
-        conv(f"{p}.proj_out", c, c, 1)
+        proj(f"{p}.proj_out", c)
 
     lin("time_embed.0", ted, mc)
     lin("time_embed.2", ted, ted)
+    if adm_in_channels is not None:
+        lin("label_emb.0.0", ted, adm_in_channels)
+        lin("label_emb.0.2", ted, ted)
     conv("input_blocks.0.0", mc, in_channels, 3)
     chans = [mc]
     ch = mc
@@ -530,8 +549,9 @@ def _sd15_layout(*, model_channels: int, channel_mult: Sequence[int], num_res_bl
             chans.append(ch)
             idx += 1
     resblock("middle_block.0", ch, ch)
-    transformer("middle_block.1", ch, max(1, transformer_depth[-1]))
-    resblock("middle_block.2", ch, ch)
+    if td_mid > 0:
+        transformer("middle_block.1", ch, td_mid)
+    resblock("middle_block.2" if td_mid > 0 else "middle_block.1", ch, ch)
     idx = 0
     for level, mult in reversed(list(enumerate(channel_mult))):
         for i in range(num_res_blocks + 1):
@@ -539,8 +559,8 @@ def _sd15_layout(*, model_channels: int, channel_mult: Sequence[int], num_res_bl
             resblock(f"output_blocks.{idx}.0", ch + skip, mc * mult)
             ch = mc * mult
             sub = 1
-            if transformer_depth[level] > 0:
-                transformer(f"output_blocks.{idx}.1", ch, transformer_depth[level])
+            if td_out[level] > 0:
+                transformer(f"output_blocks.{idx}.1", ch, td_out[level])
                 sub = 2
             if level and i == num_res_blocks:
                 conv(f"output_blocks.{idx}.{sub}.conv", ch, ch, 3)
@@ -575,7 +595,7 @@ def build_mini_sd15_unet(seed: int = 0, *, model_channels: int = 320,
           else list(transformer_depth))
     if len(td) != len(channel_mult):
         raise ValueError("transformer_depth must have one entry per channel_mult level")
-    layout = _sd15_layout(model_channels=model_channels, channel_mult=tuple(channel_mult),
+    layout = unet_layout(model_channels=model_channels, channel_mult=tuple(channel_mult),
                           num_res_blocks=num_res_blocks, transformer_depth=td,
                           context_dim=context_dim, in_channels=in_channels, out_channels=out_channels)
     sd: dict[str, Any] = {}

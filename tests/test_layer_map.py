@@ -14,8 +14,9 @@ from lorax.delta import Delta
 from lorax.engine import SVDEngine
 from lorax.errors import LoraxError
 from lorax.layer_map import build_layer_map, load_user_map
+from lorax.skip_reasons import PAIRED_HINT, why_left_out
 from lorax.transfer import Decision, DictWeights, TransferSettings, similarity_scorer, transfer_deltas
-from reference import lorax_ref, perturbed, power_law_matrix, rel_err, t, top_svd
+from reference import lorax_ref, paired_ref, perturbed, power_law_matrix, rel_err, t, top_svd
 
 FAMILIES = {"attn1.to_q": (48, 48), "attn1.to_k": (48, 48), "attn2.to_k": (48, 32), "ff.net.2": (48, 96)}
 KEPT = {0: 1, 1: 3}  # target block → the source block it was distilled from
@@ -108,3 +109,54 @@ def test_reuse_and_user_map(rng):
     assert "target model does not have" in str(e.value) and "nope.weight" in str(e.value)
     with pytest.raises(LoraxError, match="unknown layer-map mode"):
         build_layer_map(_shapes(source), _shapes(target), mode="fuzzy")
+
+
+def test_layers_of_another_shape_go_to_the_shape_rule_and_are_explained(rng):
+    """A map pairs equal shapes only; a same-named target layer of another shape (here the
+    cross-attention k/v of a model with a wider text encoder, 32 → 40) is left to the shape rule,
+    and the left-out layers are explained per family, once."""
+    source, target = {}, {}
+    for b in range(2):
+        for fam, (m, n) in (("attn1.to_q", (48, 48)), ("attn2.to_k", (48, 32)), ("attn2.to_v", (48, 32))):
+            source[_key("input_blocks", b, fam)] = t(power_law_matrix(rng, m, n), torch.float32)
+    for fam, (m, n) in (("attn1.to_q", (48, 48)), ("attn2.to_k", (48, 40)), ("attn2.to_v", (48, 40))):
+        w = source.get(_key("input_blocks", 1, fam))
+        target[_key("input_blocks", 0, fam)] = t(perturbed(rng, w.double().numpy(), 0.1) if w is not None and
+                                                 w.shape == (m, n) else power_law_matrix(rng, m, n), torch.float32)
+    deltas = {k: Delta.factored(w.shape, t(rng.standard_normal((w.shape[0], 2)) * 0.1),
+                                t(rng.standard_normal((2, w.shape[1])) * 0.1)) for k, w in source.items()}
+    engine = SVDEngine(method="exact")
+    src, tgt = DictWeights(source), DictWeights(target)
+    lmap = build_layer_map(_shapes(source), _shapes(target), scorer=similarity_scorer(src, tgt, engine, rank=8))
+    assert lmap.source_of(_key("input_blocks", 0, "attn1.to_q")) == _key("input_blocks", 1, "attn1.to_q")
+
+    def run(**kw):
+        return transfer_deltas(deltas, src, tgt, TransferSettings(rank=8, threshold=0.3, **kw), engine, layer_map=lmap)
+
+    k0 = _key("input_blocks", 0, "attn2.to_k")
+    skip = {(l.key, l.target): l for l in run().layers}
+    assert skip[(k0, k0)].decision is Decision.SHAPE_MISMATCH
+    assert skip[(_key("input_blocks", 1, "attn2.to_k"), _key("input_blocks", 1, "attn2.to_k"))].decision \
+        is Decision.MISSING_IN_TARGET
+    lines = why_left_out(run().layers)
+    assert lines[0].startswith("attn1.to_q: 1 left out: 1 with no counterpart in the target")
+    assert lines[1] == ("attn2.to_k: 2 left out: 1 shapes 48×32 → 48×40 (the text-conditioning width differs, 32 → 40: "
+                        "they read another text encoder's features), 1 with no counterpart in the target")
+    assert lines[-1] == PAIRED_HINT and len(lines) == 4  # attn1.to_q, attn2.to_k, attn2.to_v, the hint
+
+    paired = {l.target: l for l in run(shape_rule="paired").layers if l.decision is Decision.TRANSFERRED}
+    Us, _, Vs = top_svd(source[k0].double().numpy(), 8)
+    Ut, _, Vt = top_svd(target[k0].double().numpy(), 8)
+    # The paired rule depends on singular-vector signs: the library's canonical ones (largest
+    # |entry| of each left vector positive), applied to the reference too.
+    flip = lambda U, V: (U * np.sign(U[np.abs(U).argmax(0), range(U.shape[1])]),
+                         V * np.sign(U[np.abs(U).argmax(0), range(U.shape[1])]))
+    (Us, Vs), (Ut, Vt) = flip(Us, Vs), flip(Ut, Vt)
+    ref = paired_ref(deltas[k0].matrix().numpy(), Us, Vs, Ut, Vt)
+    assert rel_err(paired[k0].delta.matrix(), ref) < 1e-6  # float64 route; the result is stored in float32
+    assert "attn2.to_k: 1 transferred across shapes by the paired rule" in "\n".join(why_left_out(paired.values()))
+
+    off = {(l.key, l.target): l for l in run(cross_attention_kv=False).layers}
+    assert off[(k0, k0)].decision is Decision.CROSS_ATTENTION_OFF
+    assert off[(_key("input_blocks", 1, "attn1.to_q"), _key("input_blocks", 0, "attn1.to_q"))].decision \
+        is Decision.TRANSFERRED

@@ -128,7 +128,7 @@ def test_collected_adapter_round_trips_with_sketches_and_size(tmp_path, rng):
 
 
 def test_layer_families_on_the_sd15_layout():
-    layout = host._sd15_layout(model_channels=320, channel_mult=(1, 2), num_res_blocks=1, transformer_depth=[1, 1],
+    layout = host.unet_layout(model_channels=320, channel_mult=(1, 2), num_res_blocks=1, transformer_depth=[1, 1],
                                context_dim=768, in_channels=4, out_channels=4)
     shapes = {"diffusion_model." + k: s for k, s, _ in layout}
     transformers = sum(1 for k in shapes if k.endswith("proj_in.weight"))
