@@ -219,13 +219,20 @@ def spatial_transformers(cfg: dict) -> list[tuple[str, int, int]]:
 
 def unet_layers(model: str, quick: bool = False) -> list[tuple[str, tuple[int, ...]]]:
     """``(ComfyUI key, weight shape)`` of every attention, feed-forward and proj_in/out weight."""
-    cfg = UNET_CONFIGS[model]
+    layers = config_layers(UNET_CONFIGS[model], QUICK_TRANSFORMERS[model] if quick else None)
+    if not quick and len(layers) != EXPECTED_LAYERS[model]:
+        raise SystemExit(f"derived {len(layers)} layers for {model}, expected {EXPECTED_LAYERS[model]}")
+    return layers
+
+
+def config_layers(cfg: dict, quick_transformers=None) -> list[tuple[str, tuple[int, ...]]]:
+    """:func:`unet_layers` of a UNet configuration; with ``quick_transformers`` only those, one block deep."""
     ctx = cfg["context_dim"]
     proj = (lambda c: (c, c)) if cfg["use_linear_in_transformer"] else (lambda c: (c, c, 1, 1))
     layers = []
     for prefix, c, depth in spatial_transformers(cfg):
-        if quick:
-            if prefix not in QUICK_TRANSFORMERS[model]:
+        if quick_transformers is not None:
+            if prefix not in quick_transformers:
                 continue
             depth = 1
         base = f"diffusion_model.{prefix}"
@@ -241,8 +248,6 @@ def unet_layers(model: str, quick: bool = False) -> list[tuple[str, tuple[int, .
             layers.append((f"{b}.attn2.to_v.weight", (c, ctx)))
             layers.append((f"{b}.attn2.to_out.0.weight", (c, c)))
         layers.append((f"{base}.proj_out.weight", proj(c)))
-    if not quick and len(layers) != EXPECTED_LAYERS[model]:
-        raise SystemExit(f"derived {len(layers)} layers for {model}, expected {EXPECTED_LAYERS[model]}")
     return layers
 
 

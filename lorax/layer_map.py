@@ -31,7 +31,9 @@ from .report import family_of, short_key
 
 MODES: tuple[str, ...] = ("name", "similarity")
 
-Scorer = Callable[[str, str], float]  # (source key, target key) → Φ̂
+#: (source key, target key) → Φ̂. A scorer may also have ``prefetch(source_keys, target_keys)``,
+#: called once per role before its pairs are scored.
+Scorer = Callable[[str, str], float]
 
 
 def _natural(key: str):
@@ -131,6 +133,9 @@ def build_layer_map(source_shapes: Mapping[str, tuple], target_shapes: Mapping[s
             for t, s in zip(targets, sources):
                 result.matches[t] = LayerMatch(t, s, "name" if s == t else "order")
         else:
+            prefetch = getattr(scorer, "prefetch", None)
+            if prefetch is not None:  # all layers of the role decomposed in one call
+                prefetch(sources, targets)
             scores = [[scorer(s, t) for s in sources] for t in targets]
             chosen = _best_assignment(scores, allow_reuse)
             for t, j, row in zip(targets, chosen, scores):

@@ -265,19 +265,43 @@ def transfer_deltas(deltas: Mapping[str, Delta], source: WeightSource, target: W
     return TransferResult([results[p] for p in order], settings, time.perf_counter() - t0)
 
 
+class SimilarityScorer:
+    """Φ̂ (the weaker side) of a source and a target layer of equal shape, for layer maps.
+
+    A map scores every candidate pair of a role — 8 × 20 pairs for SSD-1B's 1280-wide input
+    blocks — so each layer is read and decomposed once: :meth:`prefetch` asks the engine for all
+    layers of a role in one call (side by side on the CPU, found by file identity when cached),
+    and their factors are kept here while that role's pairs are scored, and dropped at the next.
+    """
+
+    def __init__(self, source: WeightSource, target: WeightSource, engine: SVDEngine, rank: int = DEFAULT_RANK):
+        self.source, self.target, self.engine = source, target, engine
+        self.settings = TransferSettings(rank=rank)
+        self._factors: dict[tuple[str, str], object] = {}
+
+    def prefetch(self, source_keys: Iterable[str], target_keys: Iterable[str]) -> None:
+        """Decompose these layers now, replacing the factors kept so far."""
+        self._factors = self._fetch([("s", k) for k in source_keys] + [("t", k) for k in target_keys])
+
+    def _fetch(self, wanted: list[tuple[str, str]]) -> dict:
+        weights = {"s": self.source, "t": self.target}
+        factors = self.engine.factors_many(
+            [(_loader(weights[side], key), self.settings.rank_for(weights[side].shape(key))) for side, key in wanted],
+            identities=[_identity(weights[side], key) for side, key in wanted])
+        return dict(zip(wanted, factors))
+
+    def __call__(self, source_key: str, target_key: str) -> float:
+        missing = [w for w in (("s", source_key), ("t", target_key)) if w not in self._factors]
+        if missing:
+            self._factors.update(self._fetch(missing))
+        k = self.settings.rank_for(self.source.shape(source_key))
+        return layer_similarity(self._factors[("s", source_key)], self._factors[("t", target_key)], k).phi_hat_min
+
+
 def similarity_scorer(source: WeightSource, target: WeightSource, engine: SVDEngine,
-                      rank: int = DEFAULT_RANK) -> Callable[[str, str], float]:
-    """Φ̂ (the weaker side) of a source and a target layer of equal shape, for layer maps."""
-    settings = TransferSettings(rank=rank)
-
-    def score(source_key: str, target_key: str) -> float:
-        shape = source.shape(source_key)
-        k = settings.rank_for(shape)
-        fs = engine.factors(source.weight(source_key), k)
-        ft = engine.factors(target.weight(target_key), k)
-        return layer_similarity(fs, ft, k).phi_hat_min
-
-    return score
+                      rank: int = DEFAULT_RANK) -> SimilarityScorer:
+    """The scorer layer maps use (see :class:`SimilarityScorer`)."""
+    return SimilarityScorer(source, target, engine, rank)
 
 
 def _factors_of_pairs(engine: SVDEngine, source: WeightSource, target: WeightSource,
