@@ -23,6 +23,10 @@ Defaults, and why:
 Layers are processed in groups of equal shape (at most ``engine.batch_size`` at a time), weights
 are fetched from the source and target lazily through :class:`WeightSource`, and each group's
 tensors are dropped before the next is read, so memory in flight stays at a few layers.
+
+A key may name a slice of a fused weight (:mod:`lorax.fused`, e.g. the q rows of Flux's
+``img_attn.qkv``): the slice is then the layer — decomposed, scored and projected on its own —
+and a layer map pairs it through its fused weight.
 """
 
 from __future__ import annotations
@@ -37,6 +41,7 @@ import torch
 from .delta import Delta
 from .engine import SVDEngine
 from .errors import LoraxError
+from .fused import parse_slice_key, with_slices
 from .layer_map import LayerMap
 from .projection import MODES, project_lorax, project_paired, project_prolora
 from .similarity import LayerSimilarity, layer_similarity
@@ -132,9 +137,10 @@ class LayerTransfer:
         return self.target_key or self.key
 
     def row(self) -> dict:
-        """A JSON-ready row for reports (no tensors)."""
+        """A JSON-ready row for reports (no tensors). Slices of fused weights also carry
+        ``"fused"`` (the whole weight's key) and ``"slice"`` (which part of it)."""
         s = self.similarity
-        return {
+        out = {
             "key": self.target,
             "source_key": self.key,
             "decision": self.decision.value,
@@ -150,6 +156,11 @@ class LayerTransfer:
             "shape_target": list(self.shape_target) if self.shape_target else None,
             "note": self.note,
         }
+        part = parse_slice_key(self.target)
+        if part is not None:
+            out["fused"] = part.key
+            out["slice"] = part.describe()
+        return out
 
 
 @dataclass
@@ -194,9 +205,10 @@ def transfer_deltas(deltas: Mapping[str, Delta], source: WeightSource, target: W
     ``diffusion_model.input_blocks.1.1.transformer_blocks.0.attn1.to_q.weight``); without a
     ``layer_map`` each goes to the target weight of the same key, with one (see
     :mod:`lorax.layer_map`) to the target layers mapped from it. ``adapter_ranks`` gives the k
-    to use per source key for LoRA-X adapters.
+    to use per source key for LoRA-X adapters. Keys may be slice keys (:mod:`lorax.fused`).
     """
     t0 = time.perf_counter()
+    source, target = with_slices(source), with_slices(target)
     adapter_ranks = adapter_ranks or {}
     _check_explicit_rank(deltas, source, settings)
     targets_of: dict[str, list[str]] = {}
@@ -208,7 +220,7 @@ def transfer_deltas(deltas: Mapping[str, Delta], source: WeightSource, target: W
     groups: dict[tuple, list[tuple[str, str]]] = {}
     for key, delta in deltas.items():
         s_shape = source.shape(key) or tuple(delta.shape)
-        t_keys = targets_of.get(key, []) if layer_map is not None else [key]
+        t_keys = _target_keys(key, targets_of) if layer_map is not None else [key]
         if not t_keys or target.shape(t_keys[0]) is None:
             note = ("no target layer is mapped from this layer" if layer_map is not None
                     else "the target model has no weight with this key")
@@ -247,10 +259,20 @@ def transfer_deltas(deltas: Mapping[str, Delta], source: WeightSource, target: W
     return TransferResult([results[p] for p in order], settings, time.perf_counter() - t0)
 
 
+def _target_keys(key: str, targets_of: Mapping[str, list[str]]) -> list[str]:
+    """The target layers a layer map sends ``key`` to; a slice goes to the same rows of the
+    target layers its fused weight is mapped to."""
+    part = parse_slice_key(key)
+    if part is None:
+        return targets_of.get(key, [])
+    return [part.on(t).name for t in targets_of.get(part.key, [])]
+
+
 def similarity_scorer(source: WeightSource, target: WeightSource, engine: SVDEngine,
                       rank: int = DEFAULT_RANK) -> Callable[[str, str], float]:
     """Φ̂ (the weaker side) of a source and a target layer of equal shape, for layer maps."""
     settings = TransferSettings(rank=rank)
+    source, target = with_slices(source), with_slices(target)
 
     def score(source_key: str, target_key: str) -> float:
         shape = source.shape(source_key)
@@ -326,6 +348,7 @@ def similarity_table(source: WeightSource, target: WeightSource, keys: Iterable[
     "shape_source", "shape_target"}``, sorted by Φ ascending (least similar first).
     """
     settings = TransferSettings(rank=rank)
+    source, target = with_slices(source), with_slices(target)
     usable, rows = [], []
     for key in keys:
         s, t = source.shape(key), target.shape(key)

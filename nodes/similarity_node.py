@@ -16,7 +16,10 @@ from .transfer_job import check_distinct
 
 CATEGORY = "loaders/LoRA-X"
 LAYER_SETS = ("adapted by LoRAs (attention, feed-forward, proj)", "all linear and conv weights")
-_ADAPTED = re.compile(r"(transformer_blocks|\.attn|_attn|\.ff\.|\.mlp|proj_in|proj_out|\.qkv|linear[12]|\.to_[qkv])")
+# UNet attention / feed-forward / proj layers; every linear layer inside a DiT's blocks (Flux's double and
+# single blocks, SD3's joint blocks: attention, MLP and modulation), which is what LoRA trainers adapt there.
+_ADAPTED = re.compile(r"(transformer_blocks|\.attn|_attn|\.ff\.|\.mlp|proj_in|proj_out|\.qkv|linear[12]|\.to_[qkv]"
+                      r"|(double|single|joint)_blocks\.)")
 
 
 def compared_keys(source: PatcherWeights, target: PatcherWeights, layer_set: str) -> list[str]:
