@@ -49,6 +49,9 @@ def run_transfer(source_model, target_model, adapter: AdapterHandle, settings: T
     ``layer_map_mode`` ``similarity`` pairs layers by role and Φ̂ where the two models have different
     numbers of blocks (it coincides with pairing by name where they do not); ``name`` pairs equal keys
     only. ``user_map`` (``{"target key": "source key"}``) overrides both.
+
+    The report opens with the compatibility verdict (:mod:`lorax.verdict`); an adapter none of whose
+    modules lands on a layer fails with that sentence before any SVD is run.
     """
     check_distinct(source_model, target_model)
     # Text-encoder modules are read only when there is a target CLIP to put them on; otherwise

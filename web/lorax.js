@@ -3,9 +3,9 @@
 // Subspace Similarity Report and LoRA-X Transfer send {"text": [report], "lorax_report": [payload]}
 // (payload: lorax/report.py, report_payload). This draws the per-block view: one bar per layer family
 // in each block (height = median Φ, dark line = lowest Φ, white tick = Φ needed to pass the threshold,
-// green/orange/red = all/some/none of its layers transferred, red mark below = layers skipped), the
-// summary line, and on hover or click a block's layers (Φ and Φ̂ left and right, k, decision). The
-// text report stays available, read-only, under "Text report". LoRA-X Save, LoRA to LoRA-X and LoRA-X Train only
+// green/orange/red = all/some/none of its layers transferred, red mark below = layers skipped), a
+// transfer's one-line verdict (does the adapter fit the target at all), the summary line, and on
+// hover or click a block's layers (Φ and Φ̂ left and right, k, decision). The text report stays available, read-only, under "Text report". LoRA-X Save, LoRA to LoRA-X and LoRA-X Train only
 // send text, shown the same read-only way.
 //
 // Plain ES module, no build step: ComfyUI serves this folder (WEB_DIRECTORY) as it is.
