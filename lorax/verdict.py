@@ -26,7 +26,7 @@ FITS_SHARE = 0.9
 
 #: Cross-attention context width (the input of attn2's key projection) of each UNet family.
 _UNET_CONTEXT = {768: "SD1.x", 1024: "SD2.x", 2048: "SDXL"}
-_SOME_UNET = "a UNet model (SD1.x, SD2.x or SDXL)"
+_SOME_UNET = "SD1.x, SD2.x or SDXL"
 _UNET_NAMES = re.compile(r"(input_blocks|output_blocks|middle_block|down_blocks|up_blocks|mid_block)")
 _FLUX_NAMES = re.compile(r"(double_blocks|single_blocks|single_transformer_blocks)")
 _SD3_NAMES = re.compile(r"(joint_blocks|context_block|x_block)")
@@ -85,11 +85,12 @@ class Verdict:
         te = (f" {self.text_encoder_skipped} text-encoder modules were not counted: connect a CLIP to move them."
               if self.text_encoder_skipped else "")
         if self.mapped == 0:
-            made_for = f" (its module names say it was made for {self.architecture})" if self.architecture else ""
+            made_for = f" (its module names say {self.architecture})" if self.architecture else ""
             none = ("the adapter's only module matches no layer" if self.modules == 1 else
                     f"none of the adapter's {self.modules} modules matches a layer")
-            return (f"Verdict: does not fit — {none} of this {self.target} model{made_for}. Nothing was "
-                    f"transferred: use the adapter with a source model of the architecture it was made for.{te}")
+            return (f"Verdict: does not fit — {none} of this {self.target} model: it was made for another "
+                    f"architecture{made_for}. Nothing was transferred; connect a source model of the adapter's "
+                    f"own architecture.{te}")
         if self.compared == 0:
             return (f"Verdict: {self.level} — {self._mapping()}, but none of them is a matrix layer that can be "
                     f"compared (biases and norms only).{te}")

@@ -507,9 +507,9 @@ def check_report_view(comfy_server, browser, tmp_path):
                 head: d.querySelector('.lorax-detail-head').textContent,
                 rows: [...d.querySelectorAll('tbody tr')].map((tr) => [...tr.children].map((td) => td.textContent)),
                 blocks: view.blocks.map((b) => b.name),
-                verdict: [v.textContent, v.dataset.level, v.hidden, getComputedStyle(v).borderLeftColor]};
+                verdict: [v.textContent, v.dataset.level, v.hidden]};
     """, t_ui)
-    assert got["verdict"] == [t_verdict, "partly", False, "rgb(232, 150, 40)"]  # the transfer's verdict, orange
+    assert got["verdict"] == [t_verdict, "partly", False]  # the transfer's verdict, marked "partly" (orange)
     assert got["summary"] == summary_line(t_rows, threshold) and got["summary"].startswith("76 of 87 layers transferred")
     assert got["blocks"] == BLOCKS + ["te.layers.0"]
     assert got["block"] == "te.layers.0" and got["head"] == "te.layers.0: 3 layers, 0 transferred"

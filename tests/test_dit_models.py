@@ -285,9 +285,9 @@ def test_an_sd15_lora_on_flux_gets_one_sentence_not_a_warning_per_key(comfy_host
     prompt = _transfer_graph(models.dev, models.schnell, name, rank=RANK)
     with caplog.at_level(logging.WARNING), pytest.raises(host.ComfyExecutionError) as e:
         comfy_host.run_prompt(prompt, executor=models.executor)
-    verdict = (f"Verdict: does not fit — none of the adapter's {len(shapes)} modules matches a layer of this Flux model "
-               "(its module names say it was made for SD1.x). Nothing was transferred: use the adapter with a "
-               "source model of the architecture it was made for.")
+    verdict = (f"Verdict: does not fit — none of the adapter's {len(shapes)} modules matches a layer of this Flux model: "
+               "it was made for another architecture (its module names say SD1.x). Nothing was transferred; connect "
+               "a source model of the adapter's own architecture.")
     assert e.value.details["node_type"] == "LoraxLoad"  # the first node that sees the adapter, before any SVD
     assert e.value.details["exception_message"].strip().endswith(verdict)
     assert not [r for r in caplog.records if "lora key not loaded" in r.getMessage()]
@@ -450,9 +450,9 @@ def test_a_flux_lora_on_sd3_is_named_as_such(comfy_host, pack, models):
         comfy_host.run_prompt(_transfer_graph(models.sd3_src, models.sd3_tgt, name, rank=SD3_RANK),
                               executor=models.executor)
     assert e.value.details["exception_message"].strip().endswith(
-        "Verdict: does not fit — the adapter's only module matches no layer of this SD3 model (its module names "
-        "say it was made for Flux). Nothing was transferred: use the adapter with a source model of the architecture "
-        "it was made for.")
+        "Verdict: does not fit — the adapter's only module matches no layer of this SD3 model: it was made for "
+        "another architecture (its module names say Flux). Nothing was transferred; connect a source model of the "
+        "adapter's own architecture.")
 
 
 def test_split_sd3_lora_to_lorax_keeps_slices(comfy_host, pack, models):

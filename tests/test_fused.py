@@ -193,7 +193,7 @@ def test_verdict_does_not_fit():
     none = Verdict(target="Flux", modules=192, mapped=0, architecture="SD1.x")
     assert none.level == "does not fit" and "\n" not in none.line()
     assert none.line().startswith("Verdict: does not fit — none of the adapter's 192 modules matches a layer of this "
-                                  "Flux model (its module names say it was made for SD1.x)")
+                                  "Flux model: it was made for another architecture (its module names say SD1.x).")
     unrelated = Verdict(target="SD15", modules=4, mapped=4, compared=4, passed=0, threshold=0.3)
     assert unrelated.level == "does not fit" and "none of the 4 compared layers passes" in unrelated.line()
 
@@ -202,7 +202,7 @@ def test_verdict_does_not_fit():
     (["lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn2_to_k.lora_down.weight"], (4, 768), "SD1.x"),
     (["lora_unet_input_blocks_4_1_transformer_blocks_0_attn2_to_k.lora_down.weight"], (4, 2048), "SDXL"),
     (["unet.down_blocks.1.attentions.0.transformer_blocks.0.attn2.to_k.lora_A.weight"], (4, 1024), "SD2.x"),
-    (["lora_unet_input_blocks_1_0_emb_layers_1.lora_down.weight"], (4, 1280), "a UNet model (SD1.x, SD2.x or SDXL)"),
+    (["lora_unet_input_blocks_1_0_emb_layers_1.lora_down.weight"], (4, 1280), "SD1.x, SD2.x or SDXL"),
     (["lora_unet_double_blocks_0_img_attn_qkv.lora_down.weight"], (4, 3072), "Flux"),
     (["transformer.single_transformer_blocks.3.proj_mlp.lora_A.weight"], (4, 3072), "Flux"),
     (["lora_unet_joint_blocks_0_x_block_attn_qkv.lora_down.weight"], (4, 1536), "SD3"),
