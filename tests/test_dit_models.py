@@ -269,17 +269,15 @@ def test_diffusers_split_flux_lora_is_moved_slice_by_slice(comfy_host, pack, mod
         _check_patched(again[key], _weight(cap["cap_tgt"], key), parts)
 
 
-def _sd15_lora_layout() -> dict[str, tuple[int, int]]:
-    """kohya module names and (out, in) of every attention and feed-forward layer of SD1.5."""
-    layout = host._sd15_layout(model_channels=320, channel_mult=(1, 2, 4, 4), num_res_blocks=2,
-                               transformer_depth=[1, 1, 1, 0], context_dim=768, in_channels=4, out_channels=4)
-    return {host.kohya_lora_prefix(k): s for k, s, kind in layout
-            if kind == "linear" and "transformer_blocks" in k}
+def _sd15_lora_layout(unet) -> dict[str, tuple[int, int]]:
+    """kohya module names and (out, in) of every attention and feed-forward layer of an SD1.5 UNet."""
+    return {host.kohya_lora_prefix(k): tuple(w.shape) for k, w in unet.items()
+            if "transformer_blocks" in k and k.endswith(".weight") and w.dim() == 2}
 
 
-def test_an_sd15_lora_on_flux_gets_one_sentence_not_a_warning_per_key(comfy_host, pack, models, caplog):
+def test_an_sd15_lora_on_flux_gets_one_sentence_not_a_warning_per_key(comfy_host, pack, models, mini_sd15, caplog):
     rng = _rng(models.seed, 3)
-    shapes = _sd15_lora_layout()
+    shapes = _sd15_lora_layout(mini_sd15)
     lora = dm.kohya_lora(dm.lora_factors(shapes, rng, rank=2), alpha=2.0)
     name = comfy_host.save_lora(lora, "sd15_style.safetensors")
     prompt = _transfer_graph(models.dev, models.schnell, name, rank=RANK)
@@ -291,7 +289,7 @@ def test_an_sd15_lora_on_flux_gets_one_sentence_not_a_warning_per_key(comfy_host
     assert e.value.details["node_type"] == "LoraxLoad"  # the first node that sees the adapter, before any SVD
     assert e.value.details["exception_message"].strip().endswith(verdict)
     assert not [r for r in caplog.records if "lora key not loaded" in r.getMessage()]
-    assert len(shapes) >= 100
+    assert len(shapes) >= 30
 
 
 # --------------------------------------------------------------------------------------------
