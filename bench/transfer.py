@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Performance benchmark of a LoRA-X transfer on SD1.5- and SDXL-shaped checkpoints (not a test).
+"""Performance benchmark of a LoRA-X transfer on SD1.5-, SDXL- and Flux-shaped checkpoints (not a test).
 
 What it measures, per model (``--models sd15,sdxl``), on one device (``--device cpu|cuda``):
 
@@ -98,9 +98,31 @@ back to 0.55–0.6 s under the same load, as did ``--threads 1``. The table prin
 use. CPU time (``cpu s``) is the steadier measure under load with the passive policy; with the
 default (active) policy it also counts the spinning.
 
+Flux
+----
+``--models flux``: the layers LoRA trainers adapt in Flux.1's blocks, with the real shapes and
+ComfyUI key names (hidden 3072 = 24 heads of 128, MLP 4 × 3072, as ComfyUI 0.3.75's model detection
+sets them; ``--verify-keys`` checks them against ComfyUI's ``Flux`` class): per double block and
+stream (``img``/``txt``) ``_mod.lin`` (18432 × 3072), ``_attn.qkv`` (9216 × 3072, fused), ``_attn.proj``
+(3072²), ``_mlp.0`` (12288 × 3072), ``_mlp.2`` (3072 × 12288); per single block ``linear1`` (21504 × 3072,
+fused q, k, v and MLP input), ``linear2`` (3072 × 15360), ``modulation.lin`` (9216 × 3072). Flux.1 has
+19 double and 38 single blocks — 304 layers, 11.9 B parameters, 24 GB per model in float16 — so the
+benchmark runs a **block subset**, ``--flux-blocks D,S`` (default 1,1: the first D double and S single
+blocks, every layer class of the model, 13 layers, 0.48 B parameters), and *extrapolates* to the
+full model per layer class: every double block has the same layers, as has every single block, so
+the time of a full run is ``19/D × (time of the double blocks) + 38/S × (time of the single blocks)``,
+timed separately within the run. The peak extra memory does not grow with the number of blocks (a
+few layers in flight, ``max_batch_bytes``, and the engine's bounded memo), which the figure of the
+subset shows; the on-disk SVD cache does grow, and its size for the full model is printed.
+``--dtype fp8`` stores the weights as ``float8_e4m3fn`` (what most people run Flux in): each layer is
+upcast on its own. Defaults for Flux: runs ``read,gram,warm`` (the naive baseline would add a float32
+SVD of 26 matrices up to 21504 × 3072) and no float64 reference sample (``--ref-per-shape 1`` adds one
+layer per shape class, minutes each here; the tests check Flux-width layers against closed-form SVDs).
+
 Usage::
 
     .venv/bin/python bench/transfer.py --quick                       # ~1-2 min sanity run
+    .venv/bin/python bench/transfer.py --models flux --dtype fp8     # Flux, 1 double + 1 single block
     .venv/bin/python bench/transfer.py --models sd15                 # full SD1.5
     .venv/bin/python bench/transfer.py --models sdxl --cache-dir /tmp/lorax-bench --keep-files
     .venv/bin/python bench/transfer.py --models sd15 --profile       # where the gram route's time goes
@@ -168,6 +190,17 @@ EXPECTED_LAYERS = {"sd15": 192, "sdxl": 722}
 # --quick: one transformer per width (and only its first block), so every shape class is present.
 QUICK_TRANSFORMERS = {"sd15": ["input_blocks.1.1", "input_blocks.4.1", "middle_block.1"],
                       "sdxl": ["input_blocks.4.1", "middle_block.1"]}
+
+# Flux.1 (dev and schnell share the shapes): ComfyUI 0.3.75 comfy/model_detection.py sets 24 heads
+# (rotary axes 16 + 56 + 56 = 128 per head, so hidden 3072) and mlp_ratio 4; 19 double, 38 single blocks.
+FLUX_HIDDEN = 3072
+FLUX_MLP = 4 * FLUX_HIDDEN
+FLUX_BLOCKS = (19, 38)
+MODELS = ("sd15", "sdxl", "flux")
+DEFAULT_RUNS = {"sd15": "read,gram,warm,randomized,baseline", "sdxl": "read,gram,warm,randomized,baseline",
+                "flux": "read,gram,warm"}
+DEFAULT_REF_PER_SHAPE = {"sd15": 2, "sdxl": 2, "flux": 0}
+STORAGE = {"fp16": (torch.float16, "F16"), "bf16": (torch.bfloat16, "BF16"), "fp8": (torch.float8_e4m3fn, "F8_E4M3")}
 
 SPECTRUM_EXPONENT = 0.8     # σ_i ∝ i^-0.8
 ENTRY_RMS = 0.02            # rms of a source weight's entries
@@ -251,6 +284,62 @@ def config_layers(cfg: dict, quick_transformers=None) -> list[tuple[str, tuple[i
     return layers
 
 
+def flux_layers(double: int, single: int) -> list[tuple[str, tuple[int, ...]]]:
+    """``(ComfyUI key, shape)`` of every linear layer in the first ``double`` double and ``single``
+    single blocks of Flux.1 (module docstring)."""
+    h, mlp = FLUX_HIDDEN, FLUX_MLP
+    layers = []
+    for i in range(double):
+        for stream in ("img", "txt"):
+            b = f"diffusion_model.double_blocks.{i}.{stream}"
+            layers += [(f"{b}_mod.lin.weight", (6 * h, h)), (f"{b}_attn.qkv.weight", (3 * h, h)),
+                       (f"{b}_attn.proj.weight", (h, h)), (f"{b}_mlp.0.weight", (mlp, h)),
+                       (f"{b}_mlp.2.weight", (h, mlp))]
+    for i in range(single):
+        b = f"diffusion_model.single_blocks.{i}"
+        layers += [(f"{b}.linear1.weight", (3 * h + mlp, h)), (f"{b}.linear2.weight", (h, h + mlp)),
+                   (f"{b}.modulation.lin.weight", (3 * h, h))]
+    return layers
+
+
+def block_kind(key: str) -> str:
+    """The layer class a key's time is extrapolated by: Flux's double or single blocks, or the whole UNet."""
+    for kind in ("double_blocks", "single_blocks"):
+        if f".{kind}." in key:
+            return kind
+    return "all"
+
+
+def model_layers(model: str, args) -> list[tuple[str, tuple[int, ...]]]:
+    if model == "flux":
+        return flux_layers(*args.flux_blocks)
+    return unet_layers(model, args.quick)
+
+
+def subset_label(model: str, args) -> str:
+    """How the model was cut down, for tables (empty for a full model)."""
+    if model == "flux":
+        d, s = args.flux_blocks
+        return "" if (d, s) == FLUX_BLOCKS else f" ({d}+{s} of {FLUX_BLOCKS[0]}+{FLUX_BLOCKS[1]} blocks)"
+    return " (quick)" if args.quick else ""
+
+
+_VERIFY_FLUX_SNIPPET = r"""
+import json, sys, torch
+sys.path.insert(0, sys.argv[1])
+import comfy.cli_args
+comfy.cli_args.args.cpu = True
+import comfy.ops
+from comfy.ldm.flux.model import Flux
+cfg = dict(image_model="flux", axes_dim=[16, 56, 56], num_heads=24, mlp_ratio=4.0, theta=10000, out_channels=16,
+           qkv_bias=True, in_channels=16, hidden_size=3072, context_in_dim=4096, patch_size=2, vec_in_dim=768,
+           depth=19, depth_single_blocks=38, guidance_embed=True)
+m = Flux(**cfg, device="meta", operations=comfy.ops.disable_weight_init)
+print(json.dumps({"diffusion_model." + k: list(v.shape) for k, v in m.state_dict().items()
+                  if k.endswith(".weight") and v.dim() >= 2 and ("double_blocks" in k or "single_blocks" in k)}))
+"""
+
+
 _VERIFY_SNIPPET = r"""
 import json, sys, torch
 sys.path.insert(0, sys.argv[1])
@@ -284,14 +373,20 @@ def verify_keys(models: list[str]) -> None:
     tree = os.environ.get("COMFYUI_PATH") or str(Path.home() / ".cache" / "lorax-comfyui" / "ComfyUI-0.3.75")
     if not (Path(tree) / "comfy").is_dir():
         raise SystemExit(f"--verify-keys needs a ComfyUI tree ($COMFYUI_PATH or {tree}); run scripts/setup")
-    cfgs = {m: UNET_CONFIGS[m] for m in models}
-    res = subprocess.run([sys.executable, "-c", _VERIFY_SNIPPET, tree, json.dumps(cfgs)],
-                         capture_output=True, text=True, cwd=tempfile.gettempdir())
-    if res.returncode != 0:
-        raise SystemExit(f"--verify-keys: ComfyUI's UNetModel could not be built:\n{res.stderr[-3000:]}")
-    comfy = json.loads(res.stdout.strip().splitlines()[-1])
+    cfgs = {m: UNET_CONFIGS[m] for m in models if m in UNET_CONFIGS}
+    comfy = {}
+    for snippet, arg, names in ((_VERIFY_SNIPPET, json.dumps(cfgs), list(cfgs)),
+                                (_VERIFY_FLUX_SNIPPET, "", ["flux"] if "flux" in models else [])):
+        if not names:
+            continue
+        res = subprocess.run([sys.executable, "-c", snippet, tree, arg],
+                             capture_output=True, text=True, cwd=tempfile.gettempdir())
+        if res.returncode != 0:
+            raise SystemExit(f"--verify-keys: ComfyUI's model class could not be built:\n{res.stderr[-3000:]}")
+        out = json.loads(res.stdout.strip().splitlines()[-1])
+        comfy.update(out if names != ["flux"] else {"flux": out})
     for model in models:
-        ours = {k: list(s) for k, s in unet_layers(model)}
+        ours = {k: list(s) for k, s in (flux_layers(*FLUX_BLOCKS) if model == "flux" else unet_layers(model))}
         theirs = comfy[model]
         missing = sorted(set(theirs) - set(ours))
         extra = sorted(set(ours) - set(theirs))
@@ -299,7 +394,8 @@ def verify_keys(models: list[str]) -> None:
         if missing or extra or wrong:
             raise SystemExit(f"--verify-keys {model}: missing {missing[:5]}, extra {extra[:5]}, "
                              f"wrong shapes {wrong[:5]}")
-        print(f"verify-keys: {model}: all {len(ours)} keys and shapes match ComfyUI {tree}'s UNetModel")
+        what = "Flux" if model == "flux" else "UNetModel"
+        print(f"verify-keys: {model}: all {len(ours)} keys and shapes match ComfyUI {tree}'s {what}")
 
 
 # --------------------------------------------------------------------------------------------
@@ -368,15 +464,18 @@ class StreamingSafetensorsWriter:
     interrupted generation never leaves a file that looks complete.
     """
 
-    def __init__(self, path: Path, entries: list[tuple[str, tuple[int, ...]]], metadata: dict[str, str]):
+    def __init__(self, path: Path, entries: list[tuple[str, tuple[int, ...]]], metadata: dict[str, str],
+                 storage: str = "fp16"):
         self.path = Path(path)
         self.part = self.path.with_name(self.path.name + ".part")
+        self.dtype, code = STORAGE[storage]
         header: dict = {"__metadata__": metadata}
         offset = 0
         self._expected = []
+        size = torch.empty((), dtype=self.dtype).element_size()
         for name, shape in entries:
-            nbytes = 2 * math.prod(shape)
-            header[name] = {"dtype": "F16", "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
+            nbytes = size * math.prod(shape)
+            header[name] = {"dtype": code, "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
             self._expected.append((name, tuple(shape)))
             offset += nbytes
         raw = json.dumps(header, separators=(",", ":")).encode()
@@ -389,8 +488,8 @@ class StreamingSafetensorsWriter:
 
     def write(self, name: str, tensor: torch.Tensor) -> None:
         exp_name, exp_shape = self._expected[self._next]
-        if name != exp_name or tuple(tensor.shape) != exp_shape or tensor.dtype != torch.float16:
-            raise RuntimeError(f"writer expected {exp_name} {exp_shape} float16, got {name} {tuple(tensor.shape)} "
+        if name != exp_name or tuple(tensor.shape) != exp_shape or tensor.dtype != self.dtype:
+            raise RuntimeError(f"writer expected {exp_name} {exp_shape} {self.dtype}, got {name} {tuple(tensor.shape)} "
                                f"{tensor.dtype}")
         self._f.write(tensor.contiguous().view(torch.uint8).numpy().data)
         self._next += 1
@@ -409,13 +508,17 @@ class StreamingSafetensorsWriter:
             pass
 
 
-def model_files(model: str, layers, seed: int, quick: bool, folder: Path, log) -> tuple[Path, Path, float]:
+def model_files(model: str, layers, seed: int, subset: str, folder: Path, log,
+                storage: str = "fp16") -> tuple[Path, Path, float]:
     """Source and target files for ``model`` in ``folder`` (made if absent); seconds spent making them."""
-    spec = json.dumps({"model": model, "layers": layers, "seed": seed, "version": GENERATOR_VERSION,
-                       "exp": SPECTRUM_EXPONENT, "rms": ENTRY_RMS, "ft": [FINE_TUNE_STRENGTH, FINE_TUNE_RANK,
-                                                                          FINE_TUNE_DENSE_FRACTION]})
+    spec = {"model": model, "layers": layers, "seed": seed, "version": GENERATOR_VERSION,
+            "exp": SPECTRUM_EXPONENT, "rms": ENTRY_RMS, "ft": [FINE_TUNE_STRENGTH, FINE_TUNE_RANK,
+                                                               FINE_TUNE_DENSE_FRACTION]}
+    if storage != "fp16":
+        spec["storage"] = storage
+    spec = json.dumps(spec)
     tag = hashlib.sha256(spec.encode()).hexdigest()[:12]
-    stem = f"{model}{'-quick' if quick else ''}-seed{seed}-{tag}"
+    stem = f"{model}{'-' + subset if subset else ''}{'' if storage == 'fp16' else '-' + storage}-seed{seed}-{tag}"
     paths = (folder / f"{stem}-source.safetensors", folder / f"{stem}-target.safetensors")
     if all(p.exists() for p in paths):
         try:
@@ -424,23 +527,25 @@ def model_files(model: str, layers, seed: int, quick: bool, folder: Path, log) -
                 return paths[0], paths[1], 0.0
         except Exception as e:  # noqa: BLE001 - a damaged file is simply made again
             log(f"  existing files unusable ({e}); making them again")
-    need = 2 * sum(2 * math.prod(s) for _, s in layers)
+    elem = torch.empty((), dtype=STORAGE[storage][0]).element_size()
+    need = 2 * sum(elem * math.prod(s) for _, s in layers)
     free = shutil.disk_usage(folder).free
     if free < need * 1.1 + (1 << 30):
         raise SystemExit(f"not enough free disk in {folder}: the {model} files need {need / 1e9:.1f} GB "
                          f"(+ SVD caches), {free / 1e9:.1f} GB free; use --cache-dir")
-    log(f"  making {model} source and target ({need / 2e9:.2f} GB each, float16) in {folder} …")
+    log(f"  making {model} source and target ({need / 2e9:.2f} GB each, {storage}) in {folder} …")
     t0 = time.perf_counter()
     synth = Synth(seed)
     names = [(CHECKPOINT_PREFIX + key[len("diffusion_model."):], shape) for key, shape in layers]
     meta = {"bench_spec": tag, "bench": "bench/transfer.py synthetic " + model}
-    ws = StreamingSafetensorsWriter(paths[0], names, meta)
-    wt = StreamingSafetensorsWriter(paths[1], names, meta)
+    dtype = STORAGE[storage][0]
+    ws = StreamingSafetensorsWriter(paths[0], names, meta, storage)
+    wt = StreamingSafetensorsWriter(paths[1], names, meta, storage)
     try:
         for (key, shape), (name, _) in zip(layers, names):
             Ws, Wt, _ = synth.layer(model, key, shape)
-            ws.write(name, Ws.to(torch.float16).reshape(shape))
-            wt.write(name, Wt.to(torch.float16).reshape(shape))
+            ws.write(name, Ws.to(dtype).reshape(shape))
+            wt.write(name, Wt.to(dtype).reshape(shape))
             del Ws, Wt
         ws.close()
         wt.close()
@@ -621,6 +726,8 @@ class Row:
     moved: int | None = None
     errors: list[float] = field(default_factory=list)
     note: str = ""
+    part_seconds: dict = field(default_factory=dict)   # wall seconds per block kind (extrapolation)
+    cache_bytes: int = 0
 
 
 def rel_error(run: Delta | None, ref: Delta) -> float:
@@ -683,19 +790,22 @@ def build_reference(model, layers, deltas, source, target, settings, per_shape, 
 
 
 def run_model(model: str, args, device: torch.device, folder: Path, log) -> tuple[list[Row], dict]:
-    layers = unet_layers(model, args.quick)
-    info: dict = {"model": model, "layers": len(layers)}
-    log(f"\n== {model}{' (quick subset)' if args.quick else ''}: {len(layers)} layers, "
-        f"{len({tuple(s) for _, s in layers})} shape classes")
-    src_path, tgt_path, made_s = model_files(model, layers, args.seed, args.quick, folder, log)
+    layers = model_layers(model, args)
+    per_shape = DEFAULT_REF_PER_SHAPE[model] if args.ref_per_shape is None else args.ref_per_shape
+    info: dict = {"model": model, "layers": len(layers), "ref_per_shape": per_shape,
+                  "params": sum(math.prod(s) for _, s in layers)}
+    log(f"\n== {model}{subset_label(model, args)}: {len(layers)} layers, "
+        f"{len({tuple(s) for _, s in layers})} shape classes, {info['params'] / 1e9:.2f} B parameters, "
+        f"stored {args.dtype}")
+    subset = "-".join(map(str, args.flux_blocks)) if model == "flux" else ("quick" if args.quick else "")
+    src_path, tgt_path, made_s = model_files(model, layers, args.seed, subset, folder, log, args.dtype)
     if made_s:
         log(f"  made in {made_s:.1f} s")
     info["file_gb"] = os.path.getsize(src_path) / 1e9
     source, target = SafetensorsWeights(src_path), SafetensorsWeights(tgt_path)
     deltas = make_adapter(model, layers, args.seed)
     settings = TransferSettings()
-    refs, floor = build_reference(model, layers, deltas, source, target, settings, args.ref_per_shape,
-                                  args.seed, log)
+    refs, floor = build_reference(model, layers, deltas, source, target, settings, per_shape, args.seed, log)
     info["floor"] = floor
     info["ref_keys"] = list(refs)
     release_memory()
@@ -704,7 +814,12 @@ def run_model(model: str, args, device: torch.device, folder: Path, log) -> tupl
     shapes = dict(layers)
     min_free = int(args.min_free_gb * (1 << 30))
     rows: list[Row] = []
-    runs = args.runs
+    runs = args.runs if args.runs is not None else {r for r in DEFAULT_RUNS[model].split(",")}
+    # Flux: the double and the single blocks go through the engine one after the other and are
+    # timed apart, to extrapolate to the full model per layer class (module docstring).
+    parts: dict[str, dict[str, Delta]] = {}
+    for key, d in deltas.items():
+        parts.setdefault(block_kind(key), {})[key] = d
 
     def errors_of(moved: dict[str, Delta]) -> list[float]:
         return [rel_error(moved.get(key), ref) for key, ref in refs.items()]
@@ -722,21 +837,30 @@ def run_model(model: str, args, device: torch.device, folder: Path, log) -> tupl
         label = f"{method} {'warm' if warm else 'cold'}"
         log(f"  {label} …")
         res = None
+        part_seconds = {}
         try:
             with measured(device, min_free_bytes=min_free) as m:
-                res = transfer_deltas(deltas, source, target, settings, engine)
+                res = []
+                for kind, part in parts.items():
+                    t0 = time.perf_counter()
+                    res += transfer_deltas(part, source, target, settings, engine).layers
+                    part_seconds[kind] = time.perf_counter() - t0
         except KeyboardInterrupt:
             if not m.aborted:
                 raise
-        moved = {} if res is None else {l.key: l.delta for l in res.layers if l.decision is Decision.TRANSFERRED}
+            res = None
+        moved = {} if res is None else {l.key: l.delta for l in res if l.decision is Decision.TRANSFERRED}
         row = Row(model, len(layers), label, m, warm=warm, svds=engine.stats.layers_decomposed,
-                  moved=None if res is None else len(moved), errors=[] if res is None else errors_of(moved))
-        cache_bytes = store.size_bytes()
+                  moved=None if res is None else len(moved), errors=[] if res is None else errors_of(moved),
+                  part_seconds=part_seconds)
+        cache_bytes = row.cache_bytes = store.size_bytes()
         row.note = (("ABORTED by the " + m.aborted + "; " if m.aborted else "") +
                     f"{engine.stats.svd_calls} SVD calls ({engine.stats.peak_workers} side by side at most), "
                     f"{engine.stats.disk_hits} cache hits, SVD time {engine.stats.seconds:.1f} s; cache "
                     f"{len(store.entries())} entries, {cache_bytes / 1e9:.2f} GB (limit {store.max_bytes / 1e9:.2f} GB); "
-                    f"engine memo {engine.memo_bytes / 1e9:.2f} GB ({engine.factor_dtype})" + worst(row.errors))
+                    f"engine memo {engine.memo_bytes / 1e9:.2f} GB ({engine.factor_dtype})" + worst(row.errors) +
+                    ("" if len(part_seconds) < 2 else
+                     "; " + ", ".join(f"{k.replace('_', ' ')} {v:.1f} s" for k, v in part_seconds.items())))
         log(f"    {m.seconds:.1f} s; {row.note}")
         del res, moved, engine
         return row
@@ -791,8 +915,9 @@ def _best(fn, repeat: int) -> float:
 def profile_model(model: str, args, folder: Path, log) -> None:
     """Time each step of one gram-route layer (source or target) per shape class, best of
     ``--repeat``, and extrapolate to the model: steps × layers of the class × 2 (both models)."""
-    layers = unet_layers(model, args.quick)
-    src_path, tgt_path, _ = model_files(model, layers, args.seed, args.quick, folder, log)
+    layers = model_layers(model, args)
+    subset = "-".join(map(str, args.flux_blocks)) if model == "flux" else ("quick" if args.quick else "")
+    src_path, tgt_path, _ = model_files(model, layers, args.seed, subset, folder, log, args.dtype)
     target = SafetensorsWeights(tgt_path)
     source = SafetensorsWeights(src_path)
     settings = TransferSettings()
@@ -805,7 +930,7 @@ def profile_model(model: str, args, folder: Path, log) -> None:
     total = dict.fromkeys(steps, 0.0)
     cache_dir = Path(tempfile.mkdtemp(prefix="svdcache-profile-", dir=folder))
     r = args.repeat
-    print(f"\nprofile of the gram route, {model}{' (quick)' if args.quick else ''}: seconds per layer "
+    print(f"\nprofile of the gram route, {model}{subset_label(model, args)}: seconds per layer "
           f"(best of {r}), × count = layers of the class in both models")
     head = f"{'shape':>16} {'k':>4} {'count':>5} " + " ".join(f"{s:>11}" for s in steps)
     print(head)
@@ -875,7 +1000,7 @@ def print_table(rows: list[Row], infos: list[dict], device: torch.device, args, 
     for r in rows:
         b = base.get(r.model)
         mx, md = fmt_err(r.errors)
-        cells = [r.model + (" (quick)" if args.quick else ""), str(r.layers),
+        cells = [r.model + subset_label(r.model, args), str(r.layers),
                  r.method + (" ABORTED" if r.measure.aborted else ""),
                  "" if r.warm else f"{r.measure.seconds:.1f}", f"{r.measure.seconds:.1f}" if r.warm else "",
                  f"{b / r.measure.seconds:.2f}" if b and not r.method.startswith("read") else "-",
@@ -913,16 +1038,22 @@ def print_table(rows: list[Row], infos: list[dict], device: torch.device, args, 
         if floor:
             fl = ", ".join(f"{s[0]}×{s[1]}{'×1×1' if len(s) == 4 else ''}: {e:.1e}" for s, e, _ in floor)
             print(f"{info['model']}: files {info['file_gb']:.2f} GB each; error sample {len(info['ref_keys'])} "
-                  f"layers ({args.ref_per_shape} per shape class); float16 storage floor (projected delta, "
+                  f"layers ({info['ref_per_shape']} per shape class); {args.dtype} storage floor (projected delta, "
                   f"analytic vs stored source basis): {fl}")
+        elif not info["ref_keys"]:
+            print(f"{info['model']}: files {info['file_gb']:.2f} GB each ({args.dtype}); no float64 reference sample "
+                  f"(--ref-per-shape 0): the error columns are empty")
     for r in rows:
         if r.note:
             print(f"  {r.model} {r.method}: {r.note}")
+    for info in infos:
+        if info["model"] == "flux":
+            print_flux_extrapolation([r for r in rows if r.model == "flux"], info, args)
     print("\ntargets" + (" (CPU targets; informational on cuda)" if cuda else " (CPU)") + ":")
     for model in dict.fromkeys(r.model for r in rows):
         mr = {r.method: r for r in rows if r.model == model}
         b = base.get(model)
-        quick = " [quick subset]" if args.quick else ""
+        quick = f" [subset{subset_label(model, args)}]" if subset_label(model, args) else ""
         for r in mr.values():
             if r.measure.aborted:
                 print(f"  {model}{quick}: {r.method} did not finish ({r.measure.aborted}): MISS")
@@ -950,6 +1081,39 @@ def print_table(rows: list[Row], infos: list[dict], device: torch.device, args, 
                       f"{'PASS' if mb <= TARGET_EXTRA_RSS_MB else 'MISS'}")
 
 
+def flux_cache_bytes(layers, settings: TransferSettings) -> int:
+    """What the SVD cache holds for these layers of both models: float32 U (m×k), σ, V (n×k) each."""
+    total = 0
+    for _, shape in layers:
+        m, n = _matrix_shape(shape)
+        total += 2 * 4 * (m + n + 1) * settings.rank_for(shape)
+    return total
+
+
+def print_flux_extrapolation(rows: list[Row], info: dict, args) -> None:
+    """Full Flux.1 from the block subset, per layer class (module docstring)."""
+    d, s = args.flux_blocks
+    scale = {"double_blocks": FLUX_BLOCKS[0] / d, "single_blocks": FLUX_BLOCKS[1] / s}
+    full = flux_layers(*FLUX_BLOCKS)
+    settings = TransferSettings()
+    print(f"\nflux extrapolated to Flux.1 ({FLUX_BLOCKS[0]} double + {FLUX_BLOCKS[1]} single blocks, {len(full)} layers, "
+          f"{sum(math.prod(x) for _, x in full) / 1e9:.1f} B parameters) from the {d}+{s}-block subset "
+          f"({info['layers']} layers), per block kind: time × {scale['double_blocks']:g} (double) and × "
+          f"{scale['single_blocks']:g} (single):")
+    for r in rows:
+        if not r.part_seconds or r.measure.aborted:
+            continue
+        total = sum(scale[k] * v for k, v in r.part_seconds.items())
+        parts = " + ".join(f"{scale[k]:g} × {v:.1f} s" for k, v in r.part_seconds.items())
+        print(f"  {r.method}: {parts} = {total:.0f} s ({total / 60:.1f} min); peak extra RSS stays at the "
+              f"subset's {r.measure.extra_rss / 2**20:.0f} MB (bounded per layer, not per model)")
+    subset_cache = flux_cache_bytes(flux_layers(d, s), settings)
+    measured_cache = max((r.cache_bytes for r in rows if r.cache_bytes), default=0)
+    print(f"  SVD cache for a LoRA on every layer: {subset_cache / 1e9:.2f} GB computed for the subset "
+          f"(measured {measured_cache / 1e9:.2f} GB on disk), {flux_cache_bytes(full, settings) / 1e9:.1f} GB for the "
+          f"full model: a warm run of such a LoRA needs LORAX_SVD_CACHE_GB of at least that (default 4).")
+
+
 def _git_state() -> str:
     try:
         head = subprocess.run(["git", "-C", str(REPO_ROOT), "log", "-1", "--format=%h %ad", "--date=iso"],
@@ -975,15 +1139,20 @@ def _cpu_model() -> str:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--models", default="sd15,sdxl", help="comma-separated: sd15, sdxl (default both)")
+    p.add_argument("--models", default="sd15,sdxl", help="comma-separated: sd15, sdxl, flux (default sd15,sdxl)")
     p.add_argument("--quick", action="store_true", help="one transformer block per width (~1-2 min in all)")
+    p.add_argument("--flux-blocks", default="1,1",
+                   help="Flux block subset D,S: the first D double and S single blocks (default 1,1; 19,38 is the "
+                        "full model, ~24 GB per file in fp16); times are extrapolated to 19,38 per block kind")
+    p.add_argument("--dtype", default="fp16", choices=list(STORAGE),
+                   help="how the synthetic weights are stored (default fp16; fp8 = float8_e4m3fn)")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--cache-dir", help="where the synthetic models (and the SVD caches) go; files with the "
                                        "same specification are reused (default: a temporary folder)")
     p.add_argument("--keep-files", action="store_true",
                    help="keep the synthetic models at exit (the SVD caches are always removed)")
-    p.add_argument("--runs", default="read,gram,warm,randomized,baseline",
-                   help="which runs (default all): read, gram, warm, randomized, baseline")
+    p.add_argument("--runs", default=None,
+                   help="which runs: read, gram, warm, randomized, baseline (default all; read,gram,warm for flux)")
     p.add_argument("--cache-gb", type=float, default=None,
                    help="SVD cache size limit in GiB (default: the library's default, 4)")
     p.add_argument("--memo-mb", type=float, default=None,
@@ -992,7 +1161,8 @@ def main(argv=None) -> int:
     p.add_argument("--workers", type=int, default=None,
                    help="SVDEngine(workers=…): decompositions side by side on the CPU (default: the "
                         "library's default, torch.get_num_threads())")
-    p.add_argument("--ref-per-shape", type=int, default=2, help="reference layers per shape class (default 2)")
+    p.add_argument("--ref-per-shape", type=int, default=None,
+                   help="reference layers per shape class (default 2; 0 for flux)")
     p.add_argument("--profile", action="store_true", help="profile the gram route per shape class instead")
     p.add_argument("--repeat", type=int, default=3, help="repetitions per profiled step (best is kept)")
     p.add_argument("--verify-keys", action="store_true",
@@ -1005,12 +1175,20 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     models = [m.strip() for m in args.models.split(",") if m.strip()]
     for m in models:
-        if m not in UNET_CONFIGS:
-            p.error(f"unknown model {m!r}; choose from {', '.join(UNET_CONFIGS)}")
-    args.runs = {r.strip() for r in args.runs.split(",") if r.strip()}
-    bad = args.runs - {"read", "gram", "warm", "randomized", "baseline"}
-    if bad:
-        p.error(f"unknown runs {sorted(bad)}")
+        if m not in MODELS:
+            p.error(f"unknown model {m!r}; choose from {', '.join(MODELS)}")
+    try:
+        args.flux_blocks = tuple(int(x) for x in args.flux_blocks.split(","))
+        if len(args.flux_blocks) != 2 or not (1 <= args.flux_blocks[0] <= FLUX_BLOCKS[0]
+                                              and 1 <= args.flux_blocks[1] <= FLUX_BLOCKS[1]):
+            raise ValueError
+    except ValueError:
+        p.error(f"--flux-blocks must be D,S with 1 ≤ D ≤ {FLUX_BLOCKS[0]} and 1 ≤ S ≤ {FLUX_BLOCKS[1]}")
+    if args.runs is not None:
+        args.runs = {r.strip() for r in args.runs.split(",") if r.strip()}
+        bad = args.runs - {"read", "gram", "warm", "randomized", "baseline"}
+        if bad:
+            p.error(f"unknown runs {sorted(bad)}")
     device = torch.device(args.device)
     if args.threads:
         torch.set_num_threads(args.threads)

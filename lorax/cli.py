@@ -108,6 +108,7 @@ def cmd_transfer(args) -> int:
     handle = be.run_transfer(source, target, adapter, settings, _engine(args.exact), strength=args.strength,
                              progress=_progress("transfer"), layer_map_mode=args.layer_map,
                              user_map=_user_map(args.layer_map_file))
+    print(handle.verdict)
     for row in handle.rows:
         phi = "" if row.get("phi_hat") is None else f"  Φ̂ {row['phi_hat']:.3f}/{row['phi_hat_right']:.3f}"
         kept = "" if row.get("energy_kept") is None else f"  kept {100 * row['energy_kept']:.0f}%"

@@ -22,6 +22,7 @@ import torch
 from .delta import Delta
 from .engine import SVDEngine
 from .fingerprint import weight_sketch
+from .fused import with_slices
 from .lorax_adapter import LoraxAdapter
 from .svd import SVDFactors, max_rank
 from .transfer import WeightSource
@@ -54,8 +55,10 @@ def convert_deltas(deltas: Mapping[str, Delta], modules: Mapping[str, str], sour
     """LoRA-X adapter (``Δσ`` per module, r = min(rank, layer rank)) and a per-layer report.
 
     ``deltas`` are keyed by model key; ``modules`` maps model keys to the module names written to
-    the file. Layers that are not matrices are left out of both.
+    the file; keys may be slice keys of fused weights (:mod:`lorax.fused`). Layers that are not
+    matrices are left out of both.
     """
+    source = with_slices(source)
     sigmas, sketches, layers = {}, {}, []
     keys = [k for k in deltas if len(deltas[k].shape) >= 2]
     ks = [min(rank, max_rank(deltas[k].shape)) for k in keys]

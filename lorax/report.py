@@ -2,8 +2,12 @@
 compact per-block payload the nodes' in-graph view draws (``web/lorax.js``).
 
 Layers are grouped the way users think of a model: UNet blocks in order (input, middle,
-output), or a DiT's own blocks (double/single, joint…), and within a block by layer family
-(``attn1.to_q``, ``attn2.to_k``, ``ff``, ``proj_in``…).
+output), or a DiT's own blocks (Flux's double and single blocks, SD3's joint blocks), and within
+a block by layer family named after the model's own modules: ``attn1.to_q``, ``attn2.to_k``,
+``ff.0``, ``proj_in`` in a UNet; ``img_attn.qkv``, ``txt_attn.proj``, ``img_mlp.0``, ``img_mod``
+(modulation), ``linear1``, ``linear2``, ``modulation`` in Flux; ``x_block.attn.qkv``,
+``context_block.mlp.fc1``, ``x_block.adaLN_modulation`` in SD3. A slice of a fused weight
+(:mod:`lorax.fused`) is its own family: ``img_attn.qkv[q]``, ``linear1[mlp]``.
 """
 
 from __future__ import annotations
@@ -13,6 +17,8 @@ import re
 import statistics
 from typing import Iterable, Mapping, Sequence
 
+from .fused import parse_slice_key
+
 _PREFIXES = ("diffusion_model.", "model.diffusion_model.")
 #: The decision a similarity report gives a layer that a transfer would move.
 PASSES = "passes threshold"
@@ -21,6 +27,14 @@ LOW_SIMILARITY = "skipped: similarity below threshold"
 _BLOCK_ORDER = {"input_blocks": 0, "down_blocks": 0, "middle_block": 1, "mid_block": 1, "output_blocks": 2,
                 "up_blocks": 2, "double_blocks": 3, "joint_blocks": 3, "transformer_blocks": 3,
                 "single_blocks": 4, "single_transformer_blocks": 4}
+#: Weights of a DiT outside its blocks: the inputs go before the blocks, the output layer after.
+_DIT_INPUTS = ("img_in", "txt_in", "time_in", "vector_in", "guidance_in", "x_embedder", "context_embedder",
+               "t_embedder", "y_embedder", "pos_embed")
+_DIT_OUTPUTS = ("final_layer",)
+#: SD3's two streams inside a joint block; families are named with the stream first.
+_STREAMS = ("x_block", "context_block")
+#: Modulation layers (adaLN): Flux's ``img_mod.lin`` / ``modulation.lin``, SD3's ``adaLN_modulation.1``.
+_MODULATIONS = ("img_mod", "txt_mod", "modulation", "adaLN_modulation")
 _TEXT_ENCODERS = ("clip_l", "clip_g", "clip_h", "t5xxl", "t5xl", "t5", "te", "te1", "te2", "text_encoder",
                   "text_encoder_2", "llama", "qwen")
 _CONTAINERS = ("layers", "resblocks", "blocks", "block", "h")
@@ -29,6 +43,10 @@ _KOHYA_TE_FAMILY = re.compile(r"^(self_attn|mlp|attn|ln_\d|layer_norm\d)_(.+)$")
 
 
 def short_key(key: str) -> str:
+    """The key without the model prefix and ``.weight`` (a slice keeps its brackets)."""
+    part = parse_slice_key(key)
+    if part is not None:
+        return short_key(part.key) + key[len(part.key):]
     for p in _PREFIXES:
         if key.startswith(p):
             key = key[len(p):]
@@ -61,19 +79,26 @@ def block_of(key: str) -> str:
 
 
 def family_of(key: str) -> str:
-    """``attn1.to_q``, ``attn2.to_out``, ``ff.0``, ``proj_in``, ``img_attn.qkv``… (the layer's role)."""
+    """The layer's role, named by the model's own modules (module docstring): ``attn1.to_q``,
+    ``ff.0``, ``img_attn.qkv``, ``img_mod``, ``linear1``, ``x_block.mlp.fc1``, ``img_attn.qkv[q]``…"""
+    part = parse_slice_key(key)
+    if part is not None:
+        return f"{family_of(part.key)}[{part.part}]"
     k = short_key(key)
     m = _KOHYA_TE.match(k)
     if m:
         f = _KOHYA_TE_FAMILY.match(m.group(3))
         return f"{f.group(1)}.{f.group(2)}" if f else m.group(3)
     parts = k.split(".")
+    stream = next((p + "." for p in parts if p in _STREAMS), "")
     for i, p in enumerate(parts):
+        if p in _MODULATIONS:
+            return stream + p
         if re.fullmatch(r"attn\d?|attn|img_attn|txt_attn|self_attn|cross_attn", p) and i + 1 < len(parts):
-            return f"{p}.{parts[i + 1]}"
+            return f"{stream}{p}.{parts[i + 1]}"
         if p in ("ff", "mlp", "img_mlp", "txt_mlp", "feed_forward"):
             rest = [q for q in parts[i + 1:] if q not in ("net", "proj")]
-            return ".".join([p] + rest)
+            return stream + ".".join([p] + rest)
     return parts[-1] if not parts[-1].isdigit() else ".".join(parts[-2:])
 
 
@@ -84,6 +109,10 @@ def block_sort_key(block: str):
     num = rest.rpartition(".")[2] if rest else ""
     if head in _BLOCK_ORDER:
         rank = _BLOCK_ORDER[head]
+    elif head in _DIT_INPUTS:
+        rank = 2.5
+    elif head in _DIT_OUTPUTS:
+        rank = 4.5
     elif head in _TEXT_ENCODERS or head.startswith(("clip", "t5", "text_encoder")):
         rank = 6
     else:
@@ -91,18 +120,27 @@ def block_sort_key(block: str):
     return (rank, head, rest.rpartition(".")[0], int(num) if num.isdigit() else -1)
 
 
-_FAMILY_GROUPS = ("attn1", "attn2", "attn", "self_attn", "cross_attn", "img_attn", "txt_attn", "ff", "mlp",
-                  "img_mlp", "txt_mlp", "feed_forward", "proj_in", "proj_out")
+_FAMILY_GROUPS = ("attn1", "attn", "attn2", "self_attn", "cross_attn", "img_attn", "img_mlp", "img_mod", "txt_attn",
+                  "txt_mlp", "txt_mod", "linear1", "linear2", "modulation", "ff", "mlp", "feed_forward",
+                  "adaLN_modulation", "proj_in", "proj_out")
 _FAMILY_MEMBERS = {"to_q": 0, "q_proj": 0, "q": 0, "qkv": 0, "to_k": 1, "k_proj": 1, "k": 1, "to_v": 2,
                    "v_proj": 2, "v": 2, "to_out": 3, "out_proj": 3, "o": 3, "proj": 4}
+_SLICE_PARTS = {"q": 0, "k": 1, "v": 2, "mlp": 3}
 
 
 def family_sort_key(family: str):
-    """attn1 q/k/v/out, attn2 q/k/v/out, (DiT attentions), ff / mlp, proj_in, proj_out, then the rest."""
-    head, _, tail = family.partition(".")
+    """attn1 q/k/v/out, attn2 q/k/v/out, (DiT attentions, MLPs, modulations: image stream first,
+    SD3's x_block before its context_block), ff / mlp, proj_in, proj_out, then the rest; slices of
+    a fused weight in q, k, v, mlp order."""
+    base, _, part = family.partition("[")
+    head, _, tail = base.partition(".")
+    stream = 0
+    if head in _STREAMS:
+        stream = 1 + _STREAMS.index(head)
+        head, _, tail = tail.partition(".")
     group = _FAMILY_GROUPS.index(head) if head in _FAMILY_GROUPS else len(_FAMILY_GROUPS)
     member = _FAMILY_MEMBERS.get(tail.split(".")[0], 9) if tail else 0
-    return (group, member, family)
+    return (stream, group, member, _SLICE_PARTS.get(part.rstrip("]"), 9 if part else 0), family)
 
 
 _BLOCK_LABELS = {"input_blocks": "in", "output_blocks": "out", "middle_block": "mid", "down_blocks": "down",
@@ -189,13 +227,16 @@ def summary_line(rows: list[Mapping], threshold: float | None = None) -> str:
 
 
 def text_report(rows: list[Mapping], *, title: str, threshold: float | None = None,
-                notes: Iterable[str] = ()) -> str:
-    """A fixed-width table, blocks in model order, with the summary first."""
-    lines = [title, summary_line(rows, threshold)]
+                notes: Iterable[str] = (), verdict: str | None = None) -> str:
+    """A fixed-width table, blocks in model order, with the verdict (when given: does the adapter
+    fit the target at all) and the summary first."""
+    lines = [title] + ([verdict] if verdict else []) + [summary_line(rows, threshold)]
     lines.extend(notes)
     lines.append("Φ: subspace similarity (1 = same); Φ̂ = (Φ − chance)/(1 − chance), 0 = no better than chance.")
     lines.append("")
-    header = f"{'block':<18} {'layer':<16} {'Φ':>6} {'Φ̂ L':>6} {'Φ̂ R':>6} {'k':>4}  {'kept':>5}  decision"
+    wb = max([18] + [len(block_of(r["key"])) for r in rows])
+    wf = max([16] + [len(family_of(r["key"])) for r in rows])
+    header = f"{'block':<{wb}} {'layer':<{wf}} {'Φ':>6} {'Φ̂ L':>6} {'Φ̂ R':>6} {'k':>4}  {'kept':>5}  decision"
     lines.append(header)
     lines.append("-" * len(header))
     for r in ordered(rows):
@@ -204,7 +245,7 @@ def text_report(rows: list[Mapping], *, title: str, threshold: float | None = No
         hr = "" if r.get("phi_hat_right") is None else f"{r['phi_hat_right']:.3f}"
         k = r.get("rank", r.get("k"))
         kept = "" if r.get("energy_kept") is None else f"{100 * r['energy_kept']:.0f}%"
-        lines.append(f"{block_of(r['key']):<18} {family_of(r['key']):<16} {phi:>6} {hl:>6} {hr:>6} "
+        lines.append(f"{block_of(r['key']):<{wb}} {family_of(r['key']):<{wf}} {phi:>6} {hl:>6} {hr:>6} "
                      f"{'' if k is None else k:>4}  {kept:>5}  {r.get('decision', '')}")
     return "\n".join(lines)
 
@@ -263,10 +304,11 @@ def block_stats(rows: Sequence[Mapping], threshold: float | None = None) -> list
     return out
 
 
-def report_payload(rows: Sequence[Mapping], *, threshold: float | None = None, title: str = "") -> dict:
+def report_payload(rows: Sequence[Mapping], *, threshold: float | None = None, title: str = "",
+                   verdict: str | None = None) -> dict:
     """The compact per-block view of a report (JSON-ready; what ``web/lorax.js`` draws).
 
-    ``{"version": 1, "kind": "similarity"|"transfer"|"compared", "title", "summary", "threshold",
+    ``{"version": 1, "kind": "similarity"|"transfer"|"compared", "title", "verdict", "summary", "threshold",
     "n", "n_transferred", "n_skipped", "family_fields": [...], "layer_fields": [...],
     "decisions": [distinct decision strings], "blocks": [{"name", "label", "n", "n_transferred",
     "n_skipped", "phi_min", "phi_median", "families": [[family, phi_min, phi_median, n,
@@ -303,7 +345,7 @@ def report_payload(rows: Sequence[Mapping], *, threshold: float | None = None, t
         blocks.append({"name": b["block"], "label": b["label"], "n": b["n"], "n_transferred": b["n_transferred"],
                        "n_skipped": b["n_skipped"], "phi_min": _r3(b["phi_min"]),
                        "phi_median": _r3(b["phi_median"]), "families": fams, "layers": layers})
-    return {"version": PAYLOAD_VERSION, "kind": report_kind(rows), "title": title,
+    return {"version": PAYLOAD_VERSION, "kind": report_kind(rows), "title": title, "verdict": verdict,
             "summary": summary_line(list(rows), threshold), "threshold": threshold, "n": len(rows),
             "n_transferred": sum(1 for r in rows if is_transferred(r)),
             "n_skipped": sum(1 for r in rows if is_skipped(r)),
@@ -332,7 +374,7 @@ def _cap_text(text: str, limit: int) -> str:
 
 
 def ui_payload(rows: Sequence[Mapping], *, threshold: float | None, title: str, text: str,
-               max_bytes: int = UI_BUDGET_BYTES) -> dict:
+               max_bytes: int = UI_BUDGET_BYTES, verdict: str | None = None) -> dict:
     """A node's ``"ui"`` dict: ``{"text": [text], "lorax_report": [report_payload(...)]}``, at most
     ``max_bytes`` as JSON whatever the number of layers.
 
@@ -341,7 +383,7 @@ def ui_payload(rows: Sequence[Mapping], *, threshold: float | None, title: str, 
     and ``layers_omitted`` counts them; block and family aggregates stay), and as a last resort
     the blocks themselves (``blocks_omitted``).
     """
-    payload = report_payload(rows, threshold=threshold, title=title)
+    payload = report_payload(rows, threshold=threshold, title=title, verdict=verdict)
     ui = {"text": [text], "lorax_report": [payload]}
     if json_size(ui) <= max_bytes:
         return ui

@@ -45,6 +45,8 @@ DEFAULT_OVERSAMPLE = None
 DEFAULT_POWER_ITERATIONS = 6
 #: Above this fraction of ``min(m, n)`` the randomized method saves nothing.
 _RANDOMIZED_MAX_FRACTION = 0.5
+#: Elements of an fp8 weight upcast through float32 at a time (weight_matrix).
+_FP8_BLOCK = 1 << 22
 
 
 @dataclass(frozen=True)
@@ -83,9 +85,18 @@ def weight_matrix(weight: torch.Tensor, dtype: torch.dtype = torch.float32) -> t
         raise ValueError(f"a {weight.dim()}-D tensor of shape {tuple(weight.shape)} has no singular "
                          "subspace; only Linear and Conv weights can be adapted")
     if weight.dtype != dtype:
-        # fp8 types cannot be converted to float64 directly on every build: go through float32.
-        weight = weight.to(torch.float32) if weight.element_size() == 1 else weight
-        weight = weight.to(dtype)
+        if weight.element_size() == 1 and dtype != torch.float32:
+            # fp8 types cannot be converted to float64 directly on every build: go through float32,
+            # a block of rows at a time, so no float32 copy of the whole layer exists besides the
+            # result (0.26 GB saved at the peak for Flux's 21504 × 3072 linear1).
+            out = torch.empty(weight.shape, dtype=dtype, device=weight.device)
+            step = max(1, _FP8_BLOCK // max(1, weight[0].numel()))
+            for start in range(0, weight.shape[0], step):
+                out[start:start + step] = weight[start:start + step].to(torch.float32)
+            weight = out
+        else:
+            weight = weight.to(torch.float32) if weight.element_size() == 1 else weight
+            weight = weight.to(dtype)
     return weight.reshape(weight.shape[0], -1)
 
 

@@ -28,6 +28,10 @@ Defaults, and why:
 Layers are processed in groups of equal shape (at most ``engine.batch_size`` at a time), weights
 are fetched from the source and target lazily through :class:`WeightSource`, and each group's
 tensors are dropped before the next is read, so memory in flight stays at a few layers.
+
+A key may name a slice of a fused weight (:mod:`lorax.fused`, e.g. the q rows of Flux's
+``img_attn.qkv``): the slice is then the layer — decomposed, scored and projected on its own —
+and a layer map pairs it through its fused weight.
 """
 
 from __future__ import annotations
@@ -42,6 +46,7 @@ import torch
 from .delta import Delta
 from .engine import SVDEngine
 from .errors import LoraxError
+from .fused import parse_slice_key, with_slices
 from .layer_map import LayerMap
 from .projection import MODES, project_lorax, project_paired, project_prolora
 from .report import family_of
@@ -142,9 +147,10 @@ class LayerTransfer:
         return self.target_key or self.key
 
     def row(self) -> dict:
-        """A JSON-ready row for reports (no tensors)."""
+        """A JSON-ready row for reports (no tensors). Slices of fused weights also carry
+        ``"fused"`` (the whole weight's key) and ``"slice"`` (which part of it)."""
         s = self.similarity
-        return {
+        out = {
             "key": self.target,
             "source_key": self.key,
             "decision": self.decision.value,
@@ -160,6 +166,11 @@ class LayerTransfer:
             "shape_target": list(self.shape_target) if self.shape_target else None,
             "note": self.note,
         }
+        part = parse_slice_key(self.target)
+        if part is not None:
+            out["fused"] = part.key
+            out["slice"] = part.describe()
+        return out
 
 
 @dataclass
@@ -204,9 +215,10 @@ def transfer_deltas(deltas: Mapping[str, Delta], source: WeightSource, target: W
     ``diffusion_model.input_blocks.1.1.transformer_blocks.0.attn1.to_q.weight``); without a
     ``layer_map`` each goes to the target weight of the same key, with one (see
     :mod:`lorax.layer_map`) to the target layers mapped from it. ``adapter_ranks`` gives the k
-    to use per source key for LoRA-X adapters.
+    to use per source key for LoRA-X adapters. Keys may be slice keys (:mod:`lorax.fused`).
     """
     t0 = time.perf_counter()
+    source, target = with_slices(source), with_slices(target)
     adapter_ranks = adapter_ranks or {}
     _check_explicit_rank(deltas, source, settings)
     targets_of: dict[str, list[str]] = {}
@@ -219,7 +231,7 @@ def transfer_deltas(deltas: Mapping[str, Delta], source: WeightSource, target: W
     groups: dict[tuple, list[tuple[str, str]]] = {}
     for key, delta in deltas.items():
         s_shape = source.shape(key) or tuple(delta.shape)
-        t_keys = targets_of.get(key, []) if layer_map is not None else [key]
+        t_keys = _target_keys(key, targets_of) if layer_map is not None else [key]
         if not t_keys and key not in mapped_targets and target.shape(key) not in (None, tuple(s_shape)):
             # A map pairs layers of equal shape only; the same-named target layer of another shape
             # (SD1.5's 768-wide cross-attention k/v in SDXL, say) is left to the shape rule.
@@ -265,6 +277,15 @@ def transfer_deltas(deltas: Mapping[str, Delta], source: WeightSource, target: W
     return TransferResult([results[p] for p in order], settings, time.perf_counter() - t0)
 
 
+def _target_keys(key: str, targets_of: Mapping[str, list[str]]) -> list[str]:
+    """The target layers a layer map sends ``key`` to; a slice goes to the same rows of the
+    target layers its fused weight is mapped to."""
+    part = parse_slice_key(key)
+    if part is None:
+        return targets_of.get(key, [])
+    return [part.on(t).name for t in targets_of.get(part.key, [])]
+
+
 class SimilarityScorer:
     """Φ̂ (the weaker side) of a source and a target layer of equal shape, for layer maps.
 
@@ -275,7 +296,7 @@ class SimilarityScorer:
     """
 
     def __init__(self, source: WeightSource, target: WeightSource, engine: SVDEngine, rank: int = DEFAULT_RANK):
-        self.source, self.target, self.engine = source, target, engine
+        self.source, self.target, self.engine = with_slices(source), with_slices(target), engine
         self.settings = TransferSettings(rank=rank)
         self._factors: dict[tuple[str, str], object] = {}
 
@@ -376,6 +397,7 @@ def similarity_table(source: WeightSource, target: WeightSource, keys: Iterable[
     (least similar first).
     """
     settings = TransferSettings(rank=rank)
+    source, target = with_slices(source), with_slices(target)
     by_shape: dict[tuple, list[tuple[str, str]]] = {}
     for item in keys:
         s_key, t_key = (item, item) if isinstance(item, str) else item

@@ -15,6 +15,13 @@ Conversions, and why they are exact:
   is materialised by the host itself: ``adapter.calculate_weight(W₀, …)`` in float64 minus
   ``W₀``. For DoRA that is ``m ⊙ (W₀+BA)/‖W₀+BA‖ − W₀`` on the *source* weight, so the
   magnitude vector, which is the norm of the source, never reaches the target.
+
+Where the host's key map sends a module to part of a weight — ``(key, (dim, offset, size))``, e.g.
+a diffusers ``to_q`` onto the first third of Flux's fused ``img_attn.qkv`` — the delta is that of
+the slice, keyed by its slice key (:mod:`lorax.fused`), and it is patched back into the same rows.
+Where the map adds a function (``(key, None, fn)``: SD3's ``swap_scale_shift`` of the last
+block's modulation), the host applies it while materialising, so the delta is in the model's own
+layout.
 """
 
 from __future__ import annotations
@@ -33,7 +40,9 @@ import comfy.weight_adapter as weight_adapter
 
 from lorax.delta import Delta
 from lorax.errors import LoraxError
+from lorax.fused import WeightSlice, base_key, host_key, with_slices
 from lorax.lorax_adapter import LoraxAdapter
+from lorax.verdict import Verdict, guess_architecture
 
 log = logging.getLogger("lorax")
 
@@ -129,14 +138,32 @@ def kohya_names(key_map: Mapping[str, Any], prefixes: tuple[str, ...] = ("lora_u
     return out
 
 
+def slice_module_names(key_map: Mapping[str, Any]) -> dict[str, str]:
+    """Slice key → the adapter module name the host maps onto that slice (diffusers'
+    ``transformer.…`` names first), for files that name slices (LoRA-X adapters of split q/k/v)."""
+    out: dict[str, str] = {}
+    for name, target in sorted(key_map.items(), key=lambda kv: (not kv[0].startswith("transformer."), kv[0])):
+        if isinstance(target, tuple) and len(target) >= 2 and target[1] is not None:
+            out.setdefault(WeightSlice(target[0], *target[1]).name, name)
+    return out
+
+
+def _host_target(target) -> tuple[str, tuple[int, int, int] | None, Callable | None]:
+    """``(weight key, (dim, offset, size) or None, function or None)`` of a key-map target."""
+    if isinstance(target, str):
+        return target, None, None
+    return target[0], target[1], target[2] if len(target) > 2 else None
+
+
 @dataclass
 class AdapterDeltas:
-    """An adapter read against one model: deltas by model key, and what did not map."""
+    """An adapter read against one model: deltas by model key (or slice key), and what did not map."""
 
     deltas: dict[str, Delta]
     adapter_ranks: dict[str, int] = field(default_factory=dict)
     unmapped: list[str] = field(default_factory=list)      # adapter module names matching no model key
     unsupported: dict[str, str] = field(default_factory=dict)  # model key → why it cannot be used
+    modules: int = 0                                       # modules the adapter has, mapped or not
 
 
 def _adapter_module_names(lora: Mapping[str, torch.Tensor]) -> set[str]:
@@ -170,11 +197,13 @@ def _lora_factors(adapter, key: str, weight: torch.Tensor) -> Delta | None:
     return Delta.factored(tuple(weight.shape), up2.double() * scale, down2.double())
 
 
-def _materialise(patch, key: str, weight: torch.Tensor) -> Delta:
-    """Let the host apply the patch at strength 1 to W₀ (float64) and keep the difference."""
-    base = weight.double().clone()
+def _materialise(patch, key: str, weight: torch.Tensor, function: Callable | None = None) -> Delta:
+    """Let the host apply the patch at strength 1 to W₀ (float64) and keep the difference
+    (``function``: what the key map applies to the change, e.g. SD3's ``swap_scale_shift``)."""
+    base = (weight.float() if weight.element_size() == 1 else weight).double().clone()
+    function = function or (lambda a: a)
     if isinstance(patch, weight_adapter.WeightAdapterBase):
-        out = patch.calculate_weight(base.clone(), key, 1.0, 1.0, None, lambda a: a, torch.float64, None)
+        out = patch.calculate_weight(base.clone(), key, 1.0, 1.0, None, function, torch.float64, None)
     else:
         kind, values = (patch[0], patch[1]) if len(patch) == 2 and isinstance(patch[0], str) else ("diff", patch)
         if kind != "diff":
@@ -184,7 +213,7 @@ def _materialise(patch, key: str, weight: torch.Tensor) -> Delta:
         if tuple(diff.shape) != tuple(weight.shape):
             raise LoraxError(f"diff of shape {tuple(diff.shape)} does not fit the model's weight of shape "
                              f"{tuple(weight.shape)}", key=key)
-        out = base + diff.double()
+        out = base + function(diff.double())
     if out is None or tuple(out.shape) != tuple(weight.shape):
         raise LoraxError(f"the host could not apply this adapter to a weight of shape {tuple(weight.shape)}; "
                          "it was made for another architecture", key=key)
@@ -192,25 +221,36 @@ def _materialise(patch, key: str, weight: torch.Tensor) -> Delta:
 
 
 def host_patches(lora: Mapping[str, torch.Tensor], patcher, *, path: str | None = None,
-                 clip=None) -> tuple[dict, list[str]]:
-    """The host's own parse of an adapter file: ``(patches by model key, unmapped module names)``.
+                 clip=None) -> tuple[dict, list[str], int]:
+    """The host's own parse of an adapter file: ``(patches by model key, unmapped module names,
+    number of modules)``.
 
     Exactly what ComfyUI's LoRA loaders do (``convert_lora`` → key maps → ``load_lora``), with
-    one summary error instead of a warning per key when nothing matches.
+    one sentence — the compatibility verdict, naming what the adapter looks made for — instead
+    of a warning per key when nothing matches.
     """
     key_map = adapter_key_map(patcher, clip)
     converted = comfy.lora_convert.convert_lora(dict(lora))
     patches = comfy.lora.load_lora(converted, key_map, log_missing=False)
     modules = _adapter_module_names(converted)
-    if not patches:
-        raise LoraxError(f"none of the adapter's {len(modules)} modules match the {model_kind(patcher)} "
-                         "model's layers; the adapter was made for another architecture", path=path)
-    return patches, sorted(modules - set(key_map))
+    own = set(patcher.model.state_dict())
+    if clip is not None:
+        own |= set(clip.cond_stage_model.state_dict())
+    if not any(_host_target(t)[0] in own for t in patches):
+        raise no_fit_error(model_kind(patcher), len(modules), converted, path=path)
+    return patches, sorted(modules - set(key_map)), len(modules)
+
+
+def no_fit_error(target_kind: str, modules: int, tensors: Mapping[str, torch.Tensor] | None = None, *,
+                 path: str | None = None) -> LoraxError:
+    """The error for an adapter none of whose modules names a layer of the model: the verdict."""
+    return LoraxError(Verdict(target=target_kind, modules=modules, mapped=0,
+                              architecture=guess_architecture(tensors or {})).line(), path=path)
 
 
 def host_patched_clone(patcher, lora: Mapping[str, torch.Tensor], strength: float, *, path: str | None = None):
     """A clone patched with the host's own adapter objects (what LoraLoaderModelOnly does)."""
-    patches, unmapped = host_patches(lora, patcher, path=path)
+    patches, unmapped, _ = host_patches(lora, patcher, path=path)
     clone = patcher.clone()
     clone.add_patches(patches, strength)
     if unmapped:
@@ -225,31 +265,34 @@ def ordinary_adapter_deltas(lora: Mapping[str, torch.Tensor], patcher, *, path: 
     Keys for the text encoder are mapped when ``clip`` is given and come back with the host's
     ``clip``-side keys; without it they are listed in ``unmapped``.
     """
-    patches, unmapped = host_patches(lora, patcher, path=path, clip=clip)
-    result = AdapterDeltas(deltas={}, unmapped=unmapped)
-    unet = PatcherWeights(patcher)
-    clip_weights = PatcherWeights(clip.patcher) if clip is not None else None
+    patches, unmapped, modules = host_patches(lora, patcher, path=path, clip=clip)
+    result = AdapterDeltas(deltas={}, unmapped=unmapped, modules=modules)
+    unet = with_slices(PatcherWeights(patcher))
+    clip_weights = with_slices(PatcherWeights(clip.patcher)) if clip is not None else None
     for target, patch in patches.items():
-        if not isinstance(target, str):
-            result.unsupported[str(target[0])] = "slice of a fused weight (not supported yet)"
+        key, offset, function = _host_target(target)
+        source = unet if unet.shape(key) is not None else clip_weights
+        if source is None or source.shape(key) is None:
+            result.unmapped.append(key)
             continue
-        source = unet if unet.shape(target) is not None else clip_weights
-        if source is None or source.shape(target) is None:
-            result.unmapped.append(target)
+        name = key if offset is None else WeightSlice(key, *offset).name
+        shape = source.shape(name)
+        if shape is None:
+            result.unsupported[name] = f"the slice lies outside the weight of shape {source.shape(key)}"
             continue
-        if len(source.shape(target)) < 2:
-            result.unsupported[target] = "bias or norm: no singular subspace"
+        if len(shape) < 2:
+            result.unsupported[name] = "bias or norm: no singular subspace"
             continue
-        weight = source.weight(target)
+        weight = source.weight(name)
         try:
             delta = None
-            if getattr(patch, "name", None) == "lora":
-                delta = _lora_factors(patch, target, weight)
+            if function is None and getattr(patch, "name", None) == "lora":
+                delta = _lora_factors(patch, name, weight)
             if delta is None:
-                delta = _materialise(patch, target, weight)
+                delta = _materialise(patch, name, weight, function)
         except LoraxError as e:
-            raise LoraxError(e.detail, path=path, key=target) from None
-        result.deltas[target] = delta
+            raise LoraxError(e.detail, path=path, key=name) from None
+        result.deltas[name] = delta
     return result
 
 
@@ -261,15 +304,17 @@ def lorax_adapter_deltas(adapter: LoraxAdapter, patcher, engine, *, clip=None,
     exists, so a wrong model fails before any SVD is run.
     """
     key_map = adapter_key_map(patcher, clip)
-    unet = PatcherWeights(patcher)
-    clip_weights = PatcherWeights(clip.patcher) if clip is not None else None
-    result = AdapterDeltas(deltas={})
+    unet = with_slices(PatcherWeights(patcher))
+    clip_weights = with_slices(PatcherWeights(clip.patcher)) if clip is not None else None
+    result = AdapterDeltas(deltas={}, modules=len(adapter.sigmas))
     plan = []
     for module in adapter.sigmas:
         target = key_map.get(module)
         source = None
-        if isinstance(target, str):
-            source = unet if unet.shape(target) is not None else clip_weights
+        if target is not None:
+            key, offset, _ = _host_target(target)
+            target = key if offset is None else WeightSlice(key, *offset).name
+            source = unet if unet.shape(key) is not None else clip_weights
         if source is None or source.shape(target) is None:
             result.unmapped.append(module)
             continue
@@ -277,9 +322,8 @@ def lorax_adapter_deltas(adapter: LoraxAdapter, patcher, engine, *, clip=None,
         adapter.check_source(module, weight)
         plan.append((module, target, source, weight))
     if not plan:
-        raise LoraxError(f"none of the LoRA-X adapter's {len(adapter.sigmas)} layers match the "
-                         f"{model_kind(patcher)} model; the adapter was made for another architecture",
-                         path=adapter.path)
+        raise no_fit_error(model_kind(patcher), len(adapter.sigmas), dict.fromkeys(adapter.sigmas, torch.empty(0)),
+                           path=adapter.path)
     factors = engine.factors_many([(w, int(adapter.sigmas[m].numel())) for m, _, _, w in plan])
     for (module, target, _, weight), f in zip(plan, factors):
         result.deltas[target] = adapter.delta(module, f, tuple(weight.shape))
@@ -297,9 +341,10 @@ def lora_patch(delta: Delta):
 
 
 def patched_clone(patcher, deltas: Mapping[str, Delta], strength: float):
-    """``patcher.clone()`` with every delta added as a patch; the input is never touched."""
+    """``patcher.clone()`` with every delta added as a patch; the input is never touched. A slice
+    key's delta goes into its rows only (the host's ``(key, (dim, offset, size))`` patch key)."""
     clone = patcher.clone()
-    patches = {key: lora_patch(d) for key, d in deltas.items()}
+    patches = {host_key(key): lora_patch(d) for key, d in deltas.items()}
     applied = set(clone.add_patches(patches, strength))
     missing = [k for k in patches if k not in applied]
     if missing:
@@ -310,8 +355,8 @@ def patched_clone(patcher, deltas: Mapping[str, Delta], strength: float):
 def split_by_owner(deltas: Mapping[str, Delta], patcher) -> tuple[dict[str, Delta], dict[str, Delta]]:
     """Deltas for the diffusion model and for the text encoder (keys the model does not have)."""
     own = set(patcher.model.state_dict().keys())
-    model_part = {k: d for k, d in deltas.items() if k in own}
-    rest = {k: d for k, d in deltas.items() if k not in own}
+    model_part = {k: d for k, d in deltas.items() if base_key(k) in own}
+    rest = {k: d for k, d in deltas.items() if base_key(k) not in own}
     return model_part, rest
 
 

@@ -26,7 +26,9 @@ def convert_adapter(model, adapter: AdapterHandle, rank: int, engine):
     if rank < 1:
         raise LoraxError(f"rank must be a positive integer, got {rank}")
     deltas = adapter.deltas_for(model, engine)
-    names = bridge.kohya_names(bridge.adapter_key_map(model), internal=True)
+    key_map = bridge.adapter_key_map(model)
+    # Slices of fused weights keep the adapter's own (diffusers) module names, which the key map sends there.
+    names = {**bridge.kohya_names(key_map, internal=True), **bridge.slice_module_names(key_map)}
     version, _ = bridge.base_model_names(model)
     converted, layers = convert_deltas(deltas.deltas, names, bridge.PatcherWeights(model), rank, engine,
                                        metadata={"lorax_source": bridge.model_kind(model),

@@ -69,3 +69,5 @@ class TransferHandle:
     rows: list[dict] = field(default_factory=list)   # JSON-ready per-layer rows (model and text encoder)
     report: str = ""                                 # the readable text report
     title: str = ""
+    verdict: str = ""                                # the one-line compatibility verdict
+    fused_shapes: dict[str, tuple] = field(default_factory=dict)  # target shapes of sliced fused weights

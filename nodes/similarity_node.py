@@ -17,7 +17,10 @@ from .transfer_job import LAYER_MAP_INPUTS, check_distinct, parse_layer_map_json
 
 CATEGORY = "loaders/LoRA-X"
 LAYER_SETS = ("adapted by LoRAs (attention, feed-forward, proj)", "all linear and conv weights")
-_ADAPTED = re.compile(r"(transformer_blocks|\.attn|_attn|\.ff\.|\.mlp|proj_in|proj_out|\.qkv|linear[12]|\.to_[qkv])")
+# UNet attention / feed-forward / proj layers; every linear layer inside a DiT's blocks (Flux's double and
+# single blocks, SD3's joint blocks: attention, MLP and modulation), which is what LoRA trainers adapt there.
+_ADAPTED = re.compile(r"(transformer_blocks|\.attn|_attn|\.ff\.|\.mlp|proj_in|proj_out|\.qkv|linear[12]|\.to_[qkv]"
+                      r"|(double|single|joint)_blocks\.)")
 
 
 def layer_shapes(weights: PatcherWeights, layer_set: str) -> dict[str, tuple]:

@@ -6,11 +6,13 @@ from __future__ import annotations
 import os
 
 from lorax.errors import LoraxError
+from lorax.fused import base_key, merge_slices, parse_slice_key
 from lorax.kohya_export import save_kohya_lora
-from lorax.report import text_report
+from lorax.report import family_of, text_report
 from lorax.layer_map import MODES as LAYER_MAP_MODES, LayerMap, build_layer_map, load_user_map, role_of
 from lorax.skip_reasons import why_left_out
-from lorax.transfer import TransferSettings, similarity_scorer, transfer_deltas
+from lorax.transfer import Decision, TransferSettings, similarity_scorer, transfer_deltas
+from lorax.verdict import Verdict
 
 from . import bridge
 from .handles import AdapterHandle, TransferHandle
@@ -52,7 +54,8 @@ def layer_map_for(deltas, source: bridge.PatcherWeights, target: bridge.PatcherW
     """The target←source layer map over the roles the adapter touches (None: same keys)."""
     if mode == "name" and not user_map:
         return None
-    roles = {role_of(k, d.shape) for k, d in deltas.items()}
+    # A slice is paired through its fused weight (lorax.transfer maps the slice along).
+    roles = {role_of(k, source.shape(k)) for k in {base_key(k) for k in deltas} if source.shape(k) is not None}
 
     def shapes(weights):
         return {k: weights.shape(k) for k in weights.keys()
@@ -70,11 +73,20 @@ def run_transfer(source_model, target_model, adapter: AdapterHandle, settings: T
     ``layer_map_mode`` ``similarity`` pairs layers by role and Φ̂ where the two models have different
     numbers of blocks (it coincides with pairing by name where they do not); ``name`` pairs equal keys
     only. ``user_map`` (``{"target key": "source key"}``) overrides both.
+
+    The report opens with the compatibility verdict (:mod:`lorax.verdict`); an adapter none of whose
+    modules lands on a layer fails with that sentence before any SVD is run.
     """
     check_distinct(source_model, target_model)
     # Text-encoder modules are read only when there is a target CLIP to put them on; otherwise
     # they stay unmapped and are reported as skipped (a lone source_clip must not swallow them).
     deltas = adapter.deltas_for(source_model, engine, clip=(source_clip or clip) if clip is not None else None)
+    te_skipped = [m for m in deltas.unmapped if m.startswith(TE_PREFIXES)]
+    other_unmapped = [m for m in deltas.unmapped if m not in te_skipped]
+    if not deltas.deltas and not deltas.unsupported:
+        # Before any SVD: nothing of the adapter lands on a layer of this model.
+        raise bridge.no_fit_error(bridge.model_kind(target_model), deltas.modules - len(te_skipped),
+                                  path=adapter.path)
     unet_part, te_part = bridge.split_by_owner(deltas.deltas, source_model)
     source_w, target_w = bridge.PatcherWeights(source_model), bridge.PatcherWeights(target_model)
     lmap = layer_map_for(unet_part, source_w, target_w, engine, mode=layer_map_mode, rank=settings.rank,
@@ -86,9 +98,9 @@ def run_transfer(source_model, target_model, adapter: AdapterHandle, settings: T
         clip_result = transfer_deltas(te_part, bridge.PatcherWeights((source_clip or clip).patcher),
                                       bridge.PatcherWeights(clip.patcher), settings, engine,
                                       adapter_ranks=deltas.adapter_ranks)
-    te_skipped = [m for m in deltas.unmapped if m.startswith(TE_PREFIXES)]
-    other_unmapped = [m for m in deltas.unmapped if m not in te_skipped]
-
+    layers = result.layers + (clip_result.layers if clip_result is not None else [])
+    verdict = compatibility(layers, deltas.modules - len(te_skipped), other_unmapped, len(te_skipped),
+                            bridge.model_kind(target_model), settings.threshold)
     rows = [layer.row() for layer in result.layers]
     if clip_result is not None:
         rows += [layer.row() for layer in clip_result.layers]
@@ -101,6 +113,12 @@ def run_transfer(source_model, target_model, adapter: AdapterHandle, settings: T
         notes += ["  " + line for line in why_left_out(clip_result.layers)]
     if lmap is not None:
         notes.append(lmap.summary())
+    slices = [l for l in layers if parse_slice_key(l.target) is not None]
+    if slices:
+        example = slices[0].target
+        notes.append(f"{len(slices)} layers are slices of fused weights (e.g. {family_of(example)} = "
+                     f"{parse_slice_key(example).describe()}): each slice is decomposed, compared and projected "
+                     "on its own and patched back into its rows; the rest of the fused weight is unchanged.")
     if te_skipped:
         notes.append(f"{len(te_skipped)} text-encoder modules skipped: connect the target's CLIP to transfer them.")
     if other_unmapped:
@@ -110,11 +128,28 @@ def run_transfer(source_model, target_model, adapter: AdapterHandle, settings: T
     title = (f"LoRA-X Transfer of {adapter.description}: {bridge.model_kind(source_model)} → "
              f"{bridge.model_kind(target_model)}, mode {settings.mode}")
     version, arch = bridge.base_model_names(target_model)
+    line = verdict.line()
+    bridge.log.info("LoRA-X: %s", line)
     return TransferHandle(
         adapter=adapter, result=result, clip_result=clip_result, strength=strength,
         kohya_names=bridge.kohya_names(bridge.adapter_key_map(target_model, clip)), base_model_version=version,
         architecture=arch, target_kind=bridge.model_kind(target_model), skipped_text_encoder=te_skipped,
-        rows=rows, report=text_report(rows, title=title, threshold=settings.threshold, notes=notes), title=title)
+        rows=rows, report=text_report(rows, title=title, threshold=settings.threshold, notes=notes, verdict=line),
+        title=title, verdict=line,
+        fused_shapes={s.key: target_w.shape(s.key) for s in (parse_slice_key(l.target) for l in slices)})
+
+
+def compatibility(layers, modules: int, unmapped: list[str], te_skipped: int, target_kind: str,
+                  threshold: float) -> Verdict:
+    """The verdict's counts: modules that reach a layer of the target, and of the mapped matrix
+    layers those that were compared and transferred."""
+    missing = [l for l in layers if l.decision is Decision.MISSING_IN_TARGET]
+    compared = [l for l in layers if l.decision in (Decision.TRANSFERRED, Decision.LOW_SIMILARITY,
+                                                    Decision.SHAPE_MISMATCH)]
+    example = unmapped[0] if unmapped else (missing[0].key if missing else None)
+    return Verdict(target=target_kind, modules=modules, mapped=max(0, modules - len(unmapped) - len(missing)),
+                   compared=len(compared), passed=sum(1 for l in compared if l.decision is Decision.TRANSFERRED),
+                   threshold=threshold, unmapped_example=example, text_encoder_skipped=te_skipped)
 
 
 def save_transfer(handle: TransferHandle, path: str | os.PathLike, *, bake_strength: bool = True) -> int:
@@ -122,7 +157,8 @@ def save_transfer(handle: TransferHandle, path: str | os.PathLike, *, bake_stren
     scale = handle.strength if bake_strength else 1.0
     deltas = {}
     for res in [handle.result] + ([handle.clip_result] if handle.clip_result is not None else []):
-        for key, delta in res.deltas.items():
+        # kohya files name whole modules: the slices of a fused weight become one delta of it.
+        for key, delta in merge_slices(res.deltas, handle.fused_shapes.get).items():
             name = handle.kohya_names.get(key)
             if name is None:
                 raise LoraxError("no kohya module name for this model key; the target's key map lacks it", key=key)

@@ -78,5 +78,6 @@ class LoraxTransfer:
                 clip_out.add_patches({k: bridge.lora_patch(d) for k, d in handle.clip_result.deltas.items()}, strength)
         image = plot_rows(handle.rows, threshold, handle.title)
         from lorax.report import ui_payload  # text + the per-block view web/lorax.js draws, < 200 KB
-        return {"ui": ui_payload(handle.rows, threshold=threshold, title=handle.title, text=handle.report),
+        return {"ui": ui_payload(handle.rows, threshold=threshold, title=handle.title, text=handle.report,
+                                 verdict=handle.verdict),
                 "result": (model_out, clip_out, handle, handle.report, image, json.dumps(handle.rows))}

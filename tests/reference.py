@@ -48,6 +48,12 @@ def lorax_ref(delta, Ut, Vt):
     return Ut @ Ut.T @ delta @ Vt @ Vt.T
 
 
+def lorax_ref_wide(delta, Ut, Vt):
+    """:func:`lorax_ref` for layers too wide to form ``UtUtᵀ`` (3072 × 9216 in Flux): the same
+    product of dense float64 matrices, associated so no m × m matrix is formed."""
+    return Ut @ ((Ut.T @ delta) @ Vt) @ Vt.T
+
+
 def prolora_ref(delta, Us, Vs, Ut, Vt):
     Ps, Pt = Us @ Us.T, Ut @ Ut.T
     Qs, Qt = Vs @ Vs.T, Vt @ Vt.T

@@ -392,6 +392,7 @@ def check_report_view(comfy_server, browser, tmp_path):
         const canvas = root.querySelector('.lorax-strip canvas');
         const r = canvas.getBoundingClientRect();
         return {summary: root.querySelector('.lorax-summary').textContent,
+                verdictHidden: root.querySelector('.lorax-verdict').hidden,
                 text: root.querySelector('textarea').value,
                 blocks: canvas.loraxBlocks, rect: [r.left, r.top, r.width, r.height],
                 cssWidth: canvas.offsetWidth, visible: r.width > 0 && r.height > 0,
@@ -399,6 +400,7 @@ def check_report_view(comfy_server, browser, tmp_path):
     """)
     assert view["visible"], view
     assert view["summary"] == summary_line(rows, threshold) == payload["summary"]
+    assert view["verdictHidden"] and payload["verdict"] is None  # a similarity report has no adapter to judge
     assert view["text"] == ui["text"][0]
     assert [b["name"] for b in view["blocks"]] == [b["name"] for b in payload["blocks"]] == BLOCKS
 
@@ -487,7 +489,9 @@ def check_report_view(comfy_server, browser, tmp_path):
     t_rows += [{"key": host.te_lora_prefix(0, m), "decision": "skipped: text encoder (no CLIP connected)",
                 "phi": None} for m in ("self_attn.q_proj", "self_attn.v_proj", "mlp.fc1")]
     t_text = text_report(t_rows, title="LoRA-X Transfer (test)", threshold=threshold)
-    t_ui = ui_payload(t_rows, threshold=threshold, title="LoRA-X Transfer (test)", text=t_text)
+    t_verdict = ("Verdict: fits partly — 84 of 87 adapter modules (97 %) map onto layers of this SD15 model; 76 of "
+                 "84 mapped layers (90 %) pass the similarity threshold (Φ̂ ≥ 0.3).")
+    t_ui = ui_payload(t_rows, threshold=threshold, title="LoRA-X Transfer (test)", text=t_text, verdict=t_verdict)
     got = browser.execute_script(_APP + """
         const node = window.LiteGraph.createNode('LoraxTransfer');
         node.pos = [1200, 120];
@@ -498,11 +502,14 @@ def check_report_view(comfy_server, browser, tmp_path):
         const te = view.payload.blocks.findIndex((b) => b.name === 'te.layers.0');
         view.pinned = te; view.showBlock(te); view.draw();
         const d = root.querySelector('.lorax-detail');
+        const v = root.querySelector('.lorax-verdict');
         return {summary: root.querySelector('.lorax-summary').textContent, block: d.dataset.block,
                 head: d.querySelector('.lorax-detail-head').textContent,
                 rows: [...d.querySelectorAll('tbody tr')].map((tr) => [...tr.children].map((td) => td.textContent)),
-                blocks: view.blocks.map((b) => b.name)};
+                blocks: view.blocks.map((b) => b.name),
+                verdict: [v.textContent, v.dataset.level, v.hidden]};
     """, t_ui)
+    assert got["verdict"] == [t_verdict, "partly", False]  # the transfer's verdict, marked "partly" (orange)
     assert got["summary"] == summary_line(t_rows, threshold) and got["summary"].startswith("76 of 87 layers transferred")
     assert got["blocks"] == BLOCKS + ["te.layers.0"]
     assert got["block"] == "te.layers.0" and got["head"] == "te.layers.0: 3 layers, 0 transferred"

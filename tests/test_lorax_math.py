@@ -83,6 +83,19 @@ def test_fp8_weights_are_upcast(rng):
     assert rel_err(f.S, S) < FAST_TOL
 
 
+def test_fp8_weights_are_upcast_to_float64_block_by_block(rng, monkeypatch):
+    """The float64 upcast of an fp8 weight goes through float32 a block of rows at a time (no float32
+    copy of the whole layer); blocks of 4 rows here, so the seams are exercised."""
+    import lorax.svd as svd
+
+    monkeypatch.setattr(svd, "_FP8_BLOCK", 100)
+    w = t(power_law_matrix(rng, 50, 24) * 4).to(torch.float8_e4m3fn)
+    m = svd.weight_matrix(w, torch.float64)
+    assert m.dtype == torch.float64 and torch.equal(m, w.float().double())
+    f = truncated_svd(w, 6, method="gram")
+    assert rel_err(f.S, top_svd(w.float().double().numpy(), 6)[1]) < EXACT_TOL
+
+
 @pytest.mark.parametrize("shape,k", SHAPES)
 def test_phi_matches_reference_and_properties(rng, shape, k):
     ws = _weight(rng, shape)

@@ -3,9 +3,9 @@
 // Subspace Similarity Report and LoRA-X Transfer send {"text": [report], "lorax_report": [payload]}
 // (payload: lorax/report.py, report_payload). This draws the per-block view: one bar per layer family
 // in each block (height = median Φ, dark line = lowest Φ, white tick = Φ needed to pass the threshold,
-// green/orange/red = all/some/none of its layers transferred, red mark below = layers skipped), the
-// summary line, and on hover or click a block's layers (Φ and Φ̂ left and right, k, decision). The
-// text report stays available, read-only, under "Text report". LoRA-X Save, LoRA to LoRA-X and LoRA-X Train only
+// green/orange/red = all/some/none of its layers transferred, red mark below = layers skipped), a
+// transfer's one-line verdict (does the adapter fit the target at all), the summary line, and on
+// hover or click a block's layers (Φ and Φ̂ left and right, k, decision). The text report stays available, read-only, under "Text report". LoRA-X Save, LoRA to LoRA-X and LoRA-X Train only
 // send text, shown the same read-only way.
 //
 // Plain ES module, no build step: ComfyUI serves this folder (WEB_DIRECTORY) as it is.
@@ -27,6 +27,10 @@ const CSS = `
 .lorax-view { display: flex; flex-direction: column; gap: 4px; font: 12px/1.35 sans-serif;
   color: var(--input-text, #ddd); box-sizing: border-box; width: 100%; height: 100%; overflow: hidden; }
 .lorax-summary { font-weight: 600; white-space: normal; }
+.lorax-verdict { font-weight: 600; white-space: normal; padding-left: 6px; border-left: 4px solid ${COLORS.other}; }
+.lorax-verdict[data-level="fits"] { border-left-color: ${COLORS.transferred}; }
+.lorax-verdict[data-level="partly"] { border-left-color: ${COLORS.mixed}; }
+.lorax-verdict[data-level="none"] { border-left-color: ${COLORS.low}; }
 .lorax-strip { overflow-x: auto; overflow-y: hidden; background: ${COLORS.background}; border-radius: 4px; flex: none; }
 .lorax-strip canvas { display: block; cursor: pointer; outline: none; }
 .lorax-legend { font-size: 10.5px; opacity: 0.8; }
@@ -97,6 +101,9 @@ class ReportView {
     this.blocks = [];
     this.root = el("div", "lorax-view");
     if (withView) {
+      // A transfer's one-line compatibility verdict (does the adapter fit the target at all?).
+      this.verdict = el("div", "lorax-verdict");
+      this.verdict.hidden = true;
       this.summary = el("div", "lorax-summary", "Run the graph to see the report.");
       this.strip = el("div", "lorax-strip");
       this.canvas = el("canvas");
@@ -107,7 +114,7 @@ class ReportView {
       this.detail = el("div", "lorax-detail");
       this.textBox = el("details", "lorax-text");
       this.textBox.append(el("summary", null, "Text report"));
-      this.root.append(this.summary, this.strip, this.legend, this.detail, this.textBox);
+      this.root.append(this.verdict, this.summary, this.strip, this.legend, this.detail, this.textBox);
       this.bindEvents();
       new ResizeObserver(() => this.draw()).observe(this.strip);
     }
@@ -132,6 +139,11 @@ class ReportView {
     this.payload = payload || null;
     this.pinned = -1;
     this.hover = -1;
+    this.verdict.textContent = (this.payload && this.payload.verdict) || "";
+    this.verdict.hidden = !this.verdict.textContent;
+    const v = this.verdict.textContent;
+    this.verdict.dataset.level = v.startsWith("Verdict: fits —") ? "fits"
+      : v.startsWith("Verdict: fits partly") ? "partly" : v ? "none" : "";
     if (!this.payload) {
       this.summary.textContent = this.text.split("\n")[1] || "No report.";
       this.legend.textContent = "";
