@@ -29,6 +29,7 @@ are reproducible.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Literal, Sequence
 
@@ -47,6 +48,8 @@ DEFAULT_POWER_ITERATIONS = 6
 _RANDOMIZED_MAX_FRACTION = 0.5
 #: Elements of an fp8 weight upcast through float32 at a time (weight_matrix).
 _FP8_BLOCK = 1 << 22
+#: Bytes of one float64 block of a weight in the streamed Gram route (_gram_streamed).
+_STREAM_BLOCK_BYTES = 32 << 20
 
 
 @dataclass(frozen=True)
@@ -81,9 +84,7 @@ class SVDFactors:
 
 def weight_matrix(weight: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """``weight`` as an ``out × (in·kh·kw)`` matrix in ``dtype`` (upcasting fp16/bf16/fp8 first)."""
-    if weight.dim() < 2:
-        raise ValueError(f"a {weight.dim()}-D tensor of shape {tuple(weight.shape)} has no singular "
-                         "subspace; only Linear and Conv weights can be adapted")
+    _check_matrix(tuple(weight.shape))
     if weight.dtype != dtype:
         if weight.element_size() == 1 and dtype != torch.float32:
             # fp8 types cannot be converted to float64 directly on every build: go through float32,
@@ -98,6 +99,12 @@ def weight_matrix(weight: torch.Tensor, dtype: torch.dtype = torch.float32) -> t
             weight = weight.to(torch.float32) if weight.element_size() == 1 else weight
             weight = weight.to(dtype)
     return weight.reshape(weight.shape[0], -1)
+
+
+def _check_matrix(shape: tuple[int, ...]) -> None:
+    if len(shape) < 2:
+        raise ValueError(f"a {len(shape)}-D tensor of shape {shape} has no singular subspace; only Linear and "
+                         "Conv weights can be adapted")
 
 
 def canonical_signs(U: torch.Tensor, V: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -156,16 +163,25 @@ def truncated_svd_batch(weights: Sequence[torch.Tensor], k: int, *, method: Meth
     for w in weights:
         if tuple(w.shape) != shape:
             raise ValueError(f"truncated_svd_batch needs weights of one shape, got {shape} and {tuple(w.shape)}")
+    _check_matrix(shape)
     check_rank(k, shape)
     if dtype is None:
         dtype = torch.float32 if method == "randomized" else torch.float64
     device = torch.device(device) if device is not None else weights[0].device
-    # One weight (the CPU engine's case) needs no stacked copy: a view with a batch axis will do.
+    m, n = shape[0], math.prod(shape[1:])
+    width = min(k + (k if oversample is None else oversample), min(m, n))
+    randomized = method == "randomized" and width <= _RANDOMIZED_MAX_FRACTION * min(m, n)
+    if method != "exact" and not randomized and len(weights) == 1:
+        # The CPU engine's case: one weight at a time, never upcast whole (see _gram_streamed).
+        streamed = _gram_streamed(weights[0].to(device), k)
+        if streamed is not None:
+            U, S, V = (x.to(dtype) for x in streamed)
+            U, V = canonical_signs(U, V)
+            return [SVDFactors(U.contiguous(), S.contiguous(), V.contiguous())]
+    # One weight needs no stacked copy: a view with a batch axis will do.
     M = (weight_matrix(weights[0].to(device), dtype).unsqueeze(0) if len(weights) == 1
          else torch.stack([weight_matrix(w.to(device), dtype) for w in weights]))
-    m, n = M.shape[-2:]
-    width = min(k + (k if oversample is None else oversample), min(m, n))
-    if method == "randomized" and width <= _RANDOMIZED_MAX_FRACTION * min(m, n):
+    if randomized:
         U, S, V = _randomized(M, k, width, power_iterations, seed)
     elif method in ("gram", "randomized"):
         # The Gram route squares the spectrum: always in float64 (float32 loses the directions
@@ -197,6 +213,39 @@ def _gram(M: torch.Tensor, k: int):
         return _exact(M, k)
     V = (A.mT @ U) / S.unsqueeze(-2)
     return (V, S, U) if transpose else (U, S, V)
+
+
+def _gram_streamed(weight: torch.Tensor, k: int):
+    """:func:`_gram` of one weight without a float64 copy of it: the Gram matrix is summed over
+    blocks of the long side, each block upcast on its own, and the other side's vectors are
+    computed block by block in a second pass. Peak extra memory is the ``s × s`` Gram matrix,
+    one block (``_STREAM_BLOCK_BYTES``) and the factors — for Flux's 21504 × 3072 ``linear1``
+    0.2 GB instead of the 0.5 GB float64 copy alone. ``(U, S, V)`` in float64, or None for a
+    rank-deficient weight (the caller then takes the exact route).
+    """
+    W = weight.reshape(weight.shape[0], -1)
+    tall = W.shape[0] > W.shape[1]        # Gram WᵀW over blocks of rows, else WWᵀ over blocks of columns
+    s, long = (W.shape[1], W.shape[0]) if tall else W.shape
+    step = max(1, _STREAM_BLOCK_BYTES // (8 * s))
+
+    def block(start: int) -> torch.Tensor:  # s × b, float64
+        part = W[start:start + step].mT if tall else W[:, start:start + step]
+        return part.to(torch.float32).to(torch.float64) if part.element_size() == 1 else part.to(torch.float64)
+
+    G = torch.zeros(s, s, dtype=torch.float64, device=W.device)
+    for start in range(0, long, step):
+        B = block(start)
+        G.addmm_(B, B.mT)
+    evals, evecs = torch.linalg.eigh(G)
+    del G
+    U = evecs[:, -k:].flip(-1)
+    S = evals[-k:].flip(-1).clamp_min(0).sqrt()
+    if bool(S[-1] <= S[0] * 1e-7):
+        return None
+    V = torch.empty(long, k, dtype=torch.float64, device=W.device)
+    for start in range(0, long, step):
+        V[start:start + step] = block(start).mT @ U / S
+    return (V, S, U) if tall else (U, S, V)
 
 
 def _randomized(M: torch.Tensor, k: int, width: int, power_iterations: int, seed: int):
