@@ -77,9 +77,8 @@ class SVDFactors:
             raise ValueError(f"asked for {k} singular triplets, only {self.k} were computed")
         return SVDFactors(self.U[:, :k], self.S[:k], self.V[:, :k])
 
-    def to(self, device=None, dtype=None) -> "SVDFactors":
-        return SVDFactors(self.U.to(device=device, dtype=dtype), self.S.to(device=device, dtype=dtype),
-                          self.V.to(device=device, dtype=dtype))
+    def to(self, device=None, dtype=None, copy: bool = False) -> "SVDFactors":
+        return SVDFactors(*(x.to(device=device, dtype=dtype, copy=copy) for x in (self.U, self.S, self.V)))
 
 
 def weight_matrix(weight: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:

@@ -25,7 +25,7 @@ Defaults, and why:
   rule above decides, and ``cross_attention_kv=False`` leaves them out in every case (a LoRA
   whose style lives in the prompt's reading then moves only its image-side part).
 
-Layers are processed in groups of equal shape (at most ``engine.batch_size`` at a time), weights
+Layers are processed in groups of equal shape (``engine.pairs_per_call`` at a time), weights
 are fetched from the source and target lazily through :class:`WeightSource`, and each group's
 tensors are dropped before the next is read, so memory in flight stays at a few layers.
 
@@ -263,8 +263,8 @@ def transfer_deltas(deltas: Mapping[str, Delta], source: WeightSource, target: W
     if progress:
         progress(done, total)
     for (s_shape, t_shape), pairs in groups.items():
-        for start in range(0, len(pairs), engine.batch_size):
-            chunk = pairs[start:start + engine.batch_size]
+        for start in range(0, len(pairs), engine.pairs_per_call):
+            chunk = pairs[start:start + engine.pairs_per_call]
             ks = [_rank_for_pair(settings, s_shape, t_shape, adapter_ranks.get(s_key)) for s_key, _ in chunk]
             src, tgt = _factors_of_pairs(engine, source, target, chunk, ks)
             for (s_key, t_key), k, fs, ft in zip(chunk, ks, src, tgt):
@@ -407,8 +407,8 @@ def similarity_table(source: WeightSource, target: WeightSource, keys: Iterable[
     total = sum(len(v) for v in by_shape.values())
     rows, done = [], 0
     for shape, pairs in by_shape.items():
-        for start in range(0, len(pairs), engine.batch_size):
-            chunk = pairs[start:start + engine.batch_size]
+        for start in range(0, len(pairs), engine.pairs_per_call):
+            chunk = pairs[start:start + engine.pairs_per_call]
             k = settings.rank_for(shape)
             src, tgt = _factors_of_pairs(engine, source, target, chunk, [k] * len(chunk))
             for (s_key, t_key), fs, ft in zip(chunk, src, tgt):
