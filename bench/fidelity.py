@@ -637,7 +637,7 @@ def calibrate(cfg: Config, lorax_lrs=(0.001, 0.002, 0.004), lora_lrs=(1e-4, 3e-4
     comfy_host.load_pack(host.REPO_ROOT)
     import comfy.utils
 
-    comfy.utils.PROGRESS_BAR_ENABLED = False
+    comfy.utils.PROGRESS_BAR_ENABLED = False  # a command of its own: nothing to restore
     found: dict[str, dict] = {"LoRA-X": {}, "LoRA": {}}
     for seed in cfg.seeds:
         with torch.inference_mode():  # as ComfyUI runs nodes
@@ -672,13 +672,16 @@ def run(cfg: Config, log: Callable[[str], None] = print, comfy_host=None) -> tup
     import comfy.utils  # importable once the host has put the ComfyUI tree on sys.path
 
     comfy_host.load_pack(host.REPO_ROOT)
-    comfy.utils.PROGRESS_BAR_ENABLED = False
+    bars, comfy.utils.PROGRESS_BAR_ENABLED = comfy.utils.PROGRESS_BAR_ENABLED, False
     runs = []
-    for seed in cfg.seeds:
-        with torch.inference_mode():  # as ComfyUI runs nodes
-            runs.append(run_seed(comfy_host, seed, cfg, log=log))
-        log(f"seed {seed}: {runs[-1]['seconds']:.0f} s ({', '.join(f'{k} {v:.0f} s' for k, v in runs[-1]['phase_seconds'].items())}; "
-            f"load average {load_average()})")
+    try:
+        for seed in cfg.seeds:
+            with torch.inference_mode():  # as ComfyUI runs nodes
+                runs.append(run_seed(comfy_host, seed, cfg, log=log))
+            phases = ", ".join(f"{k} {v:.0f} s" for k, v in runs[-1]["phase_seconds"].items())
+            log(f"seed {seed}: {runs[-1]['seconds']:.0f} s ({phases}; load average {load_average()})")
+    finally:
+        comfy.utils.PROGRESS_BAR_ENABLED = bars
     return runs, summarize(runs, cfg)
 
 
