@@ -354,9 +354,9 @@ class LoraxTrain:
         return {"ui": {"text": [report]}, "result": (out_model, handle, {"loss": losses}, report)}
 
 
-def _remove_wrappers(patcher, trained) -> None:
-    """Take this run's Δσ wrappers off the (shared) modules, whatever state loading left them in."""
-    ids = {id(layer.adapter) for layer in trained} | {id(AS_NORMAL_TENSOR)}
+def _remove_wrappers(patcher, wrappers) -> None:
+    """Take this run's weight wrappers off the (shared) modules, whatever state loading left them in."""
+    ids = {id(w) for w in wrappers} | {id(AS_NORMAL_TENSOR)}
     for module in patcher.model.modules():
         for name in ("weight_function", "bias_function"):
             functions = module.__dict__.get(name)
@@ -364,47 +364,42 @@ def _remove_wrappers(patcher, trained) -> None:
                 setattr(module, name, [f for f in functions if id(f) not in ids])
 
 
-def train_lorax(model, latents, positive, *, batch_size, steps, learning_rate, rank, family, seed,
-                dtype_choice="auto", gradient_checkpointing=True, save_name="", teacher=None, engine=None):
-    """The node's work: ``(patched model, AdapterHandle, losses, report)``."""
+def train_weight_wrappers(model, build, latents, positive, *, batch_size, steps, learning_rate, seed, dtype,
+                          gradient_checkpointing=True, teacher=None):
+    """ComfyUI's own training loop over trainable weight wrappers on a clone of ``model``.
+
+    ``build()`` is called with autograd enabled and the RNG seeded from ``seed`` (so random
+    initialisations are reproducible) and returns ``(wrappers, parameters, extra)``: ``{model key:
+    weight wrapper}`` (e.g. a :class:`SigmaAdapter`, or the host's own ``LoRAAdapter.create_train``
+    modules), the tensors Adam trains, and anything the caller wants back. The loop is the stock
+    trainer's (``TrainSampler`` + ``Guider_Basic``; with a ``teacher`` MODEL the target is its
+    prediction, see :class:`Teacher`). Returns ``(extra, losses)``; the wrappers are taken off the
+    modules again and their parameters frozen. ``model`` is never modified. LoRA-X Train is this
+    loop with Δσ wrappers; ``bench/fidelity.py`` runs ordinary LoRAs through it too.
+    """
     nodes_train, custom_sampler = _host_training()
-    prefix = check_save_name(save_name)
     if steps < 1 or batch_size < 1:
         raise LoraxError("steps and batch_size must be at least 1")
     if not (learning_rate > 0):
         raise LoraxError(f"learning_rate must be positive, got {learning_rate}")
-    engine = engine or get_engine()
-    dtype = training_dtype(dtype_choice, model.load_device)
-    t0 = time.perf_counter()
-
-    weights = bridge.PatcherWeights(model)
-    names = bridge.kohya_names(bridge.unet_key_map(model), internal=True)
-    shapes = {k: weights.shape(k) for k in weights.keys() if k in names}
-    keys = select_layers(shapes, family)
-    if not keys:
-        raise LoraxError(f"the {bridge.model_kind(model)} model has no layers of the family '{family}'")
-
     guide = Teacher(teacher, model) if teacher is not None else None  # checked before any work is done
-
     losses: list[float] = []
     with torch.inference_mode(False), torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         samples, positive, n_latents = _dataset(latents, positive, dtype)
-        trained = prepare_layers({k: weights.weight(k) for k in keys}, names, rank, engine,
-                                 adapter_class=host_adapter_class())
+        wrappers, parameters, extra = build()
         mp = model.clone()
         mp.set_model_compute_dtype(dtype)
-        for layer in trained:
-            mp.add_weight_wrapper(layer.key, layer.adapter)
-        adapted = {layer.key for layer in trained}
+        for key, wrapper in wrappers.items():
+            mp.add_weight_wrapper(key, wrapper)
         for name, module in mp.model.named_modules():
             for attr in ("weight", "bias"):
                 t = getattr(module, attr, None) if hasattr(module, attr + "_function") else None
-                if isinstance(t, torch.Tensor) and t.is_inference() and f"{name}.{attr}" not in adapted:
+                if isinstance(t, torch.Tensor) and t.is_inference() and f"{name}.{attr}" not in wrappers:
                     mp.add_weight_wrapper(f"{name}.{attr}", AS_NORMAL_TENSOR)
         if guide is not None:
-            guide.student = mp  # the clone that carries the Δσ wrappers (same weights and patches as model)
-        optimizer = torch.optim.Adam([layer.adapter.sigma for layer in trained], lr=learning_rate)
+            guide.student = mp  # the clone that carries the wrappers (same weights and patches as model)
+        optimizer = torch.optim.Adam(list(parameters), lr=learning_rate)
         sampler = sampler_class()(torch.nn.MSELoss(), optimizer, loss_callback=losses.append,
                                   batch_size=batch_size, grad_acc=1, total_steps=steps, seed=seed,
                                   training_dtype=dtype, real_dataset=None, teacher=guide)
@@ -425,15 +420,43 @@ def train_lorax(model, latents, positive, *, batch_size, steps, learning_rate, r
         finally:
             for m in mp.model.modules():
                 nodes_train.unpatch(m)
-            _remove_wrappers(mp, trained)
+            _remove_wrappers(mp, wrappers.values())
             if guide is not None:
                 guide.end()
         del sampler, optimizer
-        for layer in trained:
-            layer.adapter.requires_grad_(False)
-        if not losses or not all(torch.isfinite(torch.tensor(losses))):
-            raise LoraxError("training diverged (the loss became NaN or inf); lower the learning rate")
-        version, _ = bridge.base_model_names(model)
+        for wrapper in wrappers.values():
+            wrapper.requires_grad_(False)
+    if not losses or not all(torch.isfinite(torch.tensor(losses))):
+        raise LoraxError("training diverged (the loss became NaN or inf); lower the learning rate")
+    return extra, losses
+
+
+def train_lorax(model, latents, positive, *, batch_size, steps, learning_rate, rank, family, seed,
+                dtype_choice="auto", gradient_checkpointing=True, save_name="", teacher=None, engine=None):
+    """The node's work: ``(patched model, AdapterHandle, losses, report)``."""
+    prefix = check_save_name(save_name)
+    engine = engine or get_engine()
+    dtype = training_dtype(dtype_choice, model.load_device)
+    t0 = time.perf_counter()
+
+    weights = bridge.PatcherWeights(model)
+    names = bridge.kohya_names(bridge.unet_key_map(model), internal=True)
+    shapes = {k: weights.shape(k) for k in weights.keys() if k in names}
+    keys = select_layers(shapes, family)
+    if not keys:
+        raise LoraxError(f"the {bridge.model_kind(model)} model has no layers of the family '{family}'")
+
+    def build():
+        trained = prepare_layers({k: weights.weight(k) for k in keys}, names, rank, engine,
+                                 adapter_class=host_adapter_class())
+        return {layer.key: layer.adapter for layer in trained}, [layer.adapter.sigma for layer in trained], trained
+
+    trained, losses = train_weight_wrappers(model, build, latents, positive, batch_size=batch_size, steps=steps,
+                                            learning_rate=learning_rate, seed=seed, dtype=dtype,
+                                            gradient_checkpointing=gradient_checkpointing, teacher=teacher)
+    n_latents = int(latents["samples"].shape[0])
+    version, _ = bridge.base_model_names(model)
+    with torch.inference_mode(False):
         adapter = collect_adapter(trained, metadata={
             "lorax_source": bridge.model_kind(model), "ss_base_model_version": version,
             "lorax_training": "distillation" if teacher is not None else "denoising",
