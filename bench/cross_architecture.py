@@ -53,7 +53,7 @@ from lorax.layer_map import build_layer_map, role_of  # noqa: E402
 from lorax.projection import project_lorax  # noqa: E402
 from lorax.safetensors_weights import SafetensorsWeights  # noqa: E402
 from lorax.svd_cache import SVDCache  # noqa: E402
-from lorax.transfer import Decision, TransferSettings, similarity_scorer, transfer_deltas  # noqa: E402
+from lorax.transfer import Decision, similarity_scorer, transfer_deltas  # noqa: E402
 
 SDXL = tb.UNET_CONFIGS["sdxl"]
 SSD1B = {**SDXL, "transformer_depth": [0, 0, 2, 2, 4, 4], "transformer_depth_middle": 0,
@@ -152,7 +152,7 @@ def main(argv=None) -> int:
             make_target(tgt_path, tgt_layers, origins, src_shapes, args.seed, log)
         source, target = SafetensorsWeights(src_path), SafetensorsWeights(tgt_path)
         deltas = tb.make_adapter("sdxl", src_layers, args.seed)
-        settings = TransferSettings()
+        settings = tb.BENCH_SETTINGS
         refs = {}
         for key in tb.reference_sample(tgt_layers, 2):
             refs[key] = project_lorax(deltas[origins[key]], tb.svd64_top(target.weight(key), settings.rank_for(src_shapes[origins[key]])))
@@ -166,7 +166,7 @@ def main(argv=None) -> int:
             shutil.rmtree(folder, ignore_errors=True)
     print(f"\nSDXL → SSD-1B{' (quick subset)' if args.quick else ''}: {len(src_layers)} source layers, "
           f"{len(tgt_layers)} target layers (kept source blocks evenly spaced, 5 % fine-tunes), LoRA rank "
-          f"{tb.LORA_RANK} on every source layer; TransferSettings() defaults, layer map by similarity")
+          f"{tb.LORA_RANK} on every source layer; TransferSettings defaults with mode lorax, layer map by similarity")
     print(f"{'run':<5} | {'s':>7} | {'peak extra RSS MB':>17} | {'SVDs':>5} | {'cache hits':>10} | "
           f"{'map right':>11} | {'moved':>9} | {'max rel err':>11}")
     for r in rows:

@@ -52,7 +52,7 @@ all, 0 = perfectly), and **kept** ``(1 − task)/(1 − task of its GT)``, the s
 improvement an arm keeps. Mean ± standard deviation over seeds; each target's output distance from
 the source ``‖ε_t − ε_s‖/‖ε_s‖`` is printed with it.
 
-Sweeps (the shipped defaults: ``lorax.transfer.DEFAULT_RANK`` / ``DEFAULT_THRESHOLD``, mode lorax)
+Sweeps (the shipped ``lorax.transfer.DEFAULT_RANK`` / ``DEFAULT_THRESHOLD``; projection ``lorax``)
 ---------------------------------------------------------------------------------------------------
 * Φ̂ threshold, for the LoRA-X and the LoRA transfer (mode lorax).
 * k of the ordinary-LoRA transfer (``TransferSettings(rank=k)``, capped at half each layer's rank

@@ -63,8 +63,10 @@ read back layer by layer through ``SafetensorsWeights``. The runs' SVD caches ar
 folders next to the models and removed after each model's runs.
 
 The adapter is a random LoRA of rank 32 on every one of these layers (``lorax.delta.Delta``,
-factored, float32). Settings are :class:`lorax.transfer.TransferSettings` defaults: k = 320
-capped at half the layer's rank, Φ̂ ≥ 0.3 on both sides, mode ``lorax``.
+factored, float32). Settings are :data:`BENCH_SETTINGS`: the :class:`lorax.transfer.TransferSettings`
+defaults (k = 320 capped at half the layer's rank, Φ̂ ≥ 0.3 on both sides) with mode ``lorax``, the
+paper's projection, which the float64 reference below uses too; the default mode ``prolora`` needs
+the same decompositions and adds two thin products per layer.
 
 The exact reference
 -------------------
@@ -210,6 +212,9 @@ FINE_TUNE_DENSE_FRACTION = 0.5
 LORA_RANK = 32
 GENERATOR_VERSION = "1"     # bump when the construction changes: old files are then regenerated
 CHECKPOINT_PREFIX = "model.diffusion_model."
+
+#: What every run transfers with (module docstring).
+BENCH_SETTINGS = TransferSettings(mode="lorax")
 
 TARGET_SPEEDUP = 8.0
 TARGET_ERROR = 1e-2
@@ -804,7 +809,7 @@ def run_model(model: str, args, device: torch.device, folder: Path, log) -> tupl
     info["file_gb"] = os.path.getsize(src_path) / 1e9
     source, target = SafetensorsWeights(src_path), SafetensorsWeights(tgt_path)
     deltas = make_adapter(model, layers, args.seed)
-    settings = TransferSettings()
+    settings = BENCH_SETTINGS
     refs, floor = build_reference(model, layers, deltas, source, target, settings, per_shape, args.seed, log)
     info["floor"] = floor
     info["ref_keys"] = list(refs)
@@ -920,7 +925,7 @@ def profile_model(model: str, args, folder: Path, log) -> None:
     src_path, tgt_path, _ = model_files(model, layers, args.seed, subset, folder, log, args.dtype)
     target = SafetensorsWeights(tgt_path)
     source = SafetensorsWeights(src_path)
-    settings = TransferSettings()
+    settings = BENCH_SETTINGS
     deltas = make_adapter(model, layers, args.seed)
     by_shape: dict[tuple, list[str]] = {}
     for key, shape in layers:
@@ -1029,7 +1034,7 @@ def print_table(rows: list[Row], infos: list[dict], device: torch.device, args, 
     print("process baseline RSS (before the runs, adapter and reference held): " +
           ", ".join(f"{i['model']} {i['rss_before_runs'] / 2**20:.0f} MB" for i in infos) +
           f" (at start {rss0 / 2**20:.0f} MB)")
-    print(f"settings: TransferSettings() defaults (k = 320 capped at half the layer rank, Φ̂ ≥ 0.3, lorax), "
+    print(f"settings: TransferSettings defaults (k = 320 capped at half the layer rank, Φ̂ ≥ 0.3) with mode lorax, "
           f"LoRA rank {LORA_RANK}, engine defaults"
           f"{''.join(f' but {k}={v}' for k, v in engine_options(args).items())}, SVD cache limit "
           f"{'library default 4 GiB' if args.cache_gb is None else f'{args.cache_gb:g} GiB'}, seed {args.seed}")
@@ -1095,7 +1100,7 @@ def print_flux_extrapolation(rows: list[Row], info: dict, args) -> None:
     d, s = args.flux_blocks
     scale = {"double_blocks": FLUX_BLOCKS[0] / d, "single_blocks": FLUX_BLOCKS[1] / s}
     full = flux_layers(*FLUX_BLOCKS)
-    settings = TransferSettings()
+    settings = BENCH_SETTINGS
     print(f"\nflux extrapolated to Flux.1 ({FLUX_BLOCKS[0]} double + {FLUX_BLOCKS[1]} single blocks, {len(full)} layers, "
           f"{sum(math.prod(x) for _, x in full) / 1e9:.1f} B parameters) from the {d}+{s}-block subset "
           f"({info['layers']} layers), per block kind: time × {scale['double_blocks']:g} (double) and × "

@@ -20,7 +20,7 @@ from .errors import LoraxError
 from .layer_map import MODES as LAYER_MAP_MODES, load_user_map
 from .projection import MODES
 from .skip_reasons import why_left_out
-from .transfer import DEFAULT_RANK, DEFAULT_THRESHOLD, TransferSettings
+from .transfer import DEFAULT_MODE, DEFAULT_RANK, DEFAULT_THRESHOLD, TransferSettings
 
 PACK_ROOT = Path(__file__).resolve().parent.parent
 _PACK_NAME = "lorax_comfyui_pack"
@@ -174,7 +174,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--out", required=True, help="where to write the transferred kohya LoRA (.safetensors)")
     t.add_argument("--rank", type=int, default=DEFAULT_RANK)
     t.add_argument("--threshold", type=float, default=DEFAULT_THRESHOLD)
-    t.add_argument("--mode", choices=MODES, default="lorax")
+    t.add_argument("--mode", choices=MODES, default=DEFAULT_MODE,
+                   help=f"projection (default {DEFAULT_MODE}; LoRA-X adapters are identical in both)")
     t.add_argument("--shape-rule", choices=("skip", "paired"), default="skip")
     t.add_argument("--strength", type=float, default=1.0, help="baked into the written file")
     t.add_argument("--no-cross-attention-kv", action="store_true",

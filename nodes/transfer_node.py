@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 
 from lorax.projection import MODES
-from lorax.transfer import DEFAULT_RANK, DEFAULT_THRESHOLD, SHAPE_RULES, TransferSettings
+from lorax.transfer import DEFAULT_MODE, DEFAULT_RANK, DEFAULT_THRESHOLD, SHAPE_RULES, TransferSettings
 
 from . import bridge
 from .handles import AdapterHandle
@@ -44,8 +44,10 @@ class LoraxTransfer:
                 "threshold": ("FLOAT", {"default": DEFAULT_THRESHOLD, "min": 0.0, "max": 1.0, "step": 0.01,
                                         "tooltip": "Minimum chance-normalised similarity Φ̂ (left and right) for a "
                                                    "layer to be transferred; 0 transfers every layer."}),
-                "mode": (list(MODES), {"tooltip": "lorax: the paper's projection onto the target's top-k subspace. "
-                                                 "prolora: also carries the part outside both subspaces."}),
+                "mode": (list(MODES), {"default": DEFAULT_MODE, "tooltip": (
+                    "prolora (default): the paper's projection plus the part of the change outside both models' "
+                    "subspaces — measured to keep more of ordinary LoRAs. lorax: the paper's projection onto the "
+                    "target's top-k subspaces only. Identical for LoRA-X adapters.")}),
                 "exact": ("BOOLEAN", {"default": False,
                                       "tooltip": "Full float64 SVD instead of the fast Gram route (slower; results "
                                                  "agree to ~1e-10)."}),

@@ -325,7 +325,7 @@ def test_converter_fails_loudly_on_a_stale_workflow(comfy_host, pack):
     classes = comfy_host.nodes.NODE_CLASS_MAPPINGS
     api = ui_to_api(workflow, classes)
     transfer_id = next(n["id"] for n in workflow["nodes"] if n["type"] == "LoraxTransfer")
-    assert api[str(transfer_id)]["inputs"]["mode"] == "lorax" and api[str(transfer_id)]["inputs"]["rank"] == 320
+    assert api[str(transfer_id)]["inputs"]["mode"] == "prolora" and api[str(transfer_id)]["inputs"]["rank"] == 320
     ks = next(nid for nid, n in api.items() if n["class_type"] == "KSampler")
     assert api[ks]["inputs"]["seed"] == 42 and api[ks]["inputs"]["steps"] == 25  # "fixed" consumed after seed
 

@@ -130,7 +130,7 @@ def test_transfer_on_slices_equals_float64_reference_on_each_slice(rng):
     deltas = {s.name: Delta.factored((h, n), t(rng.standard_normal((h, 3)) * 0.1), t(rng.standard_normal((3, n))))
               for s in slices}
     res = transfer_deltas(deltas, DictWeights({"qkv": t(ws)}), DictWeights({"qkv": t(wt)}),
-                          TransferSettings(rank=k, threshold=0.0), SVDEngine(method="gram"))
+                          TransferSettings(rank=k, threshold=0.0, mode="lorax"), SVDEngine(method="gram"))
     assert [l.decision for l in res.layers] == [Decision.TRANSFERRED] * 2
     for s in slices:
         Ut, _, Vt = top_svd(wt[s.start:s.stop], k)
@@ -152,7 +152,7 @@ def test_a_slice_follows_the_layer_map_of_its_fused_weight(rng):
     deltas = {s.name: Delta.factored((h, n), t(rng.standard_normal((h, 2))), t(rng.standard_normal((2, n))))}
     lmap = LayerMap({"tgt.qkv": LayerMatch("tgt.qkv", "src.qkv", "user")})
     res = transfer_deltas(deltas, DictWeights({"src.qkv": t(ws)}), DictWeights({"tgt.qkv": t(wt)}),
-                          TransferSettings(rank=4, threshold=0.0), SVDEngine(method="exact"), layer_map=lmap)
+                          TransferSettings(rank=4, threshold=0.0, mode="lorax"), SVDEngine(method="exact"), layer_map=lmap)
     assert list(res.deltas) == [s.on("tgt.qkv").name]
     Ut, _, Vt = top_svd(wt[h:2 * h], 4)
     # Exact float64 SVD; the result is stored as float32 factors, hence 1e-6.

@@ -74,7 +74,7 @@ def test_transfer_through_the_map_equals_projection_of_the_source_delta(rng):
     for k, w in source.items():
         m, n = w.shape
         deltas[k] = Delta.factored(w.shape, t(rng.standard_normal((m, 3)) * 0.1), t(rng.standard_normal((3, n)) * 0.1))
-    result = transfer_deltas(deltas, DictWeights(source), DictWeights(target), TransferSettings(rank=8, threshold=0.3),
+    result = transfer_deltas(deltas, DictWeights(source), DictWeights(target), TransferSettings(rank=8, threshold=0.3, mode="lorax"),
                              engine, layer_map=lmap)
     moved = result.deltas
     assert len(moved) == len(target)

@@ -51,7 +51,7 @@ def test_transfer_driver_matches_reference_and_reports(rng):
     src, tgt = _models(rng)
     deltas = _lora_deltas(rng, src)
     deltas["missing.weight"] = Delta.factored((8, 8), torch.ones(8, 1), torch.ones(1, 8))
-    settings = TransferSettings(rank=8, threshold=0.0)
+    settings = TransferSettings(rank=8, threshold=0.0, mode="lorax")
     result = transfer_deltas(deltas, DictWeights(src), DictWeights(tgt), settings, SVDEngine(method="exact"))
     by_key = {l.key: l for l in result.layers}
     assert by_key["missing.weight"].decision is Decision.MISSING_IN_TARGET
@@ -185,6 +185,29 @@ def test_lorax_delta_rebuilt_from_source(rng):
     U, S, V = top_svd(w, 5)
     # Reference in the library's sign convention: U diag(d) Vᵀ is sign-invariant per pair.
     assert rel_err(adapter.delta("m", f, (48, 32)).matrix(), (U * sigma) @ V.T) < EXACT_TOL
+
+
+def test_lorax_adapter_moves_with_the_lorax_projection_in_either_mode(rng):
+    """A LoRA-X delta lies in the source's top-r subspaces, so prolora's null-space part is zero:
+    both modes give the lorax projection at the adapter's own rank r (not 2r)."""
+    ws = power_law_matrix(rng, 48, 32)
+    wt = perturbed(rng, ws, 0.05)
+    r = 6
+    U, _, V = top_svd(ws, r)
+    delta = Delta.factored((48, 32), t(U * rng.standard_normal(r)), t(V.T))
+    Ut, _, Vt = top_svd(wt, r)
+    ref = lorax_ref(delta.matrix().numpy(), Ut, Vt)
+    for mode in ("lorax", "prolora"):
+        res = transfer_deltas({"m": delta}, DictWeights({"m": t(ws)}), DictWeights({"m": t(wt)}),
+                              TransferSettings(threshold=0.0, mode=mode), SVDEngine(method="exact"),  # rank unused
+                              adapter_ranks={"m": r})
+        moved = res.deltas["m"]
+        assert moved.rank == r and rel_err(moved.matrix(), ref) < EXACT_TOL, mode
+    # An ordinary LoRA's delta, by contrast, keeps its null-space part in prolora (rank 2·rank).
+    lora = Delta.factored((48, 32), t(rng.standard_normal((48, 3))), t(rng.standard_normal((3, 32))))
+    res = transfer_deltas({"m": lora}, DictWeights({"m": t(ws)}), DictWeights({"m": t(wt)}),
+                          TransferSettings(rank=r, threshold=0.0), SVDEngine(method="exact"))
+    assert res.settings.mode == "prolora" and res.deltas["m"].rank == 6
 
 
 def test_kohya_export_round_trip(tmp_path, rng):
