@@ -1037,7 +1037,7 @@ def print_table(rows: list[Row], infos: list[dict], device: torch.device, args, 
     print(f"settings: TransferSettings defaults (k = 320 capped at half the layer rank, Φ̂ ≥ 0.3) with mode lorax, "
           f"LoRA rank {LORA_RANK}, engine defaults"
           f"{''.join(f' but {k}={v}' for k, v in engine_options(args).items())}, SVD cache limit "
-          f"{'library default 4 GiB' if args.cache_gb is None else f'{args.cache_gb:g} GiB'}, seed {args.seed}")
+          f"{'library default 16 GiB' if args.cache_gb is None else f'{args.cache_gb:g} GiB'}, seed {args.seed}")
     for info in infos:
         floor = info.get("floor") or []
         if floor:
@@ -1116,7 +1116,7 @@ def print_flux_extrapolation(rows: list[Row], info: dict, args) -> None:
     measured_cache = max((r.cache_bytes for r in rows if r.cache_bytes), default=0)
     print(f"  SVD cache for a LoRA on every layer: {subset_cache / 1e9:.2f} GB computed for the subset "
           f"(measured {measured_cache / 1e9:.2f} GB on disk), {flux_cache_bytes(full, settings) / 1e9:.1f} GB for the "
-          f"full model: a warm run of such a LoRA needs LORAX_SVD_CACHE_GB of at least that (default 4).")
+          f"full model: a warm run of such a LoRA needs LORAX_SVD_CACHE_GB of at least that (default 16).")
 
 
 def _git_state() -> str:

@@ -28,12 +28,14 @@ log = logging.getLogger("lorax")
 
 CACHE_VERSION = "1"
 _SUFFIX = ".svd.safetensors"
+#: Default size bound: a full SDXL pair at k = 320 (9.7 GB) or a Flux.1 pair, with room to spare.
+DEFAULT_MAX_BYTES = 16 << 30
 
 
 class SVDCache:
     """See the module docstring. ``folder`` is created on first write."""
 
-    def __init__(self, folder: str | os.PathLike, max_bytes: int = 4 << 30):
+    def __init__(self, folder: str | os.PathLike, max_bytes: int = DEFAULT_MAX_BYTES):
         self.folder = os.fspath(folder)
         self.max_bytes = int(max_bytes)
         self._lock = threading.Lock()
@@ -175,12 +177,12 @@ class SVDCache:
 
 def cache_from_env(default_folder: str | os.PathLike) -> SVDCache | None:
     """The cache the user configured: ``LORAX_SVD_CACHE`` (a folder, or ``off``) and
-    ``LORAX_SVD_CACHE_GB`` (size bound, default 4), else ``default_folder``."""
+    ``LORAX_SVD_CACHE_GB`` (size bound, default 16), else ``default_folder``."""
     setting = os.environ.get("LORAX_SVD_CACHE", "").strip()
     if setting.lower() in ("off", "0", "none", "false"):
         return None
     try:
-        gigabytes = float(os.environ.get("LORAX_SVD_CACHE_GB", "4"))
+        gigabytes = float(os.environ.get("LORAX_SVD_CACHE_GB", str(DEFAULT_MAX_BYTES >> 30)))
     except ValueError:
         raise LoraxError("LORAX_SVD_CACHE_GB must be a number of gigabytes") from None
     return SVDCache(setting or default_folder, max_bytes=int(gigabytes * (1 << 30)))
