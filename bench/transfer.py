@@ -1159,7 +1159,7 @@ def main(argv=None) -> int:
     p.add_argument("--runs", default=None,
                    help="which runs: read, gram, warm, randomized, baseline (default all; read,gram,warm for flux)")
     p.add_argument("--cache-gb", type=float, default=None,
-                   help="SVD cache size limit in GiB (default: the library's default, 4)")
+                   help="SVD cache size limit in GiB (default: the library's default, 16)")
     p.add_argument("--memo-mb", type=float, default=None,
                    help="SVDEngine(memory_bytes=…) in MiB: factors the engine keeps in memory (default: the "
                         "library's default)")

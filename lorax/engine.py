@@ -69,7 +69,7 @@ class SVDEngine:
     """
 
     def __init__(self, method: Method = "gram", device: torch.device | str | None = None,
-                 store: FactorStore | None = None, batch_size: int = 8, memory_bytes: int = 512 << 20,
+                 store: FactorStore | None = None, batch_size: int = 8, memory_bytes: int = 256 << 20,
                  seed: int = 0, max_batch_bytes: int = 256 << 20, workers: int | None = None):
         self.method = method
         self.device = torch.device(device) if device is not None else torch.device("cpu")
@@ -173,6 +173,7 @@ class SVDEngine:
         identities = list(identities) if identities is not None else [None] * len(requests)
         out: list[SVDFactors | None] = [None] * len(requests)
         pending: dict[tuple, list[tuple[int, torch.Tensor, str, int]]] = {}
+        pending_bytes = 0
         for i, ((weight, k), digest, identity) in enumerate(zip(requests, digests, identities)):
             if digest is None:
                 digest = self._digest_of_identity(identity)
@@ -186,6 +187,17 @@ class SVDEngine:
                 continue
             weight = weight() if callable(weight) else weight
             pending.setdefault(tuple(weight.shape), []).append((i, weight, digest, k))
+            # Misses are decomposed as soon as their stored weights fill max_batch_bytes, so a long
+            # request (a layer map asks for a whole role at once) never holds all its weights.
+            pending_bytes += weight.nbytes
+            if pending_bytes >= self.max_batch_bytes:
+                self._decompose_pending(pending, out)
+                pending, pending_bytes = {}, 0
+        self._decompose_pending(pending, out)
+        return out  # type: ignore[return-value]
+
+    def _decompose_pending(self, pending: dict[tuple, list], out: list) -> None:
+        """Decompose the missed weights (grouped by shape), keep and store their factors, fill ``out``."""
         workers = self._parallel_workers()
         batches = []
         for items in pending.values():
@@ -195,7 +207,7 @@ class SVDEngine:
             step = 1 if workers > 1 else max(1, min(self.batch_size, self.max_batch_bytes // per_item))
             batches += [items[start:start + step] for start in range(0, len(items), step)]
         if not batches:
-            return out  # type: ignore[return-value]
+            return
         # Largest first, so the last task to finish is a small one.
         batches.sort(key=lambda b: -len(b) * self._upcast_bytes(b[0][1]))
         side_by_side = min(workers, len(batches),
@@ -224,7 +236,6 @@ class SVDEngine:
                 if self.store is not None:
                     self.store.put(digest, self.method, f)
                 out[i] = f.top(k_i)
-        return out  # type: ignore[return-value]
 
     def _upcast_bytes(self, weight: torch.Tensor) -> int:
         return max(1, (4 if self.method == "randomized" else 8) * weight.numel())

@@ -310,7 +310,9 @@ class SimilarityScorer:
         self._factors: dict[tuple[str, str], object] = {}
 
     def prefetch(self, source_keys: Iterable[str], target_keys: Iterable[str]) -> None:
-        """Decompose these layers now, replacing the factors kept so far."""
+        """Decompose these layers now, replacing the factors kept so far (dropped first, so two
+        roles' factors are never held at once)."""
+        self._factors = {}
         self._factors = self._fetch([("s", k) for k in source_keys] + [("t", k) for k in target_keys])
 
     def _fetch(self, wanted: list[tuple[str, str]]) -> dict:

@@ -38,7 +38,8 @@ def test_second_engine_does_no_svd(tmp_path, weights):
     assert third.stats.layers_decomposed == 1
 
 
-@pytest.mark.parametrize("damage", ["truncate", "garbage", "stale", "not_orthonormal", "repeated_column"])
+@pytest.mark.parametrize("damage", ["truncate", "garbage", "stale", "not_orthonormal", "repeated_column",
+                                    "nan_in_V", "inf_in_S"])
 def test_damaged_entry_is_detected_and_rebuilt(tmp_path, weights, damage):
     cache = SVDCache(tmp_path)
     SVDEngine(store=cache).factors(weights[0], 16)
@@ -60,6 +61,10 @@ def test_damaged_entry_is_detected_and_rebuilt(tmp_path, weights, damage):
         tensors = load_file(path)
         if damage == "not_orthonormal":
             tensors["U"] = tensors["U"] * 2
+        elif damage == "nan_in_V":  # one entry: its column's norm is NaN, which the unit test rejects
+            tensors["V"][3, 5] = float("nan")
+        elif damage == "inf_in_S":
+            tensors["S"][2] = float("inf")
         else:  # unit columns, but two of them equal
             tensors["U"][:, -1] = tensors["U"][:, 0]
         save_file(tensors, path, metadata=meta)
@@ -159,3 +164,29 @@ def test_memo_is_bounded_in_bytes(weights):
     assert engine.stats.memory_hits == 1 and engine.stats.layers_decomposed == 3
     engine.factors(weights[0], 16)  # the oldest went first
     assert engine.stats.layers_decomposed == 4
+
+
+def test_a_long_request_does_not_hold_all_its_weights(weights):
+    """A layer map asks for a whole role's layers in one call: the misses are decomposed as soon as
+    their stored bytes reach ``max_batch_bytes``, so only a few loaded weights are alive at once
+    (before: all six), and the factors are those of one unbounded call."""
+    import weakref
+
+    six = [w * (1 + i // 3) for i, w in enumerate(weights[:3] * 2)]  # distinct contents, one shape
+    alive: list = []
+    most = [0]
+
+    def loader(w):
+        def load():
+            copy = w.clone()
+            alive.append(weakref.ref(copy))
+            most[0] = max(most[0], sum(r() is not None for r in alive))
+            return copy
+        return load
+
+    bounded = SVDEngine(max_batch_bytes=2 * six[0].nbytes, workers=1)
+    got = bounded.factors_many([(loader(w), 8) for w in six])
+    assert most[0] <= 3 and bounded.stats.layers_decomposed == 6
+    want = SVDEngine(workers=1).factors_many([(w, 8) for w in six])
+    for a, b in zip(got, want):
+        assert rel_err(a.S, b.S) < 1e-6  # the same float32 computation, batched differently
