@@ -239,9 +239,10 @@ def _image_file(comfy_host, entry) -> Path:
 # --------------------------------------------------------------------------------------
 
 
-def test_the_three_example_workflows_exist():
+def test_the_example_workflows_the_readme_lists_exist():
     assert {p.name for p in WORKFLOWS} >= {"transfer_lora_to_finetune.json", "similarity_report.json",
-                                          "save_transferred_lora.json"}
+                                          "save_transferred_lora.json", "train_lorax_adapter.json",
+                                          "convert_lora_to_lorax.json"}
 
 
 @pytest.mark.parametrize("path", WORKFLOWS, ids=[p.stem for p in WORKFLOWS])
