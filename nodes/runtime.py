@@ -1,9 +1,10 @@
 """Process-wide state shared by the nodes: the SVD engines and progress reporting.
 
 One engine per (method, device) lives for the whole ComfyUI process, so re-running a graph, or
-moving a second adapter between the same two models, finds every decomposition in memory; the
-engines share an on-disk cache under ComfyUI's user directory (``lorax-svd-cache``; see
-``LORAX_SVD_CACHE`` / ``LORAX_SVD_CACHE_GB`` in the README) so a restart loses nothing either.
+moving a second adapter between the same two models, decomposes nothing: the latest factors are
+in the engine's memo (256 MiB), the rest in the on-disk cache the engines share under ComfyUI's
+user directory (``lorax-svd-cache``; see ``LORAX_SVD_CACHE`` / ``LORAX_SVD_CACHE_GB`` in the
+README), so a restart loses nothing either.
 """
 
 from __future__ import annotations
