@@ -31,8 +31,8 @@ from .report import family_of, short_key
 
 MODES: tuple[str, ...] = ("name", "similarity")
 
-#: (source key, target key) → Φ̂. A scorer may also have ``prefetch(source_keys, target_keys)``,
-#: called once per role before its pairs are scored.
+#: (source key, target key) → Φ̂. A scorer may also have ``score_matrix(source_keys, target_keys)``
+#: giving ``scores[target][source]`` for a whole role at once (see lorax.transfer.SimilarityScorer).
 Scorer = Callable[[str, str], float]
 
 
@@ -133,10 +133,9 @@ def build_layer_map(source_shapes: Mapping[str, tuple], target_shapes: Mapping[s
             for t, s in zip(targets, sources):
                 result.matches[t] = LayerMatch(t, s, "name" if s == t else "order")
         else:
-            prefetch = getattr(scorer, "prefetch", None)
-            if prefetch is not None:  # all layers of the role decomposed in one call
-                prefetch(sources, targets)
-            scores = [[scorer(s, t) for s in sources] for t in targets]
+            score_matrix = getattr(scorer, "score_matrix", None)
+            scores = (score_matrix(sources, targets) if score_matrix is not None
+                      else [[scorer(s, t) for s in sources] for t in targets])
             chosen = _best_assignment(scores, allow_reuse)
             for t, j, row in zip(targets, chosen, scores):
                 if j is None or row[j] < min_score:

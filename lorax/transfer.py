@@ -44,7 +44,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import Callable, Iterable, Mapping, Protocol
+from typing import Callable, Iterable, Mapping, Protocol, Sequence
 
 import torch
 
@@ -299,35 +299,42 @@ class SimilarityScorer:
     """Φ̂ (the weaker side) of a source and a target layer of equal shape, for layer maps.
 
     A map scores every candidate pair of a role — 8 × 20 pairs for SSD-1B's 1280-wide input
-    blocks — so each layer is read and decomposed once: :meth:`prefetch` asks the engine for all
-    layers of a role in one call (side by side on the CPU, found by file identity when cached),
-    and their factors are kept here while that role's pairs are scored, and dropped at the next.
+    blocks — so each layer should be read and decomposed once, without holding all of them:
+    :meth:`score_matrix` keeps the role's target factors and decomposes the source layers a
+    few at a time (side by side on the CPU, found by file identity when cached), scoring each
+    against every target before the next few. Memory is the targets plus ``pairs_per_call``
+    source layers, and no layer is decomposed twice even without a cache.
     """
 
     def __init__(self, source: WeightSource, target: WeightSource, engine: SVDEngine, rank: int = DEFAULT_RANK):
         self.source, self.target, self.engine = with_slices(source), with_slices(target), engine
         self.settings = TransferSettings(rank=rank)
-        self._factors: dict[tuple[str, str], object] = {}
 
-    def prefetch(self, source_keys: Iterable[str], target_keys: Iterable[str]) -> None:
-        """Decompose these layers now, replacing the factors kept so far (dropped first, so two
-        roles' factors are never held at once)."""
-        self._factors = {}
-        self._factors = self._fetch([("s", k) for k in source_keys] + [("t", k) for k in target_keys])
+    def _fetch(self, side: str, keys: Sequence[str]) -> list:
+        weights = self.source if side == "s" else self.target
+        return self.engine.factors_many(
+            [(_loader(weights, key), self.settings.rank_for(weights.shape(key))) for key in keys],
+            identities=[_identity(weights, key) for key in keys])
 
-    def _fetch(self, wanted: list[tuple[str, str]]) -> dict:
-        weights = {"s": self.source, "t": self.target}
-        factors = self.engine.factors_many(
-            [(_loader(weights[side], key), self.settings.rank_for(weights[side].shape(key))) for side, key in wanted],
-            identities=[_identity(weights[side], key) for side, key in wanted])
-        return dict(zip(wanted, factors))
+    def _score(self, source_key: str, fs, ft) -> float:
+        k = self.settings.rank_for(self.source.shape(source_key))
+        return layer_similarity(fs, ft, k).phi_hat_min
+
+    def score_matrix(self, source_keys: Sequence[str], target_keys: Sequence[str]) -> list[list[float]]:
+        """``scores[i][j]``: Φ̂ of target ``i`` and source ``j`` (see the class docstring)."""
+        targets = self._fetch("t", target_keys)
+        scores = [[0.0] * len(source_keys) for _ in target_keys]
+        step = max(1, self.engine.pairs_per_call)
+        for start in range(0, len(source_keys), step):
+            chunk = source_keys[start:start + step]
+            for j, (key, fs) in enumerate(zip(chunk, self._fetch("s", chunk)), start):
+                for i, ft in enumerate(targets):
+                    scores[i][j] = self._score(key, fs, ft)
+        return scores
 
     def __call__(self, source_key: str, target_key: str) -> float:
-        missing = [w for w in (("s", source_key), ("t", target_key)) if w not in self._factors]
-        if missing:
-            self._factors.update(self._fetch(missing))
-        k = self.settings.rank_for(self.source.shape(source_key))
-        return layer_similarity(self._factors[("s", source_key)], self._factors[("t", target_key)], k).phi_hat_min
+        (fs,), (ft,) = self._fetch("s", [source_key]), self._fetch("t", [target_key])
+        return self._score(source_key, fs, ft)
 
 
 def similarity_scorer(source: WeightSource, target: WeightSource, engine: SVDEngine,

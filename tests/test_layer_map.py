@@ -65,6 +65,21 @@ def test_similarity_map_recovers_the_kept_blocks(rng):
     assert by_name.source_of(_key("input_blocks", 1, "attn1.to_q")) == _key("input_blocks", 1, "attn1.to_q")
 
 
+def test_a_role_is_scored_decomposing_each_layer_once_without_holding_them_all(rng):
+    """score_matrix gives the pairwise Φ̂ exactly, and with no cache and no memo still decomposes
+    every layer once (targets held, sources a worker's worth at a time)."""
+    source, target = _pair(rng)
+    fam = "ff.net.2"  # 48 × 96: a non-square role
+    sources = [_key("input_blocks", b, fam) for b in range(5)]
+    targets = [_key("input_blocks", b, fam) for b in KEPT]
+    engine = SVDEngine(method="exact", memory_bytes=0, workers=2)
+    scorer = similarity_scorer(DictWeights(source), DictWeights(target), engine, rank=8)
+    matrix = scorer.score_matrix(sources, targets)
+    assert engine.stats.layers_decomposed == len(sources) + len(targets)
+    pairwise = similarity_scorer(DictWeights(source), DictWeights(target), SVDEngine(method="exact"), rank=8)
+    assert matrix == [[pairwise(s, t) for s in sources] for t in targets]
+
+
 def test_transfer_through_the_map_equals_projection_of_the_source_delta(rng):
     source, target = _pair(rng)
     engine = SVDEngine(method="exact")
