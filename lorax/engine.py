@@ -33,7 +33,7 @@ from .svd import Method, SVDFactors, truncated_svd_batch
 
 
 class FactorStore(Protocol):
-    """What the engine needs of a persistent cache (identity methods are optional)."""
+    """What the engine needs of a persistent cache (the identity and score methods are optional)."""
 
     def get(self, digest: str, method: str, k: int) -> SVDFactors | None: ...
 
@@ -83,6 +83,7 @@ class SVDEngine:
         self._memo: OrderedDict[tuple[str, str], SVDFactors] = OrderedDict()
         self._memo_bytes = 0
         self._identities: dict[str, str] = {}
+        self._scores: dict[str, float] = {}
         self._lock = threading.Lock()
 
     @property
@@ -156,6 +157,32 @@ class SVDEngine:
         self._identities[identity] = digest
         if self.store is not None and hasattr(self.store, "remember_identity"):
             self.store.remember_identity(identity, digest)
+
+    def known_digest(self, identity: str | None) -> str | None:
+        """The content digest of a weight seen before under ``identity`` (nothing is read)."""
+        return self._digest_of_identity(identity)
+
+    def _score_key(self, name: str, digests: Sequence[str], k: int) -> str:
+        return ":".join([name, self.method, str(k), *digests])
+
+    def score_of(self, name: str, digests: Sequence[str], k: int) -> float | None:
+        """A score computed before from the rank-``k`` factors of the weights with these digests
+        (``name`` says which score), from this process or the store; None if there is none."""
+        key = self._score_key(name, digests, k)
+        value = self._scores.get(key)
+        if value is None and self.store is not None and hasattr(self.store, "score_of"):
+            value = self.store.score_of(key)
+            if value is not None:
+                self._scores[key] = value
+        return value
+
+    def remember_score(self, name: str, digests: Sequence[str], k: int, value: float) -> None:
+        key = self._score_key(name, digests, k)
+        if self._scores.get(key) == value:
+            return
+        self._scores[key] = value
+        if self.store is not None and hasattr(self.store, "remember_score"):
+            self.store.remember_score(key, value)
 
     def factors_many(self, requests: Sequence[tuple[torch.Tensor | Callable[[], torch.Tensor], int]],
                      digests: Sequence[str | None] | None = None,

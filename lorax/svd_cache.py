@@ -6,7 +6,10 @@ safetensors file per entry, written atomically. Every read is validated (the con
 metadata it claims, shapes, finiteness, orthonormal columns): a corrupt, truncated or stale
 entry is deleted and reported as a miss, so it is recomputed and never trusted. When the folder
 grows past ``max_bytes`` the least recently used entries (by modification time, which reads
-refresh) are removed.
+refresh) are removed. Two small append-only text indexes sit beside the entries —
+``identities.log`` (file identity → digest, to skip hashing) and ``scores.log`` (Φ̂ of layer
+pairs by their digests, so a layer map is not rescored) — both mere shortcuts: a damaged or
+missing line costs a recomputation, never a wrong result.
 
 Factors from the fast methods are stored in float32 (their error is far above float32
 rounding); ``exact`` factors keep float64 so the exact path stays exact.
@@ -15,8 +18,10 @@ rounding); ``exact`` factors keep float64 so the exact path stays exact.
 from __future__ import annotations
 
 import logging
+import math
 import os
 import threading
+from typing import Callable
 
 import torch
 
@@ -40,42 +45,26 @@ class SVDCache:
         self.max_bytes = int(max_bytes)
         self._lock = threading.Lock()
         self.rejected = 0  # entries found corrupt or stale and removed
-        self._identities: dict[str, str] | None = None
+        self._identities = _AppendLog(os.path.join(self.folder, "identities.log"), self._lock,
+                                      lambda v: len(v) == 32)
+        self._scores = _AppendLog(os.path.join(self.folder, "scores.log"), self._lock, _is_number)
 
-    # Identity → digest index: an append-only log of "identity<TAB>digest" lines (later lines win;
-    # damaged lines are ignored). It only saves re-hashing: a wrong or missing line costs a hash,
-    # and the factors themselves stay keyed and validated by digest.
-    def _identity_log(self) -> str:
-        return os.path.join(self.folder, "identities.log")
-
-    def _load_identities(self) -> dict[str, str]:
-        if self._identities is None:
-            self._identities = {}
-            try:
-                with open(self._identity_log(), encoding="utf-8", errors="replace") as f:
-                    for line in f:
-                        parts = line.rstrip("\n").split("\t")
-                        if len(parts) == 2 and len(parts[1]) == 32:
-                            self._identities[parts[0]] = parts[1]
-            except FileNotFoundError:
-                pass
-        return self._identities
-
+    # Two small append-only indexes beside the entries (see _AppendLog): identity → digest, which
+    # only saves re-hashing (a wrong or missing line costs a hash; the factors stay keyed and
+    # validated by digest), and scores of layer pairs, which only save recomputing a Φ̂ from
+    # factors that are themselves keyed by content.
     def digest_of_identity(self, identity: str) -> str | None:
-        return self._load_identities().get(identity)
+        return self._identities.get(identity)
 
     def remember_identity(self, identity: str, digest: str) -> None:
-        if "\t" in identity or "\n" in identity:
-            return
-        identities = self._load_identities()
-        with self._lock:
-            try:
-                os.makedirs(self.folder, exist_ok=True)
-                with open(self._identity_log(), "a", encoding="utf-8") as f:
-                    f.write(f"{identity}\t{digest}\n")
-            except OSError:
-                return
-            identities[identity] = digest
+        self._identities.put(identity, digest)
+
+    def score_of(self, key: str) -> float | None:
+        value = self._scores.get(key)
+        return None if value is None else float(value)
+
+    def remember_score(self, key: str, value: float) -> None:
+        self._scores.put(key, repr(float(value)))
 
     def _path(self, digest: str, method: str) -> str:
         return os.path.join(self.folder, f"{digest}-{method}{_SUFFIX}")
@@ -175,6 +164,52 @@ class SVDCache:
             os.unlink(path)
         except FileNotFoundError:
             pass
+
+
+class _AppendLog:
+    """``key<TAB>value`` lines appended to one file, read once (later lines win; damaged lines, or
+    values ``valid`` rejects, are ignored). Only a convenience index: losing it costs recomputing."""
+
+    def __init__(self, path: str, lock: threading.Lock, valid: Callable[[str], bool]):
+        self.path, self._lock, self._valid = path, lock, valid
+        self._items: dict[str, str] | None = None
+
+    def _load(self) -> dict[str, str]:
+        if self._items is None:
+            items = {}
+            try:
+                with open(self.path, encoding="utf-8", errors="replace") as f:
+                    for line in f:
+                        parts = line.rstrip("\n").split("\t")
+                        if len(parts) == 2 and self._valid(parts[1]):
+                            items[parts[0]] = parts[1]
+            except FileNotFoundError:
+                pass
+            self._items = items
+        return self._items
+
+    def get(self, key: str) -> str | None:
+        return self._load().get(key)
+
+    def put(self, key: str, value: str) -> None:
+        if any(c in key or c in value for c in "\t\n"):
+            return
+        items = self._load()
+        with self._lock:
+            try:
+                os.makedirs(os.path.dirname(self.path), exist_ok=True)
+                with open(self.path, "a", encoding="utf-8") as f:
+                    f.write(f"{key}\t{value}\n")
+            except OSError:
+                return
+            items[key] = value
+
+
+def _is_number(text: str) -> bool:
+    try:
+        return math.isfinite(float(text))
+    except ValueError:
+        return False
 
 
 def cache_from_env(default_folder: str | os.PathLike) -> SVDCache | None:

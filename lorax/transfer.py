@@ -303,7 +303,10 @@ class SimilarityScorer:
     :meth:`score_matrix` keeps the role's target factors and decomposes the source layers a
     few at a time (side by side on the CPU, found by file identity when cached), scoring each
     against every target before the next few. Memory is the targets plus ``pairs_per_call``
-    source layers, and no layer is decomposed twice even without a cache.
+    source layers, and no layer is decomposed twice even without a cache. Scores of layers whose
+    content digest is known from a file identity (:class:`~lorax.safetensors_weights.SafetensorsWeights`:
+    the command line, the benchmarks) are remembered by the engine and its store, so building
+    the same map again reads no factors at all.
     """
 
     def __init__(self, source: WeightSource, target: WeightSource, engine: SVDEngine, rank: int = DEFAULT_RANK):
@@ -316,21 +319,42 @@ class SimilarityScorer:
             [(_loader(weights, key), self.settings.rank_for(weights.shape(key))) for key in keys],
             identities=[_identity(weights, key) for key in keys])
 
+    def _k(self, source_key: str) -> int:
+        return self.settings.rank_for(self.source.shape(source_key))
+
     def _score(self, source_key: str, fs, ft) -> float:
-        k = self.settings.rank_for(self.source.shape(source_key))
-        return layer_similarity(fs, ft, k).phi_hat_min
+        return layer_similarity(fs, ft, self._k(source_key)).phi_hat_min
 
     def score_matrix(self, source_keys: Sequence[str], target_keys: Sequence[str]) -> list[list[float]]:
         """``scores[i][j]``: Φ̂ of target ``i`` and source ``j`` (see the class docstring)."""
-        targets = self._fetch("t", target_keys)
-        scores = [[0.0] * len(source_keys) for _ in target_keys]
+        scores: list[list[float | None]] = [[self._remembered(s, t) for s in source_keys] for t in target_keys]
+        rows = [i for i, row in enumerate(scores) if None in row]
+        cols = [j for j in range(len(source_keys)) if any(scores[i][j] is None for i in rows)]
+        targets = dict(zip(rows, self._fetch("t", [target_keys[i] for i in rows])))
         step = max(1, self.engine.pairs_per_call)
-        for start in range(0, len(source_keys), step):
-            chunk = source_keys[start:start + step]
-            for j, (key, fs) in enumerate(zip(chunk, self._fetch("s", chunk)), start):
-                for i, ft in enumerate(targets):
-                    scores[i][j] = self._score(key, fs, ft)
-        return scores
+        for start in range(0, len(cols), step):
+            chunk = cols[start:start + step]
+            for j, fs in zip(chunk, self._fetch("s", [source_keys[j] for j in chunk])):
+                for i, ft in targets.items():
+                    if scores[i][j] is None:
+                        scores[i][j] = self._score_and_remember(source_keys[j], target_keys[i], fs, ft)
+        return scores  # type: ignore[return-value]
+
+    def _digests(self, source_key: str, target_key: str) -> tuple[str, str] | None:
+        ds = self.engine.known_digest(_identity(self.source, source_key))
+        dt = self.engine.known_digest(_identity(self.target, target_key))
+        return (ds, dt) if ds is not None and dt is not None else None
+
+    def _remembered(self, source_key: str, target_key: str) -> float | None:
+        digests = self._digests(source_key, target_key)
+        return None if digests is None else self.engine.score_of("phi_hat_min", digests, self._k(source_key))
+
+    def _score_and_remember(self, source_key: str, target_key: str, fs, ft) -> float:
+        value = self._score(source_key, fs, ft)
+        digests = self._digests(source_key, target_key)  # known now, for weights with an identity
+        if digests is not None:
+            self.engine.remember_score("phi_hat_min", digests, self._k(source_key), value)
+        return value
 
     def __call__(self, source_key: str, target_key: str) -> float:
         (fs,), (ft,) = self._fetch("s", [source_key]), self._fetch("t", [target_key])

@@ -80,6 +80,37 @@ def test_a_role_is_scored_decomposing_each_layer_once_without_holding_them_all(r
     assert matrix == [[pairwise(s, t) for s in sources] for t in targets]
 
 
+def test_a_second_map_over_the_same_files_reads_no_factors(rng, tmp_path):
+    """Scores of layers found by file identity are remembered in the store: a fresh engine builds
+    the same map with no SVD and no cache entry read; a damaged score line is ignored (rescored)."""
+    from safetensors.torch import save_file
+
+    from lorax.safetensors_weights import SafetensorsWeights
+    from lorax.svd_cache import SVDCache
+
+    source, target = _pair(rng)
+    save_file(source, str(tmp_path / "s.safetensors"))
+    save_file(target, str(tmp_path / "t.safetensors"))
+
+    def build():
+        engine = SVDEngine(store=SVDCache(tmp_path / "cache"))
+        scorer = similarity_scorer(SafetensorsWeights(tmp_path / "s.safetensors"),
+                                   SafetensorsWeights(tmp_path / "t.safetensors"), engine, rank=8)
+        return build_layer_map(_shapes(source), _shapes(target), scorer=scorer), engine
+
+    cold, engine = build()
+    assert engine.stats.layers_decomposed == 5 * len(FAMILIES) + len(KEPT) * len(FAMILIES)
+    warm, engine = build()
+    assert engine.stats.layers_decomposed == 0 and engine.stats.disk_hits == 0
+    assert [(m.source, m.score) for m in warm.matches.values()] == [(m.source, m.score) for m in cold.matches.values()]
+    log = tmp_path / "cache" / "scores.log"
+    lines = log.read_text().splitlines()
+    log.write_text("\n".join([lines[0].split("\t")[0] + "\tnot-a-number"] + lines[1:]) + "\n")
+    again, engine = build()
+    assert engine.stats.layers_decomposed == 0 and engine.stats.disk_hits == 2  # the one pair, from factors
+    assert [(m.source, m.score) for m in again.matches.values()] == [(m.source, m.score) for m in cold.matches.values()]
+
+
 def test_transfer_through_the_map_equals_projection_of_the_source_delta(rng):
     source, target = _pair(rng)
     engine = SVDEngine(method="exact")
