@@ -143,7 +143,8 @@ class SVDEngine:
         """Top-k factors of one weight."""
         return self.factors_many([(weight, k)], digests=[digest])[0]
 
-    def _digest_of_identity(self, identity: str | None) -> str | None:
+    def known_digest(self, identity: str | None) -> str | None:
+        """The content digest of a weight seen before under ``identity`` (nothing is read)."""
         if identity is None:
             return None
         digest = self._identities.get(identity)
@@ -157,10 +158,6 @@ class SVDEngine:
         self._identities[identity] = digest
         if self.store is not None and hasattr(self.store, "remember_identity"):
             self.store.remember_identity(identity, digest)
-
-    def known_digest(self, identity: str | None) -> str | None:
-        """The content digest of a weight seen before under ``identity`` (nothing is read)."""
-        return self._digest_of_identity(identity)
 
     def _score_key(self, name: str, digests: Sequence[str], k: int) -> str:
         return ":".join([name, self.method, str(k), *digests])
@@ -203,7 +200,7 @@ class SVDEngine:
         pending_bytes = 0
         for i, ((weight, k), digest, identity) in enumerate(zip(requests, digests, identities)):
             if digest is None:
-                digest = self._digest_of_identity(identity)
+                digest = self.known_digest(identity)
             if digest is None:
                 weight = weight() if callable(weight) else weight
                 digest = weight_digest(weight)

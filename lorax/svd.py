@@ -208,13 +208,24 @@ def _gram(M: torch.Tensor, k: int):
     """
     transpose = M.shape[-2] > M.shape[-1]
     A = M.mT if transpose else M          # b × s × l with s ≤ l
-    evals, evecs = torch.linalg.eigh(A @ A.mT)
+    top = _top_eigenpairs(A @ A.mT, k)
+    if top is None:
+        return _exact(M, k)
+    U, S = top
+    V = (A.mT @ U) / S.unsqueeze(-2)
+    return (V, S, U) if transpose else (U, S, V)
+
+
+def _top_eigenpairs(G: torch.Tensor, k: int):
+    """``(U, S)`` of a (batched) Gram matrix ``G = AAᵀ``: its top-k eigenvectors and the singular
+    values ``√λ`` of ``A``, largest first; None when a kept one is numerically zero (relative to the
+    largest, 1e-7), where the other side's vectors ``AᵀU/σ`` would be undefined."""
+    evals, evecs = torch.linalg.eigh(G)
     U = evecs[..., -k:].flip(-1)
     S = evals[..., -k:].flip(-1).clamp_min(0).sqrt()
     if bool((S[..., -1] <= S[..., 0] * 1e-7).any()):
-        return _exact(M, k)
-    V = (A.mT @ U) / S.unsqueeze(-2)
-    return (V, S, U) if transpose else (U, S, V)
+        return None
+    return U, S
 
 
 def _gram_streamed(weight: torch.Tensor, k: int):
@@ -231,19 +242,17 @@ def _gram_streamed(weight: torch.Tensor, k: int):
     step = max(1, _STREAM_BLOCK_BYTES // (8 * s))
 
     def block(start: int) -> torch.Tensor:  # s × b, float64
-        part = W[start:start + step].mT if tall else W[:, start:start + step]
-        return part.to(torch.float32).to(torch.float64) if part.element_size() == 1 else part.to(torch.float64)
+        return weight_matrix(W[start:start + step].mT if tall else W[:, start:start + step], torch.float64)
 
     G = torch.zeros(s, s, dtype=torch.float64, device=W.device)
     for start in range(0, long, step):
         B = block(start)
         G.addmm_(B, B.mT)
-    evals, evecs = torch.linalg.eigh(G)
+    top = _top_eigenpairs(G, k)
     del G
-    U = evecs[:, -k:].flip(-1)
-    S = evals[-k:].flip(-1).clamp_min(0).sqrt()
-    if bool(S[-1] <= S[0] * 1e-7):
+    if top is None:
         return None
+    U, S = top
     V = torch.empty(long, k, dtype=torch.float64, device=W.device)
     for start in range(0, long, step):
         V[start:start + step] = block(start).mT @ U / S

@@ -49,10 +49,7 @@ class SVDCache:
                                       lambda v: len(v) == 32)
         self._scores = _AppendLog(os.path.join(self.folder, "scores.log"), self._lock, _is_number)
 
-    # Two small append-only indexes beside the entries (see _AppendLog): identity → digest, which
-    # only saves re-hashing (a wrong or missing line costs a hash; the factors stay keyed and
-    # validated by digest), and scores of layer pairs, which only save recomputing a Φ̂ from
-    # factors that are themselves keyed by content.
+    # The two text indexes of the module docstring (see _AppendLog).
     def digest_of_identity(self, identity: str) -> str | None:
         return self._identities.get(identity)
 
