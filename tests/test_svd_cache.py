@@ -40,7 +40,7 @@ def test_second_engine_does_no_svd(tmp_path, weights):
 
 @pytest.mark.parametrize("damage", ["truncate", "garbage", "stale", "not_orthonormal", "repeated_column",
                                     "nan_in_V", "inf_in_S"])
-def test_damaged_entry_is_detected_and_rebuilt(tmp_path, weights, damage):
+def test_damaged_entry_is_detected_and_rebuilt(tmp_path, weights, damage, caplog):
     cache = SVDCache(tmp_path)
     SVDEngine(store=cache).factors(weights[0], 16)
     (path, size, _), = cache.entries()
@@ -69,8 +69,14 @@ def test_damaged_entry_is_detected_and_rebuilt(tmp_path, weights, damage):
             tensors["U"][:, -1] = tensors["U"][:, 0]
         save_file(tensors, path, metadata=meta)
     engine = SVDEngine(store=SVDCache(tmp_path))
-    f = engine.factors(weights[0], 16)
+    with caplog.at_level("WARNING", logger="lorax"):
+        f = engine.factors(weights[0], 16)
     assert engine.stats.layers_decomposed == 1 and engine.store.rejected == 1
+    # One warning that names the entry and says why it was not trusted.
+    reason = {"nan_in_V": "not finite unit vectors", "inf_in_S": "non-finite singular values",
+              "not_orthonormal": "unit vectors", "stale": "does not match"}.get(damage, "")
+    warning, = [r.getMessage() for r in caplog.records if "unusable" in r.getMessage()]
+    assert os.path.basename(path) in warning and reason in warning and "recomputing" in warning
     exact = SVDEngine(method="exact").factors(weights[0], 16)
     assert rel_err(f.U @ f.U.T, exact.U @ exact.U.T) < 1e-6
     # The rebuilt entry is valid again.
