@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import os
 
+import torch
+
 from lorax.errors import LoraxError
 from lorax.fused import base_key, merge_slices, parse_slice_key
 from lorax.kohya_export import save_kohya_lora
@@ -113,6 +115,10 @@ def run_transfer(source_model, target_model, adapter: AdapterHandle, settings: T
         notes += ["  " + line for line in why_left_out(clip_result.layers)]
     if lmap is not None:
         notes.append(lmap.summary())
+    stored_as = quantized_formats(target_w, [l.target for l in result.layers if l.shape_target is not None])
+    if stored_as:
+        notes.append(f"target weights stored quantized ({stored_as}): read as the matrices the model computes "
+                     "with, one layer dequantized at a time.")
     slices = [l for l in layers if parse_slice_key(l.target) is not None]
     if slices:
         example = slices[0].target
@@ -137,6 +143,24 @@ def run_transfer(source_model, target_model, adapter: AdapterHandle, settings: T
         rows=rows, report=text_report(rows, title=title, threshold=settings.threshold, notes=notes, verdict=line),
         title=title, verdict=line,
         fused_shapes={s.key: target_w.shape(s.key) for s in (parse_slice_key(l.target) for l in slices)})
+
+
+def quantized_formats(weights: bridge.PatcherWeights, keys) -> str:
+    """``"GGUF Q8_0: 70 layers"``-style summary of the quantized formats among ``keys`` ("" if none)."""
+    from collections import Counter
+
+    from lorax.weight_formats import PLAIN_DTYPES, weight_format
+
+    counts = Counter()
+    for key in {base_key(k) for k in keys}:
+        try:
+            stored = weights.stored(key)
+        except KeyError:
+            continue
+        if type(stored) in (torch.Tensor, torch.nn.Parameter) and stored.dtype in PLAIN_DTYPES:
+            continue
+        counts[weight_format(stored)] += 1
+    return ", ".join(f"{fmt}: {n} layer{'s' * (n != 1)}" for fmt, n in counts.most_common())
 
 
 def compatibility(layers, modules: int, unmapped: list[str], te_skipped: int, target_kind: str,

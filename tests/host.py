@@ -293,8 +293,13 @@ class ComfyHost:
 
     # -- running graphs ------------------------------------------------------------
     def new_executor(self):
-        """A fresh ``execution.PromptExecutor`` (classic cache, as ComfyUI's default)."""
-        return self.execution.PromptExecutor(self.server, cache_type=False, cache_args={"lru": 0, "ram": 0})
+        """A fresh ``execution.PromptExecutor`` (classic cache, as ComfyUI's default).
+
+        The executor has no public constructor helper, so this is the one private call the tests
+        make; ``cache_args`` carries every key any supported host reads (0.3.75 reads ``lru`` and
+        ``ram``; 0.33 also ``ram_inactive`` on every execution), zero meaning "no RAM headroom"."""
+        return self.execution.PromptExecutor(self.server, cache_type=False,
+                                             cache_args={"lru": 0, "ram": 0, "ram_inactive": 0})
 
     def run_prompt(self, prompt: Mapping[str, Any], *, executor=None,
                    outputs: Sequence[str] | None = None) -> dict[str, dict[str, list]]:
