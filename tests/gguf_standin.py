@@ -109,24 +109,21 @@ def crafted_tensor(shape: tuple[int, ...], qtype, seed: int = 0) -> PackedGGUF:
     return PackedGGUF(torch.from_numpy(raw), tensor_type=qtype, tensor_shape=shape)
 
 
-def gguf_model(patcher, qtype, keys=None):
-    """A host model whose matrix weights are replaced by packed GGUF tensors of ``qtype`` (in a
-    fresh copy of the model: the input patcher is never touched). Returns the new patcher."""
-    import copy
-
-    import comfy.model_patcher
+def gguf_model(path: str | os.PathLike, qtype, keys=None):
+    """The diffusion model in the safetensors file ``path``, loaded by the host's own loader, with
+    its matrix weights replaced by packed GGUF tensors of ``qtype`` (a fresh model: nothing else is
+    touched). Returns ``(patcher, replaced keys)``."""
+    import comfy.sd
     import comfy.utils
     import gguf
 
-    model = copy.deepcopy(patcher.model)
+    patcher = comfy.sd.load_diffusion_model(str(path))
     block, _ = gguf.GGML_QUANT_SIZES[qtype]
     replaced = []
-    for key, p in list(model.state_dict(keep_vars=True).items()):
+    for key, p in list(patcher.model.state_dict(keep_vars=True).items()):
         if keys is not None and key not in keys:
             continue
         if p.ndim == 2 and p.shape[-1] % block == 0:
-            comfy.utils.set_attr_param(model, key, packed_tensor(p.detach(), qtype))
+            comfy.utils.set_attr_param(patcher.model, key, packed_tensor(p.detach(), qtype))
             replaced.append(key)
-    new = comfy.model_patcher.ModelPatcher(model, load_device=patcher.load_device,
-                                           offload_device=patcher.offload_device)
-    return new, replaced
+    return patcher, replaced
