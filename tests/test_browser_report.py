@@ -16,6 +16,15 @@ has passing and skipped layers.
   line, the canvas (pixels of a skipped bar's mark), hover and click showing a block's layers with
   the server's numbers. A screenshot is saved in the test's temp dir (path printed; also copied
   to ``$LORAX_SCREENSHOT`` when set).
+* ``test_help_pages_are_served_where_the_frontend_fetches_them`` /
+  ``test_help_panel_shows_each_lorax_node_page``: each node's ``web/docs/<node id>.md`` is served at
+  the URL the frontend's help service asks for, and the help panel (the selection toolbox's info
+  button) renders it, pictures loaded.
+* ``test_example_workflows_run_from_the_page_without_overlapping_nodes``: every file in
+  ``example_workflows/`` loaded into the page (full synthetic SD1.5 checkpoints and a LoRA stand
+  in for the files it names; 64×64, one step), queued from the UI; afterwards every LoRA-X node
+  that reports shows its view and no node's box overlaps another's. ``LORAX_DOC_PICTURES=<dir>``
+  also writes the pictures the README and the help pages show.
 
 Chromium missing is a failure that says what to install, unless ``LORAX_SKIP_BROWSER=1``.
 The server is started and stopped here (its own PID only: terminate, then kill after 20 s);
