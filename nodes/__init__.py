@@ -30,9 +30,4 @@ class LoraxExtension(ComfyExtension):
         return list(NODE_CLASSES)
 
 
-def node_ids() -> list[str]:
-    """The node ids (``class_type`` in workflows) in ``NODE_CLASSES`` order."""
-    return [cls.GET_SCHEMA().node_id for cls in NODE_CLASSES]
-
-
-__all__ = ["API_VERSION", "LoraxExtension", "NODE_CLASSES", "node_ids"]
+__all__ = ["API_VERSION", "LoraxExtension", "NODE_CLASSES"]
