@@ -17,22 +17,24 @@ from lorax.transfer import Decision, TransferSettings, similarity_scorer, transf
 from lorax.verdict import Verdict
 
 from . import bridge
+from .api import io
 from .handles import AdapterHandle, TransferHandle
 
 TE_PREFIXES = ("lora_te", "text_encoder", "te_", "te1", "te2", "clip_")
 
 
-#: The layer-map inputs the Transfer and Similarity Report nodes share.
-LAYER_MAP_INPUTS = {
-    "layer_map": (list(LAYER_MAP_MODES), {"tooltip": (
-        "How target layers find their source layer. similarity: by name where both models have the same "
-        "blocks; where the target has fewer (SSD-1B, Segmind Vega, BK-SDM), layers of the same role are paired "
-        "by subspace similarity, keeping their order. name: equal keys only.")}),
-    "layer_map_json": ("STRING", {"default": "", "multiline": True, "tooltip": (
-        'Optional map for exotic pairs, as JSON {"target key": "source key", ...} with the models\' own keys '
-        "(e.g. diffusion_model.input_blocks.7.1.transformer_blocks.0.attn1.to_q.weight); it overrides the mode "
-        "for the layers it names.")}),
-}
+def layer_map_inputs() -> list:
+    """The layer-map inputs the Transfer and Similarity Report nodes share (optional, in this order)."""
+    return [
+        io.Combo.Input("layer_map", options=list(LAYER_MAP_MODES), optional=True, tooltip=(
+            "How target layers find their source layer. similarity: by name where both models have the same "
+            "blocks; where the target has fewer (SSD-1B, Segmind Vega, BK-SDM), layers of the same role are paired "
+            "by subspace similarity, keeping their order. name: equal keys only.")),
+        io.String.Input("layer_map_json", default="", multiline=True, optional=True, tooltip=(
+            'Optional map for exotic pairs, as JSON {"target key": "source key", ...} with the models\' own keys '
+            "(e.g. diffusion_model.input_blocks.7.1.transformer_blocks.0.attn1.to_q.weight); it overrides the mode "
+            "for the layers it names.")),
+    ]
 
 
 def parse_layer_map_json(text: str) -> dict[str, str] | None:

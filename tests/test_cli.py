@@ -1,4 +1,5 @@
-"""``python -m lorax`` as a user runs it: the README's example, verbatim, in a fresh process.
+"""``python -m lorax`` as a user runs it: the example of ``docs/cli.md`` (moved there from the README),
+verbatim, in a fresh process.
 
 The transferred file is checked against the library run in-process on the same state dicts
 (float32 file vs float64 reference: 1e-5 relative).
@@ -23,12 +24,12 @@ from lorax.engine import SVDEngine
 from lorax.transfer import DictWeights, TransferSettings, transfer_deltas
 from reference import rel_err
 
-README = host.REPO_ROOT / "README.md"
+CLI_PAGE = host.REPO_ROOT / "docs" / "cli.md"
 
 
 def readme_cli_commands() -> list[str]:
-    text = README.read_text()
-    section = text.split("## Command line", 1)[1].split("\n## ", 1)[0]
+    text = CLI_PAGE.read_text()
+    section = text.split("# Command line\n", 1)[1].split("\n## ", 1)[0]
     block = re.search(r"```bash\n(.*?)```", section, re.S).group(1)
     return [line for line in block.splitlines() if line.strip()]
 
