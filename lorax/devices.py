@@ -2,7 +2,7 @@
 
 The Gram route and the exact SVD need float64 (squaring the spectrum in float32 loses the
 directions near the cut: ~1e-1 error of the projected deltas measured, against 7e-7 in float64;
-a float32 ``torch.linalg.svd`` is off by ~1e-3, README "Performance"). Devices differ:
+a float32 ``torch.linalg.svd`` is off by ~1e-3, docs/performance.md). Devices differ:
 
 * **CPU, NVIDIA CUDA, AMD ROCm** (which reports as ``cuda``): float64 works; it runs there.
   Consumer NVIDIA cards do float64 at 1/64 of their float32 rate, yet even that (~1.3 TFLOP/s
@@ -12,7 +12,7 @@ a float32 ``torch.linalg.svd`` is off by ~1e-3, README "Performance"). Devices d
 * **Apple MPS** has no float64 at all, DirectML (``privateuseone``) and some XPU builds neither:
   the decompositions run on the **CPU in float64**, each weight copied there one layer at a time.
   The alternative, a float32 SVD on the device, costs ~1e-3 relative error on every projected
-  delta (measured on this project's benchmark, README "Performance"), 1000× the float64 route's,
+  delta (measured on this project's benchmark, docs/performance.md), 1000× the float64 route's,
   for a speed-up the on-disk cache makes a one-time saving.
 * any other device is probed once: a tiny float64 computation there either works or it does not.
 

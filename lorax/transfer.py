@@ -60,7 +60,7 @@ from .svd import max_rank
 from .weight_formats import dense_weight, logical_shape
 
 #: Default rank for ordinary LoRAs (the seed's "320 largest singular values" for SD). The fidelity
-#: benchmark (bench/fidelity.py, README "Fidelity") found larger k and LoRA-X r better up to 320.
+#: benchmark (bench/fidelity.py, docs/fidelity.md) found larger k and LoRA-X r better up to 320.
 DEFAULT_RANK = 320
 #: Default threshold on Φ̂ (chance-normalised). The paper gives no value; 0.3 rejects layers that
 #: are barely above chance while keeping fine-tunes. The fidelity benchmark measured no difference
