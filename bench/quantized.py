@@ -89,7 +89,7 @@ def main() -> None:
     w = torch.randn(args.rows, args.cols) / args.cols ** 0.5
     print(f"layer {args.rows} × {args.cols} ({w.numel() / 1e6:.0f} M values; float32 matrix "
           f"{w.numel() * 4 / 1e6:.0f} MB); torch {torch.__version__}, {torch.get_num_threads()} threads")
-    print(f"{'format':<26} {'stored':>10} {'read s':>7} {'read peak':>10} {'SVD s':>7} {'SVD peak':>9}  rel. err")
+    print(f"{'format':<42} {'stored':>10} {'read s':>7} {'read peak':>10} {'SVD s':>7} {'SVD peak':>9}  rel. err")
     for fmt in args.formats.split(","):
         q, storage, nbytes = make(fmt, w)
         with PeakRSS() as read:
@@ -103,7 +103,7 @@ def main() -> None:
             t0 = time.perf_counter()
             engine.factors(q, args.rank)
             svd_s = time.perf_counter() - t0
-        print(f"{weight_format(q):<26} {nbytes / 1e6:>7.0f} MB {read_s:>7.2f} {read.extra_mb:>7.0f} MB "
+        print(f"{weight_format(q):<42} {nbytes / 1e6:>7.0f} MB {read_s:>7.2f} {read.extra_mb:>7.0f} MB "
               f"{svd_s:>7.1f} {svd.extra_mb:>6.0f} MB  {err:.2e}   (storage {tuple(storage)})")
         del q, engine
         gc.collect()

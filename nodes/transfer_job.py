@@ -26,7 +26,8 @@ TE_PREFIXES = ("lora_te", "text_encoder", "te_", "te1", "te2", "clip_")
 def layer_map_inputs() -> list:
     """The layer-map inputs the Transfer and Similarity Report nodes share (optional, in this order)."""
     return [
-        io.Combo.Input("layer_map", options=list(LAYER_MAP_MODES), optional=True, tooltip=(
+        # The default the docs and execute() give; without it the widget showed "name" (the first option).
+        io.Combo.Input("layer_map", options=list(LAYER_MAP_MODES), default="similarity", optional=True, tooltip=(
             "How target layers find their source layer. similarity: by name where both models have the same "
             "blocks; where the target has fewer (SSD-1B, Segmind Vega, BK-SDM), layers of the same role are paired "
             "by subspace similarity, keeping their order. name: equal keys only.")),
