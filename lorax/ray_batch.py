@@ -46,16 +46,24 @@ from .transfer import TransferSettings
 _WORKER: dict = {}
 
 
-def _worker_state(source: str, target: str, exact: bool) -> dict:
-    """The worker process's host, models and engine, loaded on its first task and kept."""
-    key = (source, target, exact)
+def _worker_state(source: str, target: str, exact: bool, threads: int) -> dict:
+    """The worker process's host, models and engine, loaded on its first task and kept.
+
+    The worker computes with the driver's number of threads, not the one CPU Ray sets: a
+    projection's float64 products are summed in an order that depends on the BLAS thread count,
+    and the last bit of a float32 output with it (measured: relative differences of 1e-9 with one
+    thread against two). With the same count the outputs equal the single-process run's bit for
+    bit on the same kind of CPU. The projections are a small part of a file's time, so the
+    oversubscription costs little.
+    """
+    key = (source, target, exact, threads)
     if _WORKER.get("key") != key:
         _WORKER.clear()
         import torch
 
         from . import cli
 
-        torch.set_num_threads(1)  # one task per CPU: Ray gives each task one
+        torch.set_num_threads(threads)
         be = cli._backend()
         _WORKER.update(key=key, be=be, source=be.load_model(source), target=be.load_model(target),
                        engine=cli._engine(exact))
@@ -63,9 +71,9 @@ def _worker_state(source: str, target: str, exact: bool) -> dict:
 
 
 def transfer_task(job, source: str, target: str, exact: bool, settings: dict, strength: float, overwrite: bool,
-                  layer_map_mode: str, user_map):
+                  layer_map_mode: str, user_map, threads: int):
     """One file on a worker: (its BatchRow, layers the worker decomposed for it, worker pid)."""
-    state = _worker_state(source, target, exact)
+    state = _worker_state(source, target, exact, threads)
     engine = state["engine"]
     before = engine.stats.layers_decomposed
     name, path, out = job
@@ -110,6 +118,8 @@ def run_on_ray(jobs, args, settings: TransferSettings, user_map):
 
 
 def _run(ray, jobs, args, settings, user_map, cache_folder, local, batch, cli):
+    import torch
+
     be = cli._backend()
     expected = provenance_settings(settings, args.strength)
     rows: dict[int, BatchRow] = {}
@@ -142,7 +152,7 @@ def _run(ray, jobs, args, settings, user_map, cache_folder, local, batch, cli):
 
     # (2) One Ray task per file.
     env = {"PYTHONPATH": os.pathsep.join([str(cli.PACK_ROOT)] + [p for p in os.environ.get("PYTHONPATH", "").split(
-        os.pathsep) if p]), "LORAX_SVD_CACHE": cache_folder, "OMP_NUM_THREADS": "1",
+        os.pathsep) if p]), "LORAX_SVD_CACHE": cache_folder,
         "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "PASSIVE")}
     if os.environ.get("COMFYUI_PATH"):
         env["COMFYUI_PATH"] = os.environ["COMFYUI_PATH"]
@@ -154,9 +164,10 @@ def _run(ray, jobs, args, settings, user_map, cache_folder, local, batch, cli):
     t1 = time.perf_counter()
     ray.init(**init)
     try:
+        threads = torch.get_num_threads()  # see _worker_state
         task = ray.remote(num_cpus=1, max_retries=0)(transfer_task)
         pending = {task.remote(jobs[i], args.source, args.target, args.exact, asdict(settings), args.strength,
-                               args.overwrite, args.layer_map, user_map): i for i in send}
+                               args.overwrite, args.layer_map, user_map, threads): i for i in send}
         worker_decomposed, pids = 0, set()
         while pending:
             ready, _ = ray.wait(list(pending), num_returns=1)
