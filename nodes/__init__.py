@@ -3,6 +3,7 @@
 from .convert_node import LoraxConvert
 from .load_node import LoraxLoad
 from .save_node import LoraxSave
+from .scan_node import LoraxLibraryScan
 from .similarity_node import LoraxSimilarityReport
 from .train_node import LoraxTrain
 from .transfer_node import LoraxTransfer
@@ -14,6 +15,7 @@ NODE_CLASS_MAPPINGS = {
     "LoraxSave": LoraxSave,
     "LoraxConvert": LoraxConvert,
     "LoraxTrain": LoraxTrain,
+    "LoraxLibraryScan": LoraxLibraryScan,
 }
 
 NODE_DISPLAY_NAME_MAPPINGS = {
@@ -23,4 +25,5 @@ NODE_DISPLAY_NAME_MAPPINGS = {
     "LoraxSave": "LoRA-X Save",
     "LoraxConvert": "LoRA to LoRA-X",
     "LoraxTrain": "LoRA-X Train",
+    "LoraxLibraryScan": "LoRA Library Scan",
 }

@@ -129,27 +129,35 @@ def open_for_scan(name: str, path: str) -> AdapterHandle:
     return HeaderAdapter.open_header(name, path)
 
 
-def names_verdict(handle: AdapterHandle, target_model, architecture: str | None) -> Verdict:
-    """The verdict's key-map part against ``target_model`` (no source, no SVD). An adapter that
-    maps nothing raises the same error LoRA-X Load gives for it."""
+def names_verdict(handle: AdapterHandle, target_model, architecture: str | None) -> tuple[Verdict, str | None]:
+    """The verdict's key-map part against ``target_model`` (no source, no SVD), and for a LoRA-X
+    adapter made on another checkpoint the reason LoRA-X Load refuses it there (else None). An
+    adapter that maps nothing raises the same error LoRA-X Load gives for it."""
     kind = bridge.model_kind(target_model)
     if handle.kind == "lorax":
         sigmas = handle.content.sigmas
         key_map = bridge.adapter_key_map(target_model)
         weights = with_slices(bridge.PatcherWeights(target_model))
-        unmapped = []
+        unmapped, other_source = [], None
         for module in sigmas:
             target = key_map.get(module)
             if target is None:
                 unmapped.append(module)
                 continue
             key, offset, _ = bridge._host_target(target)
-            if weights.shape(key if offset is None else WeightSlice(key, *offset).name) is None:
+            name = key if offset is None else WeightSlice(key, *offset).name
+            if weights.shape(name) is None:
                 unmapped.append(module)
+            elif other_source is None:
+                try:  # LoRA-X Load accepts only the adapter's own source (weight fingerprints)
+                    handle.content.check_source(module, weights.weight(name))
+                except LoraxError as e:
+                    other_source = e.detail
         if len(unmapped) == len(sigmas):
             raise bridge.no_fit_error(kind, len(sigmas), dict.fromkeys(sigmas, torch.empty(0)), path=handle.path)
         return Verdict(target=kind, modules=len(sigmas), mapped=len(sigmas) - len(unmapped),
-                       unmapped_example=unmapped[0] if unmapped else None, architecture=architecture)
+                       unmapped_example=unmapped[0] if unmapped else None,
+                       architecture=architecture), other_source
     if not isinstance(handle, HeaderAdapter):  # a pickled file, read whole
         handle = HeaderAdapter(name=handle.name, path=handle.path, kind="lora", content=handle.content)
     deltas = handle.deltas_for(target_model, None)
@@ -158,7 +166,7 @@ def names_verdict(handle: AdapterHandle, target_model, architecture: str | None)
     modules = deltas.modules - len(te)
     return Verdict(target=kind, modules=modules, mapped=max(0, modules - len(other)),
                    unmapped_example=other[0] if other else None, architecture=architecture,
-                   text_encoder_skipped=len(te))
+                   text_encoder_skipped=len(te)), None
 
 
 _ALL = re.compile(r"all (\d+) adapter modules map")
@@ -191,8 +199,11 @@ def scan_file(name: str, path: str, target_model, *, source_model=None, settings
             row.kind = adapter_kind(handle.content)
             row.architecture = guess_architecture(handle.content)
         if source_model is None:
-            verdict = names_verdict(handle, target_model, row.architecture)
+            verdict, other_source = names_verdict(handle, target_model, row.architecture)
             row.level, row.verdict = verdict.level, verdict.names_line()
+            if other_source:
+                row.verdict += (" It is a LoRA-X adapter of another checkpoint, which LoRA-X Load refuses here ("
+                                f"{other_source}); give its source to move it.")
             row.modules, row.mapped = verdict.modules, verdict.mapped
         else:
             transfer = run_transfer(source_model, target_model, handle, settings, engine,
