@@ -12,12 +12,12 @@ share, not Ray's object store.** Why:
 * it outlives the job: the next batch onto the same target, a scan, or a node in ComfyUI pointed
   at the same folder decomposes nothing. Objects in Ray's store die with the job.
 
-**How a run goes.** (1) The driver loads the two checkpoints and scans the files against them
-(:func:`nodes.library.scan_file` with the source): a transfer of zero deltas of each file, which
-asks the engine for exactly the layers and ranks the real transfer will — so every distinct
-layer touched by the batch is decomposed once, side by side on the driver's cores (or its GPU),
-into the shared cache. Files the scan finds damaged or foreign are reported then and not sent
-out; files with a complete output are skipped. (2) Every other file becomes one Ray task
+**How a run goes.** (1) The driver loads the two checkpoints and reads the files by their headers
+(:func:`nodes.library.decompose_for_batch`): one transfer of the pooled zero deltas of the ordinary
+LoRAs, and one per LoRA-X adapter, asks the engine for exactly the layers and ranks the real
+transfers will — so every distinct layer touched by the batch is decomposed once, side by side on
+the driver's cores (or its GPU), into the shared cache, and read once on a warm cache. Files found
+damaged or foreign are reported then and not sent out; files with a complete output are skipped. (2) Every other file becomes one Ray task
 (1 CPU). A worker process loads the two checkpoints on its first task and keeps them for the
 next, transfers the file with an engine on the same cache (every factor a hit; the workers'
 decompositions are counted and reported, and are 0), and writes the output atomically into
@@ -135,14 +135,13 @@ def _run(ray, jobs, args, settings, user_map, cache_folder, local, batch, cli):
     t0 = time.perf_counter()
     source, target = be.load_model(args.source), be.load_model(args.target)
     with batch.batch_engine(args.exact) as engine:
+        errors = be.decompose_for_batch([jobs[i] for i in todo], source, target, settings, engine,
+                                        layer_map_mode=args.layer_map, user_map=user_map)
         send = []
-        for i in todo:
-            name, path, out = jobs[i]
-            scan = be.scan_file(name, path, target, source_model=source, settings=settings, engine=engine,
-                                layer_map_mode=args.layer_map, user_map=user_map)
-            if scan.level in ("error", "does not fit"):
-                rows[i] = BatchRow(file=name, output=out, status="failed", error=scan.error or scan.verdict,
-                                   why="scan")
+        for n, i in enumerate(todo):
+            if n in errors:
+                name, _, out = jobs[i]
+                rows[i] = BatchRow(file=name, output=out, status="failed", error=errors[n], why="before sending")
                 print(f"[{len(rows)}/{len(jobs)}] failed: {name} ({rows[i].error})", flush=True)
             else:
                 send.append(i)

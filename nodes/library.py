@@ -251,3 +251,53 @@ def transfer_file(name: str, path: str, out_path: str, source_model, target_mode
     return BatchRow(file=name, output=str(out_path), status="written", verdict=transfer.verdict,
                     layers_written=written, summary=transfer.result.summary(), why=why,
                     seconds=time.perf_counter() - t0, touched=touched)
+
+
+class _UnionAdapter(AdapterHandle):
+    """Zero deltas of many header-read files at once (:func:`decompose_for_batch`)."""
+
+    def deltas_for(self, patcher, engine, clip=None) -> bridge.AdapterDeltas:
+        return bridge.AdapterDeltas(deltas=dict(self.content), modules=len(self.content))
+
+
+def decompose_for_batch(jobs, source_model, target_model, settings: TransferSettings, engine, *,
+                        layer_map_mode: str = "similarity", user_map=None) -> dict[int, str]:
+    """Decompose, once each, every layer the files of a batch will ask the engine for, so that
+    workers sharing its cache decompose nothing; returns {job index: error} for the files found
+    unusable on the way (damaged, foreign), which need not be sent out.
+
+    The ordinary LoRAs' zero deltas (by header) are pooled into one transfer: it asks for the union
+    of their layers at the batch's rank — what each file's transfer asks for — and reads each
+    layer's factors once, where one transfer per file would read a layer once per file that
+    touches it. LoRA-X adapters, whose rank is their own r, are transferred one by one after
+    (with zero deltas' worth of reading: they are small).
+    """
+    errors: dict[int, str] = {}
+    pooled: dict[str, Delta] = {}
+    lorax_files = []
+    for i, (name, path, _out) in enumerate(jobs):
+        try:
+            handle = open_for_scan(name, path)
+            if handle.kind == "lorax":
+                lorax_files.append((i, name, path))
+                continue
+            if not isinstance(handle, HeaderAdapter):  # a pickled file, read whole
+                handle = HeaderAdapter(name=handle.name, path=handle.path, kind="lora", content=handle.content)
+            deltas = handle.deltas_for(source_model, engine)
+            if not deltas.deltas and not deltas.unsupported:
+                raise bridge.no_fit_error(bridge.model_kind(target_model), deltas.modules, path=path)
+            pooled.update(deltas.deltas)
+        except LoraxError as e:
+            errors[i] = str(e)
+        except Exception as e:
+            errors[i] = f"file '{path}': {type(e).__name__}: {e}"
+    if pooled:
+        union = _UnionAdapter(name="the batch's LoRAs", path="", kind="lora", content=pooled)
+        run_transfer(source_model, target_model, union, settings, engine, layer_map_mode=layer_map_mode,
+                     user_map=user_map)
+    for i, name, path in lorax_files:
+        row = scan_file(name, path, target_model, source_model=source_model, settings=settings, engine=engine,
+                        layer_map_mode=layer_map_mode, user_map=user_map)
+        if row.level == "error":
+            errors[i] = row.error
+    return errors

@@ -105,12 +105,22 @@ def write_mixed_library(folder: Path, source_sd: Mapping[str, torch.Tensor]) -> 
             "lokr.safetensors": "LyCORIS LoKr"}
 
 
-def write_lora_batch(folder: Path, source_sd: Mapping[str, torch.Tensor], n: int, *, rank: int = 8) -> list[Path]:
-    """``n`` ordinary LoRAs of the base, cycling through :data:`LAYER_SETS` (for the benchmark)."""
+def transformer_linears(sd: Mapping[str, torch.Tensor]) -> list[str]:
+    """Every 2-D weight inside the transformer blocks, plus proj_in/proj_out: what a LoRA
+    trainer's usual UNet targets cover."""
+    return [k for k, v in sd.items() if v.dim() >= 2 and k.endswith(".weight")
+            and (".transformer_blocks." in k or ".proj_in." in k or ".proj_out." in k)]
+
+
+def write_lora_batch(folder: Path, source_sd: Mapping[str, torch.Tensor], n: int, *, rank: int = 8,
+                     every_layer: bool = False) -> list[Path]:
+    """``n`` ordinary LoRAs of the base for the benchmark: on the overlapping :data:`LAYER_SETS`
+    in turn, or (``every_layer``) each on all of :func:`transformer_linears`."""
     folder.mkdir(parents=True, exist_ok=True)
     out = []
     for i in range(n):
         path = folder / f"lora_{i:03d}.safetensors"
-        save_file(kohya_lora(source_sd, LAYER_SETS[i % len(LAYER_SETS)], rank=rank, seed=100 + i), str(path))
+        keys = transformer_linears(source_sd) if every_layer else LAYER_SETS[i % len(LAYER_SETS)]
+        save_file(kohya_lora(source_sd, keys, rank=rank, seed=100 + i), str(path))
         out.append(path)
     return out
