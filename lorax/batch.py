@@ -101,7 +101,8 @@ def cmd_scan(args) -> int:
     with batch_engine(args.exact) as engine:
         for i, path in enumerate(files, 1):
             name = _name(path, args.loras)
-            _file_progress(i, len(files), name)(0, 1)
+            if sys.stderr.isatty():
+                print(f"\r[{i}/{len(files)}] {name}\033[K", end="", file=sys.stderr)
             rows.append(be.scan_file(name, str(path), target, source_model=source, settings=settings, engine=engine,
                                      layer_map_mode=args.layer_map, user_map=user_map))
         if sys.stderr.isatty():
@@ -195,5 +196,7 @@ def add_parsers(sub, layer_map_arguments) -> None:
                    help="run the files as Ray tasks: a local Ray (no ADDRESS) or the cluster at ADDRESS "
                         "('auto', 'ray://host:10001'); needs the optional 'ray' extra")
     t.add_argument("--workers", type=int, default=2, help="Ray workers for a local Ray (default 2)")
+    t.add_argument("--ray-stall-minutes", type=float, default=30,
+                   help="give up on the Ray tasks left when none has finished for this long (default 30)")
     layer_map_arguments(t)
     t.set_defaults(func=cmd_transfer_many)

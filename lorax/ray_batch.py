@@ -168,8 +168,22 @@ def _run(ray, jobs, args, settings, user_map, cache_folder, local, batch, cli):
         pending = {task.remote(jobs[i], args.source, args.target, args.exact, asdict(settings), args.strength,
                                args.overwrite, args.layer_map, user_map, threads): i for i in send}
         worker_decomposed, pids = 0, set()
+        stall = max(1.0, 60 * args.ray_stall_minutes)
         while pending:
-            ready, _ = ray.wait(list(pending), num_returns=1)
+            ready, _ = ray.wait(list(pending), num_returns=1, timeout=stall)
+            if not ready:
+                # Seen on a machine out of memory: the workers died while loading the models and
+                # Ray started no others, so the tasks waited for ever. List them instead.
+                for ref, i in pending.items():
+                    name, _, out = jobs[i]
+                    rows[i] = BatchRow(file=name, output=out, status="failed", error=(
+                        f"no Ray task finished in {args.ray_stall_minutes:g} min; the workers may have died "
+                        "(out of memory?) or the cluster has no free CPU: see `ray status` and the Ray logs"))
+                    try:
+                        ray.cancel(ref, force=True)
+                    except Exception:  # a task Ray has lost already
+                        pass
+                break
             i = pending.pop(ready[0])
             try:
                 row, decomposed, pid = ray.get(ready[0])
