@@ -64,7 +64,7 @@ shipped one on a tie) next to the shipped one, with the number of (seed, target)
 
 What it does not show: image quality, prompts, or anything about trained checkpoints — the weights
 are random matrices with realistic spectra, the "style" is a linear map of the output, and the
-targets' distances are chosen, not measured on real models. See the README's "Fidelity" section.
+targets' distances are chosen, not measured on real models. See docs/fidelity.md.
 
 Usage::
 

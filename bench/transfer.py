@@ -339,6 +339,10 @@ from comfy.ldm.flux.model import Flux
 cfg = dict(image_model="flux", axes_dim=[16, 56, 56], num_heads=24, mlp_ratio=4.0, theta=10000, out_channels=16,
            qkv_bias=True, in_channels=16, hidden_size=3072, context_in_dim=4096, patch_size=2, vec_in_dim=768,
            depth=19, depth_single_blocks=38, guidance_embed=True)
+import dataclasses
+from comfy.ldm.flux.model import FluxParams
+if "txt_ids_dims" in {f.name for f in dataclasses.fields(FluxParams)}:  # hosts after 0.3.75
+    cfg["txt_ids_dims"] = []
 m = Flux(**cfg, device="meta", operations=comfy.ops.disable_weight_init)
 print(json.dumps({"diffusion_model." + k: list(v.shape) for k, v in m.state_dict().items()
                   if k.endswith(".weight") and v.dim() >= 2 and ("double_blocks" in k or "single_blocks" in k)}))

@@ -201,6 +201,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    import torch
+
+    # Nothing here trains: ComfyUI's loaders hand out parameters that require grad, and autograd
+    # would record every Gram matrix for a backward pass that never comes (measured on a mini
+    # SD1.5 transfer: 3.9 GB peak and 13.4 s with it, 1.9 GB and 9.6 s without).
+    torch.set_grad_enabled(False)
     try:
         return args.func(args)
     except LoraxError as e:

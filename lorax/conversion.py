@@ -49,6 +49,7 @@ class ConvertedLayer:
                 "kept": round(self.kept, 6), "residual": round(self.residual, 6)}
 
 
+@torch.no_grad()
 def convert_deltas(deltas: Mapping[str, Delta], modules: Mapping[str, str], source: WeightSource, rank: int,
                    engine: SVDEngine, metadata: Mapping[str, str] | None = None
                    ) -> tuple[LoraxAdapter, list[ConvertedLayer]]:

@@ -28,8 +28,10 @@ from typing import Callable, Iterator, Protocol, Sequence
 
 import torch
 
+from .devices import float64_device
 from .fingerprint import weight_digest
 from .svd import Method, SVDFactors, truncated_svd_batch
+from .weight_formats import dense_weight
 
 
 class FactorStore(Protocol):
@@ -72,7 +74,12 @@ class SVDEngine:
                  store: FactorStore | None = None, batch_size: int = 8, memory_bytes: int = 256 << 20,
                  seed: int = 0, max_batch_bytes: int = 256 << 20, workers: int | None = None):
         self.method = method
-        self.device = torch.device(device) if device is not None else torch.device("cpu")
+        #: The device asked for, and the one the decompositions run on: the same, except on a
+        #: device without float64 (Apple MPS, DirectML), where the float64 routes run on the CPU
+        #: (:mod:`lorax.devices`). The float32 randomized route stays on the device.
+        self.requested_device = torch.device(device) if device is not None else torch.device("cpu")
+        self.device = (self.requested_device if method == "randomized"
+                       else float64_device(self.requested_device))
         self.store = store
         self.batch_size = max(1, int(batch_size))
         self.max_batch_bytes = int(max_batch_bytes)
@@ -181,6 +188,7 @@ class SVDEngine:
         if self.store is not None and hasattr(self.store, "remember_score"):
             self.store.remember_score(key, value)
 
+    @torch.no_grad()
     def factors_many(self, requests: Sequence[tuple[torch.Tensor | Callable[[], torch.Tensor], int]],
                      digests: Sequence[str | None] | None = None,
                      identities: Sequence[str | None] | None = None) -> list[SVDFactors]:
@@ -202,14 +210,16 @@ class SVDEngine:
             if digest is None:
                 digest = self.known_digest(identity)
             if digest is None:
-                weight = weight() if callable(weight) else weight
+                weight = dense_weight(weight() if callable(weight) else weight)
                 digest = weight_digest(weight)
                 self._remember_identity(identity, digest)
             hit = self._lookup(digest, k)
             if hit is not None:
                 out[i] = hit
                 continue
-            weight = weight() if callable(weight) else weight
+            # Whatever the caller handed in, the engine decomposes the matrix the model computes
+            # with: quantized and GGUF weights are dequantized here (lorax.weight_formats).
+            weight = dense_weight(weight() if callable(weight) else weight)
             pending.setdefault(tuple(weight.shape), []).append((i, weight, digest, k))
             # Misses are decomposed as soon as their stored weights fill max_batch_bytes, so a long
             # request (a layer map asks for a whole role at once) never holds all its weights.
@@ -264,8 +274,10 @@ class SVDEngine:
     def _upcast_bytes(self, weight: torch.Tensor) -> int:
         return max(1, (4 if self.method == "randomized" else 8) * weight.numel())
 
+    @torch.no_grad()
     def _decompose(self, chunk) -> list[SVDFactors]:
-        """One call for weights of one shape."""
+        """One call for weights of one shape. Runs on worker threads, where grad mode is the
+        thread's own (enabled by default): hence the decorator here too, not only on the caller."""
         k = max(item[3] for item in chunk)
         return truncated_svd_batch([item[1] for item in chunk], k, method=self.method, device=self.device,
                                    seed=self.seed)

@@ -21,6 +21,8 @@ import weakref
 
 import torch
 
+from .devices import float64_device
+
 #: Number of random probes in a sketch (plus the norm).
 PROBES = 8
 SKETCH_SIZE = PROBES + 1
@@ -85,6 +87,7 @@ def _probes(count: int, n: int, seed: int, device) -> torch.Tensor:
 def weight_sketch(weight: torch.Tensor) -> torch.Tensor:
     """``[‖W‖_F, g₁ᵀWh₁, …, g₈ᵀWh₈]`` in float64, the probes fixed by the shape."""
     w = weight.detach()
+    w = w.to(float64_device(w.device))  # MPS and DirectML have no float64 (lorax.devices)
     w = (w.float() if w.element_size() == 1 else w).double().reshape(w.shape[0], -1)
     m, n = w.shape
     g = _probes(PROBES, m, 1000003 * m + n, w.device)

@@ -16,7 +16,7 @@ formed for a LoRA: for ``ΔW = B·A`` the projection ``P ΔW Q`` is ``(P B)(A Q)
 
   (Q on the V side). Rank ≤ 2·rank(ΔW_s). It drops the cross terms ``P∥ΔWQ⊥``. For a LoRA-X delta
   (inside the source's subspaces) it equals ``lorax``; for ordinary LoRAs ``bench/fidelity.py``
-  measured it keeping more of the adapter's effect than ``lorax`` on fine-tunes (README "Fidelity").
+  measured it keeping more of the adapter's effect than ``lorax`` on fine-tunes (docs/fidelity.md).
 
 ``paired`` — the seed's dimension-mismatch rule for layers whose shapes differ. The paper writes
   ``Ũ_s = U_t U_sᵀ(U_sU_sᵀ)⁻¹U_s``; ``U_sU_sᵀ`` has rank k < m and is singular, and with the

@@ -64,6 +64,7 @@ def _worker_state(source: str, target: str, exact: bool, threads: int) -> dict:
         from . import cli
 
         torch.set_num_threads(threads)
+        torch.set_grad_enabled(False)  # as python -m lorax does: nothing here trains
         be = cli._backend()
         _WORKER.update(key=key, be=be, source=be.load_model(source), target=be.load_model(target),
                        engine=cli._engine(exact))

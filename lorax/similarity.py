@@ -83,6 +83,7 @@ class LayerSimilarity:
         return asdict(self)
 
 
+@torch.no_grad()
 def layer_similarity(source: SVDFactors, target: SVDFactors, k: int | None = None) -> LayerSimilarity:
     """Φ, Φ_right, chance levels and Φ̂ for two decompositions of equally shaped layers."""
     if source.shape != target.shape:

@@ -11,7 +11,7 @@ Three methods:
 * ``gram`` (default fast path): eigen-decomposition of the small Gram matrix ``MMᵀ`` (or
   ``MᵀM``) in float64, then the other side's vectors as ``MᵀU/σ``. Costs ``m²n + m³`` for
   ``m ≤ n`` instead of a full SVD; a whole SD1.5/SDXL-shaped transfer measured 2.8–3.0× faster
-  than with float32 ``torch.linalg.svd`` on this project's 2-core CPU (README "Performance"),
+  than with float32 ``torch.linalg.svd`` on this project's 2-core CPU (docs/performance.md),
   at ~1e-13 error of the projected deltas in float64 (7e-7 once the factors are kept in
   float32): squaring the spectrum only hurts singular values below ~1e-8·σ₁, far below any
   top-k we use. The eigendecomposition dominates (0.26 s for 1280² single-threaded; float32

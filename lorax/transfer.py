@@ -57,9 +57,10 @@ from .projection import MODES, project_lorax, project_paired, project_prolora
 from .report import family_of
 from .similarity import LayerSimilarity, layer_similarity
 from .svd import max_rank
+from .weight_formats import dense_weight, logical_shape
 
 #: Default rank for ordinary LoRAs (the seed's "320 largest singular values" for SD). The fidelity
-#: benchmark (bench/fidelity.py, README "Fidelity") found larger k and LoRA-X r better up to 320.
+#: benchmark (bench/fidelity.py, docs/fidelity.md) found larger k and LoRA-X r better up to 320.
 DEFAULT_RANK = 320
 #: Default threshold on Φ̂ (chance-normalised). The paper gives no value; 0.3 rejects layers that
 #: are barely above chance while keeping fine-tunes. The fidelity benchmark measured no difference
@@ -97,10 +98,10 @@ class DictWeights:
 
     def shape(self, key: str):
         t = self.tensors.get(key)
-        return None if t is None else tuple(t.shape)
+        return None if t is None else logical_shape(t)
 
     def weight(self, key: str) -> torch.Tensor:
-        return self.tensors[key]
+        return dense_weight(self.tensors[key], key=key)
 
 
 @dataclass(frozen=True)
@@ -213,6 +214,7 @@ class TransferResult:
 Progress = Callable[[int, int], None]
 
 
+@torch.no_grad()
 def transfer_deltas(deltas: Mapping[str, Delta], source: WeightSource, target: WeightSource,
                     settings: TransferSettings, engine: SVDEngine, *,
                     adapter_ranks: Mapping[str, int] | None = None, layer_map: LayerMap | None = None,
@@ -325,6 +327,7 @@ class SimilarityScorer:
     def _score(self, source_key: str, fs, ft) -> float:
         return layer_similarity(fs, ft, self._k(source_key)).phi_hat_min
 
+    @torch.no_grad()
     def score_matrix(self, source_keys: Sequence[str], target_keys: Sequence[str]) -> list[list[float]]:
         """``scores[i][j]``: Φ̂ of target ``i`` and source ``j`` (see the class docstring)."""
         scores: list[list[float | None]] = [[self._remembered(s, t) for s in source_keys] for t in target_keys]
@@ -356,6 +359,7 @@ class SimilarityScorer:
             self.engine.remember_score("phi_hat_min", digests, self._k(source_key), value)
         return value
 
+    @torch.no_grad()
     def __call__(self, source_key: str, target_key: str) -> float:
         (fs,), (ft,) = self._fetch("s", [source_key]), self._fetch("t", [target_key])
         return self._score(source_key, fs, ft)
@@ -431,6 +435,7 @@ def _transfer_one(key, delta, fs, ft, s_shape, t_shape, k, settings, engine, *, 
     return result
 
 
+@torch.no_grad()
 def similarity_table(source: WeightSource, target: WeightSource, keys: Iterable[str | tuple[str, str]],
                      engine: SVDEngine, rank: int = DEFAULT_RANK, progress: Progress | None = None) -> list[dict]:
     """Per-layer Φ rows for two models over ``keys``: a key present in both models, or a

@@ -1,5 +1,11 @@
-"""ComfyUI glue for LoRA-X: thin nodes over the pure ``lorax`` library (see bridge.py)."""
+"""ComfyUI glue for LoRA-X: thin V3 nodes (``io.ComfyNode``, see api.py) over the pure ``lorax`` library.
 
+``NODE_CLASSES`` is the one list of the pack's nodes: the pack's ``comfy_entrypoint`` hands it to
+ComfyUI, and the help pages (``web/docs/<node id>.md``), the tests and the README table are
+checked against it. A new node is a ``io.ComfyNode`` subclass added here.
+"""
+
+from .api import API_VERSION, ComfyExtension
 from .convert_node import LoraxConvert
 from .load_node import LoraxLoad
 from .save_node import LoraxSave
@@ -8,22 +14,22 @@ from .similarity_node import LoraxSimilarityReport
 from .train_node import LoraxTrain
 from .transfer_node import LoraxTransfer
 
-NODE_CLASS_MAPPINGS = {
-    "LoraxLoad": LoraxLoad,
-    "LoraxSimilarityReport": LoraxSimilarityReport,
-    "LoraxTransfer": LoraxTransfer,
-    "LoraxSave": LoraxSave,
-    "LoraxConvert": LoraxConvert,
-    "LoraxTrain": LoraxTrain,
-    "LoraxLibraryScan": LoraxLibraryScan,
-}
+NODE_CLASSES = [
+    LoraxLoad,
+    LoraxSimilarityReport,
+    LoraxTransfer,
+    LoraxSave,
+    LoraxConvert,
+    LoraxTrain,
+    LoraxLibraryScan,
+]
 
-NODE_DISPLAY_NAME_MAPPINGS = {
-    "LoraxLoad": "LoRA-X Load",
-    "LoraxSimilarityReport": "Subspace Similarity Report",
-    "LoraxTransfer": "LoRA-X Transfer",
-    "LoraxSave": "LoRA-X Save",
-    "LoraxConvert": "LoRA to LoRA-X",
-    "LoraxTrain": "LoRA-X Train",
-    "LoraxLibraryScan": "LoRA Library Scan",
-}
+
+class LoraxExtension(ComfyExtension):
+    """What ComfyUI's loader asks a V3 pack for: its node classes."""
+
+    async def get_node_list(self):
+        return list(NODE_CLASSES)
+
+
+__all__ = ["API_VERSION", "LoraxExtension", "NODE_CLASSES"]

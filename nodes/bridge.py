@@ -39,10 +39,12 @@ import comfy.utils
 import comfy.weight_adapter as weight_adapter
 
 from lorax.delta import Delta
+from lorax.devices import float64_device
 from lorax.errors import LoraxError
 from lorax.fused import WeightSlice, base_key, host_key, with_slices
 from lorax.lorax_adapter import LoraxAdapter
 from lorax.verdict import Verdict, guess_architecture
+from lorax.weight_formats import dense_weight, is_gguf, logical_shape
 
 log = logging.getLogger("lorax")
 
@@ -74,13 +76,27 @@ class PatcherWeights:
     """A :class:`lorax.transfer.WeightSource` over the *unpatched* weights of a ModelPatcher.
 
     While a model sits patched in memory its parameters hold patched values and the originals
-    are in ``patcher.backup``; those originals are what the SVD must see.
+    are in ``patcher.backup``; those originals are what the SVD must see. ComfyUI-GGUF keeps its
+    patches on the quantized tensor instead, which is then still the original.
+
+    Every weight is handed out through :func:`lorax.weight_formats.dense_weight`: quantized
+    layers (ComfyUI's ``QuantizedTensor`` of any layout, legacy scaled fp8, GGUF) as the matrix
+    the model computes with, one layer at a time, and never as a tensor that requires grad.
+    Shapes are the logical ones (a GGUF tensor's storage shape is its packed bytes').
     """
 
     def __init__(self, patcher, prefix: str = ""):
         self.patcher = patcher
         self.model = patcher.model if hasattr(patcher, "model") else patcher
-        self._shapes = {k: tuple(v.shape) for k, v in self.model.state_dict().items() if k.startswith(prefix)}
+        self._shapes: dict[str, tuple[int, ...]] = {}
+        for key, value in self.model.state_dict().items():
+            if not key.startswith(prefix) or not isinstance(value, torch.Tensor):
+                continue
+            try:
+                live = comfy.utils.get_attr(self.model, key)
+            except AttributeError:  # a key only the state dict has (ComfyUI-GGUF's memory estimate)
+                continue
+            self._shapes[key] = logical_shape(live if isinstance(live, torch.Tensor) else value)
 
     def keys(self):
         return self._shapes.keys()
@@ -88,18 +104,25 @@ class PatcherWeights:
     def shape(self, key: str):
         return self._shapes.get(key)
 
-    def weight(self, key: str) -> torch.Tensor:
+    def stored(self, key: str) -> torch.Tensor:
+        """The unpatched weight as the model stores it (possibly quantized)."""
         if key not in self._shapes:
             raise KeyError(key)
-        weight, _, convert = comfy.model_patcher.get_key_weight(self.model, key)
+        weight, _, _ = comfy.model_patcher.get_key_weight(self.model, key)
         backup = getattr(self.patcher, "backup", {}).get(key)
-        if backup is not None:
-            weight = backup.weight
-        if convert is not None:
-            weight = convert(weight, inplace=False)
-        # The live parameter itself (not a detached view): its identity lets the digest memo of
-        # lorax.fingerprint skip re-hashing it on every run. Callers never modify it.
-        return weight
+        return backup.weight if backup is not None else weight
+
+    def weight(self, key: str) -> torch.Tensor:
+        weight = self.stored(key)
+        _, _, convert = comfy.model_patcher.get_key_weight(self.model, key)
+        if convert is not None and not is_gguf(weight):
+            # The host's own dequantization for its layer types (legacy scaled fp8: × scale_weight;
+            # QuantizedTensor: its layout's dequantize).
+            with torch.no_grad():
+                weight = convert(weight, inplace=False)
+        # A plain weight comes back as a detached view of the live parameter (no copy); its
+        # identity lets the digest memo of lorax.fingerprint skip re-hashing it on every run.
+        return dense_weight(weight, key=key)
 
 
 def unet_key_map(patcher) -> dict[str, str]:
@@ -200,6 +223,7 @@ def _lora_factors(adapter, key: str, weight: torch.Tensor) -> Delta | None:
 def _materialise(patch, key: str, weight: torch.Tensor, function: Callable | None = None) -> Delta:
     """Let the host apply the patch at strength 1 to W₀ (float64) and keep the difference
     (``function``: what the key map applies to the change, e.g. SD3's ``swap_scale_shift``)."""
+    weight = weight.to(float64_device(weight.device))  # MPS and DirectML have no float64
     base = (weight.float() if weight.element_size() == 1 else weight).double().clone()
     function = function or (lambda a: a)
     if isinstance(patch, weight_adapter.WeightAdapterBase):

@@ -19,7 +19,18 @@ __all__ = ["AdapterHandle", "LAYER_SETS", "check_distinct", "convert_adapter", "
 
 
 def load_model(path: str):
-    """A ``ModelPatcher`` for a checkpoint or a diffusion-model-only safetensors file."""
+    """A ``ModelPatcher`` for a checkpoint or a diffusion-model-only safetensors file.
+
+    Quantized safetensors files (fp8, scaled fp8, ComfyUI's quantized layouts) load through the
+    host's loaders as in ComfyUI; GGUF files need the ComfyUI-GGUF pack's loader, which only a
+    running ComfyUI has, so they are refused here with what to do instead.
+    """
+    with open(path, "rb") as f:
+        magic = f.read(4)
+    if magic == b"GGUF":
+        raise LoraxError("this is a GGUF file, which only ComfyUI-GGUF's loader reads; in ComfyUI, load it "
+                         "with 'Unet Loader (GGUF)' and connect it to LoRA-X Transfer, or give the command line "
+                         "the safetensors file of the same model", path=path)
     header = check_safetensors_file(path)
     is_checkpoint = any(k.startswith("model.diffusion_model.") for k in header)
     try:

@@ -12,11 +12,10 @@ from lorax.lorax_adapter import save_lorax
 from lorax.transfer import DEFAULT_RANK
 
 from . import bridge
+from .api import CATEGORY, Adapter, io, output
 from .handles import AdapterHandle
 from .runtime import get_engine
 from .save_node import next_free_path
-
-CATEGORY = "loaders/LoRA-X"
 
 
 def convert_adapter(model, adapter: AdapterHandle, rank: int, engine):
@@ -37,30 +36,35 @@ def convert_adapter(model, adapter: AdapterHandle, rank: int, engine):
     return converted, [l.row() for l in layers], conversion_summary(layers)
 
 
-class LoraxConvert:
-    DESCRIPTION = ("Converts an ordinary LoRA into a LoRA-X adapter on its source model, without data: each layer's "
-                   "change is reduced to r numbers, the changes of the source's top-r singular values. Reports per "
-                   "layer how much of the LoRA survives (a generic LoRA can lose most of it).")
-    CATEGORY = CATEGORY
-    FUNCTION = "convert"
-    OUTPUT_NODE = True
-    RETURN_TYPES = ("LORAX_ADAPTER", "STRING", "STRING")
-    RETURN_NAMES = ("adapter", "report", "json")
-    OUTPUT_TOOLTIPS = ("The LoRA-X adapter (also saved into the loras folder).", "Per-layer energy kept, as text.",
-                       "Per-layer rows as JSON (key, module, rank, kept, residual).")
+class LoraxConvert(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="LoraxConvert",
+            display_name="LoRA to LoRA-X",
+            category=CATEGORY,
+            description=("Converts an ordinary LoRA into a LoRA-X adapter on its source model, without data: each "
+                         "layer's change is reduced to r numbers, the changes of the source's top-r singular values. "
+                         "Reports per layer how much of the LoRA survives (a generic LoRA can lose most of it)."),
+            is_output_node=True,
+            inputs=[
+                io.Model.Input("model", tooltip="The model the LoRA was trained on (its source)."),
+                Adapter.Input("adapter", tooltip="An ordinary LoRA from LoRA-X Load."),
+                io.Int.Input("rank", default=DEFAULT_RANK, min=1, max=4096,
+                             tooltip="r: singular values adapted per layer (capped at the layer's rank)."),
+                io.String.Input("filename_prefix", default="lorax/converted",
+                                tooltip="Name inside ComfyUI's loras folder; a counter is added."),
+            ],
+            outputs=[
+                output(Adapter, "adapter", "The LoRA-X adapter (also saved into the loras folder).",
+                       id="lorax_adapter"),
+                output(io.String, "report", "Per-layer energy kept, as text."),
+                output(io.String, "json", "Per-layer rows as JSON (key, module, rank, kept, residual)."),
+            ],
+        )
 
     @classmethod
-    def INPUT_TYPES(cls):
-        return {"required": {
-            "model": ("MODEL", {"tooltip": "The model the LoRA was trained on (its source)."}),
-            "adapter": ("LORAX_ADAPTER", {"tooltip": "An ordinary LoRA from LoRA-X Load."}),
-            "rank": ("INT", {"default": DEFAULT_RANK, "min": 1, "max": 4096,
-                             "tooltip": "r: singular values adapted per layer (capped at the layer's rank)."}),
-            "filename_prefix": ("STRING", {"default": "lorax/converted",
-                                           "tooltip": "Name inside ComfyUI's loras folder; a counter is added."}),
-        }}
-
-    def convert(self, model, adapter, rank, filename_prefix):
+    def execute(cls, model, adapter, rank, filename_prefix) -> io.NodeOutput:
         converted, rows, summary = convert_adapter(model, adapter, rank, get_engine())
         folder = folder_paths.get_folder_paths("loras")[0]
         path = next_free_path(folder, filename_prefix)
@@ -71,4 +75,4 @@ class LoraxConvert:
         lines += [f"{r['module']:<72} {r['rank']:>4} {100 * r['kept']:>6.1f}%" for r in rows]
         text = "\n".join(lines)
         handle = AdapterHandle(name=path[len(folder) + 1:], path=path, kind="lorax", content=converted)
-        return {"ui": {"text": [text]}, "result": (handle, text, json.dumps(rows))}
+        return io.NodeOutput(handle, text, json.dumps(rows), ui={"text": [text]})

@@ -7,11 +7,9 @@ import os
 import folder_paths
 
 from lorax.errors import LoraxError
+from .api import CATEGORY, Transfer, io, output
 from .handles import TransferHandle
 from .transfer_job import save_transfer
-
-CATEGORY = "loaders/LoRA-X"
-
 
 def next_free_path(folder: str, prefix: str) -> str:
     """``<folder>/<prefix>_00001.safetensors``, the first number not taken (never overwrites)."""
@@ -26,30 +24,32 @@ def next_free_path(folder: str, prefix: str) -> str:
     return f"{base}_{n:05d}.safetensors"
 
 
-class LoraxSave:
-    DESCRIPTION = ("Saves a transferred adapter as a standard kohya LoRA file (lora_down / lora_up / alpha) that "
-                   "ComfyUI's LoraLoader, A1111 and Forge load unchanged, with the target's base-model metadata.")
-    CATEGORY = CATEGORY
-    FUNCTION = "save"
-    OUTPUT_NODE = True
-    RETURN_TYPES = ("STRING",)
-    RETURN_NAMES = ("path",)
-    OUTPUT_TOOLTIPS = ("Where the file was written.",)
+class LoraxSave(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="LoraxSave",
+            display_name="LoRA-X Save",
+            category=CATEGORY,
+            description=("Saves a transferred adapter as a standard kohya LoRA file (lora_down / lora_up / alpha) "
+                         "that ComfyUI's LoraLoader, A1111 and Forge load unchanged, with the target's base-model "
+                         "metadata."),
+            is_output_node=True,
+            inputs=[
+                Transfer.Input("transfer", tooltip="From LoRA-X Transfer."),
+                io.String.Input("filename_prefix", default="lorax/transferred",
+                                tooltip="Name inside ComfyUI's loras folder; a counter is added."),
+                io.Boolean.Input("bake_strength", default=True,
+                                 tooltip="Scale the saved LoRA by the transfer's strength, so loading it at 1.0 "
+                                         "gives what the Transfer node showed."),
+            ],
+            outputs=[output(io.String, "path", "Where the file was written.")],
+        )
 
     @classmethod
-    def INPUT_TYPES(cls):
-        return {"required": {
-            "transfer": ("LORAX_TRANSFER", {"tooltip": "From LoRA-X Transfer."}),
-            "filename_prefix": ("STRING", {"default": "lorax/transferred",
-                                           "tooltip": "Name inside ComfyUI's loras folder; a counter is added."}),
-            "bake_strength": ("BOOLEAN", {"default": True,
-                                          "tooltip": "Scale the saved LoRA by the transfer's strength, so loading it "
-                                                     "at 1.0 gives what the Transfer node showed."}),
-        }}
-
-    def save(self, transfer: TransferHandle, filename_prefix, bake_strength):
+    def execute(cls, transfer: TransferHandle, filename_prefix, bake_strength) -> io.NodeOutput:
         folder = folder_paths.get_folder_paths("loras")[0]
         path = next_free_path(folder, filename_prefix)
         count = save_transfer(transfer, path, bake_strength=bake_strength)
         message = f"Saved {count} layers to loras/{os.path.relpath(path, folder)}"
-        return {"ui": {"text": [message]}, "result": (path,)}
+        return io.NodeOutput(path, ui={"text": [message]})

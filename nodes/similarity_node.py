@@ -7,15 +7,15 @@ import re
 
 from lorax.errors import LoraxError
 from lorax.layer_map import LayerMap, build_layer_map
-from lorax.report import PASSES, text_report
+from lorax.report import PASSES, text_report, ui_payload
 from lorax.transfer import DEFAULT_RANK, DEFAULT_THRESHOLD, similarity_scorer, similarity_table
 
+from .api import CATEGORY, io, output
 from .bridge import PatcherWeights, model_kind
 from .plot import plot_rows
 from .runtime import get_engine, progress_bar
-from .transfer_job import LAYER_MAP_INPUTS, check_distinct, parse_layer_map_json
+from .transfer_job import check_distinct, layer_map_inputs, parse_layer_map_json
 
-CATEGORY = "loaders/LoRA-X"
 LAYER_SETS = ("adapted by LoRAs (attention, feed-forward, proj)", "all linear and conv weights")
 # UNet attention / feed-forward / proj layers; every linear layer inside a DiT's blocks (Flux's double and
 # single blocks, SD3's joint blocks: attention, MLP and modulation), which is what LoRA trainers adapt there.
@@ -47,38 +47,45 @@ def compared_pairs(source: PatcherWeights, target: PatcherWeights, layer_set: st
     return [(s, t) for s, t in lmap.pairs() if s_shapes[s] == t_shapes[t]], lmap
 
 
-class LoraxSimilarityReport:
-    DESCRIPTION = ("Compares two checkpoints layer by layer with LoRA-X's subspace similarity Φ "
-                   "(1 = same principal subspaces). Shows which layers an adapter can be moved across.")
-    CATEGORY = CATEGORY
-    FUNCTION = "report"
-    OUTPUT_NODE = True
-    RETURN_TYPES = ("STRING", "IMAGE", "STRING")
-    RETURN_NAMES = ("report", "plot", "json")
-    OUTPUT_TOOLTIPS = ("The report as text.", "Φ per layer as an image (blocks in order).",
-                       "The per-layer rows as JSON (key, phi, phi_right, chance, phi_hat, shapes).")
+class LoraxSimilarityReport(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="LoraxSimilarityReport",
+            display_name="Subspace Similarity Report",
+            category=CATEGORY,
+            description=("Compares two checkpoints layer by layer with LoRA-X's subspace similarity Φ "
+                         "(1 = same principal subspaces). Shows which layers an adapter can be moved across."),
+            is_output_node=True,
+            inputs=[
+                io.Model.Input("source_model", tooltip="The model an adapter was trained on."),
+                io.Model.Input("target_model", tooltip="The model the adapter would be moved to."),
+                io.Int.Input("rank", default=DEFAULT_RANK, min=1, max=4096,
+                             tooltip="Top-k singular directions compared (capped at half each layer's rank)."),
+                io.Combo.Input("layers", options=list(LAYER_SETS), tooltip="Which weights to compare."),
+                io.Float.Input("threshold", default=DEFAULT_THRESHOLD, min=0.0, max=1.0, step=0.01,
+                               tooltip="Drawn on the plot: the chance-normalised similarity Φ̂ a layer needs for "
+                                       "LoRA-X Transfer to move it."),
+                *layer_map_inputs(),
+            ],
+            outputs=[
+                output(io.String, "report", "The report as text."),
+                output(io.Image, "plot", "Φ per layer as an image (blocks in order)."),
+                output(io.String, "json",
+                       "The per-layer rows as JSON (key, phi, phi_right, chance, phi_hat, shapes)."),
+            ],
+        )
 
     @classmethod
-    def INPUT_TYPES(cls):
-        return {"required": {
-            "source_model": ("MODEL", {"tooltip": "The model an adapter was trained on."}),
-            "target_model": ("MODEL", {"tooltip": "The model the adapter would be moved to."}),
-            "rank": ("INT", {"default": DEFAULT_RANK, "min": 1, "max": 4096,
-                             "tooltip": "Top-k singular directions compared (capped at half each layer's rank)."}),
-            "layers": (list(LAYER_SETS), {"tooltip": "Which weights to compare."}),
-            "threshold": ("FLOAT", {"default": DEFAULT_THRESHOLD, "min": 0.0, "max": 1.0, "step": 0.01,
-                                    "tooltip": "Drawn on the plot: the chance-normalised similarity Φ̂ a layer needs "
-                                               "for LoRA-X Transfer to move it."}),
-        }, "optional": dict(LAYER_MAP_INPUTS)}
-
-    def report(self, source_model, target_model, rank, layers, threshold, layer_map="similarity", layer_map_json=""):
+    def execute(cls, source_model, target_model, rank, layers, threshold, layer_map="similarity",
+                layer_map_json="") -> io.NodeOutput:
         rows, text, title = run_similarity(source_model, target_model, rank=rank, layer_set=layers,
                                            threshold=threshold, engine=get_engine(), layer_map_mode=layer_map,
                                            user_map=parse_layer_map_json(layer_map_json))
         image = plot_rows(rows, threshold, title)
-        from lorax.report import ui_payload  # text + the per-block view web/lorax.js draws, < 200 KB
-        return {"ui": ui_payload(rows, threshold=threshold, title=title, text=text),
-                "result": (text, image, json.dumps(rows))}
+        # text + the per-block view web/lorax.js draws, < 200 KB
+        return io.NodeOutput(text, image, json.dumps(rows), ui=ui_payload(rows, threshold=threshold, title=title,
+                                                                          text=text))
 
 
 def run_similarity(source_model, target_model, *, rank: int, layer_set: str, threshold: float, engine,

@@ -38,11 +38,11 @@ from lorax.training import FAMILIES, SigmaAdapter, collect_adapter, parameter_co
 from lorax.transfer import DEFAULT_RANK
 
 from . import bridge
+from .api import CATEGORY, Adapter, io, output
 from .handles import AdapterHandle
 from .runtime import get_engine
 from .save_node import next_free_path
 
-CATEGORY = "loaders/LoRA-X"
 DTYPES = ("auto", "bf16", "fp32")
 
 
@@ -285,73 +285,71 @@ def _dataset(latents, positive, dtype):
     return samples, positive, n
 
 
-class LoraxTrain:
-    DESCRIPTION = ("Trains a LoRA-X adapter on a model: only the top-r singular values of each adapted weight change "
-                   "(W + U diag(Δσ) Vᵀ with U, V frozen from the model's own SVD), r numbers per layer, starting "
-                   "from zero. Without a teacher it learns to denoise the latents like ComfyUI's Train LoRA; with a "
-                   "teacher it learns to reproduce the teacher's predictions (extracts a LoRA-X adapter from a "
-                   "fine-tune or a LoRA'd model). Uses ComfyUI's own training loop.")
-    CATEGORY = CATEGORY
-    FUNCTION = "train"
-    OUTPUT_NODE = True
-    RETURN_TYPES = ("MODEL", "LORAX_ADAPTER", "LOSS_MAP", "STRING")
-    RETURN_NAMES = ("model", "adapter", "loss_map", "report")
-    OUTPUT_TOOLTIPS = ("The input model with the trained adapter applied (an ordinary low-rank patch on a clone).",
-                       "The trained LoRA-X adapter, for LoRA-X Transfer (also saved when save_name is set).",
-                       "The loss of every step, for the Plot Loss Graph node.",
-                       "Layers, trained parameters (Σ r), losses, time and the saved file.")
+class LoraxTrain(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="LoraxTrain",
+            display_name="LoRA-X Train",
+            category=CATEGORY,
+            description=("Trains a LoRA-X adapter on a model: only the top-r singular values of each adapted weight "
+                         "change (W + U diag(Δσ) Vᵀ with U, V frozen from the model's own SVD), r numbers per layer, "
+                         "starting from zero. Without a teacher it learns to denoise the latents like ComfyUI's Train "
+                         "LoRA; with a teacher it learns to reproduce the teacher's predictions (extracts a LoRA-X "
+                         "adapter from a fine-tune or a LoRA'd model). Uses ComfyUI's own training loop."),
+            is_output_node=True,
+            inputs=[
+                io.Model.Input("model", tooltip="The source model the adapter is trained on (never modified)."),
+                io.Latent.Input("latents", tooltip="The training set: a batch of latents (VAE Encode of your "
+                                                   "images). With a teacher, Empty Latent Image is enough."),
+                io.Conditioning.Input("positive", tooltip="Conditioning for the latents: one for all, or one per "
+                                                          "latent."),
+                io.Int.Input("batch_size", default=1, min=1, max=10000,
+                             tooltip="Latents per step (at most the number of latents)."),
+                io.Int.Input("steps", default=100, min=1, max=100000, tooltip="Optimizer steps."),
+                io.Float.Input("learning_rate", default=0.002, min=0.0000001, max=10.0, step=0.0000001,
+                               tooltip="Adam learning rate for Δσ, in units of singular values (each step moves a "
+                                       "Δσ by about this much)."),
+                io.Int.Input("rank", default=DEFAULT_RANK, min=1, max=4096,
+                             tooltip="r: top singular values trained per layer (capped at each layer's rank)."),
+                io.Combo.Input("layers", options=list(FAMILIES), default=FAMILIES[0],
+                               tooltip="Which weights get an adapter: attention projections, plus feed-forward "
+                                       "layers, plus transformer proj_in/proj_out and convolutions."),
+                io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF, control_after_generate=True,
+                             tooltip="Seed for the noise, noise levels and batches of every step."),
+                io.Combo.Input("training_dtype", options=list(DTYPES), default="auto",
+                               tooltip="Compute dtype of the model during training: auto = bf16 where the device "
+                                       "runs it fast, else fp32. Δσ and its arithmetic stay float32."),
+                io.Boolean.Input("gradient_checkpointing", default=True,
+                                 tooltip="Recompute activations in the backward pass: much less memory, about a "
+                                         "third slower."),
+                io.String.Input("save_name", default="lorax/trained",
+                                tooltip="Where to save the adapter inside the loras folder (a counter is added, "
+                                        "nothing is overwritten); empty = do not save. Written only after the whole "
+                                        "run succeeded."),
+                io.Model.Input("teacher", optional=True,
+                               tooltip="Distillation: train towards this model's predictions (a fine-tune of the "
+                                       "source, or the source with a LoRA) instead of the clean latents; the loss "
+                                       "compares the predicted noise. Must have the source's architecture."),
+            ],
+            outputs=[
+                output(io.Model, "model", "The input model with the trained adapter applied (an ordinary low-rank "
+                                          "patch on a clone).", id="trained_model"),
+                output(Adapter, "adapter", "The trained LoRA-X adapter, for LoRA-X Transfer (also saved when "
+                                           "save_name is set)."),
+                output(io.LossMap, "loss_map", "The loss of every step, for the Plot Loss Graph node."),
+                output(io.String, "report", "Layers, trained parameters (Σ r), losses, time and the saved file."),
+            ],
+        )
 
     @classmethod
-    def INPUT_TYPES(cls):
-        return {
-            "required": {
-                "model": ("MODEL", {"tooltip": "The source model the adapter is trained on (never modified)."}),
-                "latents": ("LATENT", {"tooltip": "The training set: a batch of latents (VAE Encode of your images). "
-                                                  "With a teacher, Empty Latent Image is enough."}),
-                "positive": ("CONDITIONING", {"tooltip": "Conditioning for the latents: one for all, or one per "
-                                                         "latent."}),
-                "batch_size": ("INT", {"default": 1, "min": 1, "max": 10000,
-                                       "tooltip": "Latents per step (at most the number of latents)."}),
-                "steps": ("INT", {"default": 100, "min": 1, "max": 100000,
-                                  "tooltip": "Optimizer steps."}),
-                "learning_rate": ("FLOAT", {"default": 0.002, "min": 0.0000001, "max": 10.0, "step": 0.0000001,
-                                            "tooltip": "Adam learning rate for Δσ, in units of singular values "
-                                                       "(each step moves a Δσ by about this much)."}),
-                "rank": ("INT", {"default": DEFAULT_RANK, "min": 1, "max": 4096,
-                                 "tooltip": "r: top singular values trained per layer (capped at each layer's rank)."}),
-                "layers": (list(FAMILIES), {"default": FAMILIES[0],
-                                            "tooltip": "Which weights get an adapter: attention projections, plus "
-                                                       "feed-forward layers, plus transformer proj_in/proj_out and "
-                                                       "convolutions."}),
-                "seed": ("INT", {"default": 0, "min": 0, "max": 0xFFFFFFFFFFFFFFFF, "control_after_generate": True,
-                                 "tooltip": "Seed for the noise, noise levels and batches of every step."}),
-                "training_dtype": (list(DTYPES), {"default": "auto",
-                                                  "tooltip": "Compute dtype of the model during training: auto = bf16 "
-                                                             "where the device runs it fast, else fp32. Δσ and its "
-                                                             "arithmetic stay float32."}),
-                "gradient_checkpointing": ("BOOLEAN", {"default": True,
-                                                       "tooltip": "Recompute activations in the backward pass: much "
-                                                                  "less memory, about a third slower."}),
-                "save_name": ("STRING", {"default": "lorax/trained",
-                                         "tooltip": "Where to save the adapter inside the loras folder (a counter is "
-                                                    "added, nothing is overwritten); empty = do not save. Written "
-                                                    "only after the whole run succeeded."}),
-            },
-            "optional": {
-                "teacher": ("MODEL", {"tooltip": "Distillation: train towards this model's predictions (a fine-tune "
-                                                 "of the source, or the source with a LoRA) instead of the clean "
-                                                 "latents; the loss compares the predicted noise. Must have the "
-                                                 "source's architecture."}),
-            },
-        }
-
-    def train(self, model, latents, positive, batch_size, steps, learning_rate, rank, layers, seed,
-              training_dtype, gradient_checkpointing, save_name, teacher=None):
+    def execute(cls, model, latents, positive, batch_size, steps, learning_rate, rank, layers, seed,
+                training_dtype, gradient_checkpointing, save_name, teacher=None) -> io.NodeOutput:
         out_model, handle, losses, report = train_lorax(
             model, latents, positive, batch_size=batch_size, steps=steps, learning_rate=learning_rate, rank=rank,
             family=layers, seed=seed, dtype_choice=training_dtype, gradient_checkpointing=gradient_checkpointing,
             save_name=save_name, teacher=teacher)
-        return {"ui": {"text": [report]}, "result": (out_model, handle, {"loss": losses}, report)}
+        return io.NodeOutput(out_model, handle, {"loss": losses}, report, ui={"text": [report]})
 
 
 def _remove_wrappers(patcher, wrappers) -> None:

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import os
 
+import torch
+
 from lorax.errors import LoraxError
 from lorax.fused import base_key, merge_slices, parse_slice_key
 from lorax.kohya_export import save_kohya_lora
@@ -15,22 +17,25 @@ from lorax.transfer import Decision, TransferSettings, similarity_scorer, transf
 from lorax.verdict import Verdict
 
 from . import bridge
+from .api import io
 from .handles import AdapterHandle, TransferHandle
 
 TE_PREFIXES = ("lora_te", "text_encoder", "te_", "te1", "te2", "clip_")
 
 
-#: The layer-map inputs the Transfer and Similarity Report nodes share.
-LAYER_MAP_INPUTS = {
-    "layer_map": (list(LAYER_MAP_MODES), {"tooltip": (
-        "How target layers find their source layer. similarity: by name where both models have the same "
-        "blocks; where the target has fewer (SSD-1B, Segmind Vega, BK-SDM), layers of the same role are paired "
-        "by subspace similarity, keeping their order. name: equal keys only.")}),
-    "layer_map_json": ("STRING", {"default": "", "multiline": True, "tooltip": (
-        'Optional map for exotic pairs, as JSON {"target key": "source key", ...} with the models\' own keys '
-        "(e.g. diffusion_model.input_blocks.7.1.transformer_blocks.0.attn1.to_q.weight); it overrides the mode "
-        "for the layers it names.")}),
-}
+def layer_map_inputs() -> list:
+    """The layer-map inputs the Transfer and Similarity Report nodes share (optional, in this order)."""
+    return [
+        # The default the docs and execute() give; without it the widget showed "name" (the first option).
+        io.Combo.Input("layer_map", options=list(LAYER_MAP_MODES), default="similarity", optional=True, tooltip=(
+            "How target layers find their source layer. similarity: by name where both models have the same "
+            "blocks; where the target has fewer (SSD-1B, Segmind Vega, BK-SDM), layers of the same role are paired "
+            "by subspace similarity, keeping their order. name: equal keys only.")),
+        io.String.Input("layer_map_json", default="", multiline=True, optional=True, tooltip=(
+            'Optional map for exotic pairs, as JSON {"target key": "source key", ...} with the models\' own keys '
+            "(e.g. diffusion_model.input_blocks.7.1.transformer_blocks.0.attn1.to_q.weight); it overrides the mode "
+            "for the layers it names.")),
+    ]
 
 
 def parse_layer_map_json(text: str) -> dict[str, str] | None:
@@ -113,6 +118,10 @@ def run_transfer(source_model, target_model, adapter: AdapterHandle, settings: T
         notes += ["  " + line for line in why_left_out(clip_result.layers)]
     if lmap is not None:
         notes.append(lmap.summary())
+    stored_as = quantized_formats(target_w, [l.target for l in result.layers if l.shape_target is not None])
+    if stored_as:
+        notes.append(f"target weights stored quantized ({stored_as}): read as the matrices the model computes "
+                     "with, one layer dequantized at a time.")
     slices = [l for l in layers if parse_slice_key(l.target) is not None]
     if slices:
         example = slices[0].target
@@ -137,6 +146,24 @@ def run_transfer(source_model, target_model, adapter: AdapterHandle, settings: T
         rows=rows, report=text_report(rows, title=title, threshold=settings.threshold, notes=notes, verdict=line),
         title=title, verdict=line,
         fused_shapes={s.key: target_w.shape(s.key) for s in (parse_slice_key(l.target) for l in slices)})
+
+
+def quantized_formats(weights: bridge.PatcherWeights, keys) -> str:
+    """``"GGUF Q8_0: 70 layers"``-style summary of the quantized formats among ``keys`` ("" if none)."""
+    from collections import Counter
+
+    from lorax.weight_formats import PLAIN_DTYPES, weight_format
+
+    counts = Counter()
+    for key in {base_key(k) for k in keys}:
+        try:
+            stored = weights.stored(key)
+        except KeyError:
+            continue
+        if type(stored) in (torch.Tensor, torch.nn.Parameter) and stored.dtype in PLAIN_DTYPES:
+            continue
+        counts[weight_format(stored)] += 1
+    return ", ".join(f"{fmt}: {n} layer{'s' * (n != 1)}" for fmt, n in counts.most_common())
 
 
 def compatibility(layers, modules: int, unmapped: list[str], te_skipped: int, target_kind: str,

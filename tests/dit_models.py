@@ -75,7 +75,14 @@ def flux_layout(guidance: bool = True, **overrides) -> dict[str, tuple[int, ...]
     cfg = {**FLUX_MINI_CONFIG, **overrides, "guidance_embed": guidance}
 
     def build(ops):
-        from comfy.ldm.flux.model import Flux
+        import dataclasses
+
+        from comfy.ldm.flux.model import Flux, FluxParams
+
+        # Hosts since 0.3.75 added required FluxParams fields (0.33: txt_ids_dims, which its model
+        # detection sets to [] for Flux.1); fill the ones this host has with Flux.1's values.
+        if "txt_ids_dims" in {f.name for f in dataclasses.fields(FluxParams)}:
+            cfg.setdefault("txt_ids_dims", [])
 
         return Flux(**cfg, device="meta", operations=ops)
 

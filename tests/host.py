@@ -277,10 +277,30 @@ class ComfyHost:
         if not ok:
             raise AssertionError(f"ComfyUI could not load the custom node pack {path}:\n" + "\n".join(records))
         # What the pack itself declares and the host now serves.
-        declared = getattr(self.pack_module(path), "NODE_CLASS_MAPPINGS", {})
+        declared = self.declared_nodes(self.pack_module(path))
         added = {k: v for k, v in declared.items() if self.nodes.NODE_CLASS_MAPPINGS.get(k) is v}
         self._packs[path] = added
         return added
+
+    @staticmethod
+    def declared_nodes(module) -> dict[str, type]:
+        """``{node id: class}`` a loaded pack declares: its ``NODE_CLASS_MAPPINGS`` (V1), else the
+        node list of the ``ComfyExtension`` its ``comfy_entrypoint`` returns (V3, asked again here
+        as ComfyUI asked it; the classes are the module's own, so they are the ones registered)."""
+        mapping = getattr(module, "NODE_CLASS_MAPPINGS", None)
+        if mapping is not None:
+            return dict(mapping)
+        entry = getattr(module, "comfy_entrypoint", None)
+        if entry is None:
+            return {}
+
+        async def ask():
+            extension = entry()
+            if asyncio.iscoroutine(extension):
+                extension = await extension
+            return await extension.get_node_list()
+
+        return {cls.GET_SCHEMA().node_id: cls for cls in asyncio.run(ask())}
 
     def pack_module(self, path: str | os.PathLike = REPO_ROOT):
         """The module object ComfyUI made for a loaded pack (``sys.modules`` key is the path)."""
@@ -293,8 +313,13 @@ class ComfyHost:
 
     # -- running graphs ------------------------------------------------------------
     def new_executor(self):
-        """A fresh ``execution.PromptExecutor`` (classic cache, as ComfyUI's default)."""
-        return self.execution.PromptExecutor(self.server, cache_type=False, cache_args={"lru": 0, "ram": 0})
+        """A fresh ``execution.PromptExecutor`` (classic cache, as ComfyUI's default).
+
+        The executor has no public constructor helper, so this is the one private call the tests
+        make; ``cache_args`` carries every key any supported host reads (0.3.75 reads ``lru`` and
+        ``ram``; 0.33 also ``ram_inactive`` on every execution), zero meaning "no RAM headroom"."""
+        return self.execution.PromptExecutor(self.server, cache_type=False,
+                                             cache_args={"lru": 0, "ram": 0, "ram_inactive": 0})
 
     def run_prompt(self, prompt: Mapping[str, Any], *, executor=None,
                    outputs: Sequence[str] | None = None) -> dict[str, dict[str, list]]:

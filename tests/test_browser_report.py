@@ -16,6 +16,15 @@ has passing and skipped layers.
   line, the canvas (pixels of a skipped bar's mark), hover and click showing a block's layers with
   the server's numbers. A screenshot is saved in the test's temp dir (path printed; also copied
   to ``$LORAX_SCREENSHOT`` when set).
+* ``test_help_pages_are_served_where_the_frontend_fetches_them`` /
+  ``test_help_panel_shows_each_lorax_node_page``: each node's ``web/docs/<node id>.md`` is served at
+  the URL the frontend's help service asks for, and the help panel (the selection toolbox's info
+  button) renders it, pictures loaded.
+* ``test_example_workflows_run_from_the_page_without_overlapping_nodes``: every file in
+  ``example_workflows/`` loaded into the page (full synthetic SD1.5 checkpoints and a LoRA stand
+  in for the files it names; 64×64, one step), queued from the UI; afterwards every LoRA-X node
+  that reports shows its view and no node's box overlaps another's. ``LORAX_DOC_PICTURES=<dir>``
+  also writes the pictures the README and the help pages show.
 
 Chromium missing is a failure that says what to install, unless ``LORAX_SKIP_BROWSER=1``.
 The server is started and stopped here (its own PID only: terminate, then kill after 20 s);
@@ -26,6 +35,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -352,18 +362,22 @@ def test_report_view_in_the_browser(request, tmp_path):
         driver.quit()
 
 
+def _open_app(browser, comfy_server) -> None:
+    """Load the ComfyUI page and wait until it is ready: the extension is registered, the node types
+    are, and the start-up workflow is loaded (loading ours earlier would race the app's own)."""
+    browser.get(comfy_server.url + "/")
+    _poll(browser, "const a = window.comfyAPI?.app?.app; return !!(a && a.graph && a.canvas && "
+                   "a.extensions?.some((e) => e.name === 'lorax.report') && "
+                   "window.LiteGraph?.registered_node_types?.LoraxSimilarityReport && a.graph.nodes.length > 0);",
+          90, "the ComfyUI app, its node types and lorax.report")
+
+
 def check_report_view(comfy_server, browser, tmp_path):
     from selenium.webdriver.common.actions.action_builder import ActionBuilder
 
     threshold = 0.5  # not the HTTP test's 0.3: the UI run really executes the node again
     t0 = time.monotonic()
-    browser.get(comfy_server.url + "/")
-    # Ready: the extension is registered, the node types are, and the start-up workflow is loaded
-    # (loading ours earlier would race the app's own first load).
-    _poll(browser, "const a = window.comfyAPI?.app?.app; return !!(a && a.graph && a.canvas && "
-                   "a.extensions?.some((e) => e.name === 'lorax.report') && "
-                   "window.LiteGraph?.registered_node_types?.LoraxSimilarityReport && a.graph.nodes.length > 0);",
-          90, "the ComfyUI app, its node types and lorax.report")
+    _open_app(browser, comfy_server)
     err = browser.execute_async_script(_APP + "const done = arguments[arguments.length - 1];"
                                        "app.loadGraphData(arguments[0]).then(() => done(null), (e) => done(String(e)));",
                                        _ui_workflow(comfy_server.names, threshold))
@@ -520,3 +534,277 @@ def check_report_view(comfy_server, browser, tmp_path):
     severe = [e["message"] for e in browser.get_log("browser")
               if e["level"] == "SEVERE" and "/extensions/ComfyUI-LoRA-X/" in e["message"]]
     assert not severe, severe
+
+
+# ----------------------------------------------------------------------------------------------
+# Help pages in the node help panel
+# ----------------------------------------------------------------------------------------------
+
+PACK_URL_NAME = "ComfyUI-LoRA-X"  # the pack's folder name under custom_nodes/, as installed
+
+
+def _help_pages() -> dict[str, str]:
+    return {p.stem: p.read_text(encoding="utf-8") for p in sorted((host.REPO_ROOT / "web" / "docs").glob("*.md"))}
+
+
+def test_help_pages_are_served_where_the_frontend_fetches_them(comfy_server):
+    """``/extensions/<pack>/docs/<node id>.md``: the URL the frontend's help service asks for."""
+    pages = _help_pages()
+    info = comfy_server.get("/object_info")
+    lorax_nodes = sorted(k for k, v in info.items() if v.get("python_module") == f"custom_nodes.{PACK_URL_NAME}")
+    assert lorax_nodes == sorted(pages)
+    for node_id, text in pages.items():
+        with urllib.request.urlopen(f"{comfy_server.url}/extensions/{PACK_URL_NAME}/docs/{node_id}.md", timeout=10) as r:
+            assert r.read().decode("utf-8") == text, node_id
+
+
+def _first_sentence(markdown: str) -> str:
+    """The page's first paragraph up to its first full stop, as the rendered page shows it."""
+    para = markdown.split("\n\n", 1)[1].split("\n\n", 1)[0]
+    text = " ".join(para.split()).replace("**", "").replace("*", "").replace("`", "")
+    return text.split(". ", 1)[0]
+
+
+def test_help_panel_shows_each_lorax_node_page(request):
+    """As a user gets there: select the node on the canvas, click the selection toolbox's info
+    button; the node library's help panel renders the pack's page (its title, its first sentence,
+    and its pictures loaded from the pack)."""
+    _browser_prerequisites()
+    server = request.getfixturevalue("comfy_server")
+    driver = chromium()
+    try:
+        _open_app(driver, server)
+        for node_id, markdown in _help_pages().items():
+            title = markdown.splitlines()[0].removeprefix("# ")
+            driver.execute_script(_APP + """
+                app.graph.clear();
+                const node = window.LiteGraph.createNode(arguments[0]);
+                node.pos = [800, 300];  // clear of the sidebar the help panel opens in
+                app.graph.add(node);
+                app.canvas.deselectAll();
+                app.canvas.selectNode(node);
+                app.canvas.setDirty(true, true);
+            """, node_id)
+            button = _poll(driver, "const b = document.querySelector('[data-testid=\"info-button\"]');"
+                                   "return b && b.offsetParent ? b : null;", 30, f"the info button for {node_id}")
+            button.click()
+            shown = _poll(driver, """
+                const c = document.querySelector('.node-help-content');
+                const h1 = c && c.querySelector('h1');
+                if (!h1 || h1.textContent.trim() !== arguments[0]) return null;
+                const imgs = [...c.querySelectorAll('img')];
+                if (!imgs.every((i) => i.complete)) return null;
+                return {text: c.textContent.replace(/\\s+/g, ' '),
+                        imgs: imgs.map((i) => [i.src, i.naturalWidth])};
+            """, 30, f"the help page of {node_id}", title)
+            assert _first_sentence(markdown) in shown["text"], (node_id, shown["text"][:400])
+            pictures = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", markdown)
+            assert [src for src, _ in shown["imgs"]] == [
+                f"{server.url}/extensions/{PACK_URL_NAME}/docs/{p}" for p in pictures], shown["imgs"]
+            assert all(width > 0 for _, width in shown["imgs"]), shown["imgs"]
+    finally:
+        driver.quit()
+
+
+# ----------------------------------------------------------------------------------------------
+# The example workflows, run from the page: no node ends up over another
+# ----------------------------------------------------------------------------------------------
+
+EXAMPLES = sorted((host.REPO_ROOT / "example_workflows").glob("*.json"))
+#: The model files the examples name -> the synthetic stand-ins saved into the server's folders.
+EXAMPLE_FILES = {"v1-5-pruned-emaonly.safetensors": "lorax_full_base.safetensors",
+                 "dreamshaper_8.safetensors": "lorax_full_finetune.safetensors",
+                 "my_style_lora.safetensors": "lorax_example_lora.safetensors"}
+
+
+@pytest.fixture(scope="module")
+def example_models(comfy_server):
+    """Full synthetic SD1.5 checkpoints (UNet, CLIP-L, VAE; base and a fine-tune of it) and a LoRA
+    with UNet and text-encoder modules, saved where the server's loaders find them (as
+    test_example_workflows.py builds them for the in-process host)."""
+    import torch
+    from safetensors.torch import save_file
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    t0 = time.monotonic()
+    try:
+        unet = host.build_mini_sd15_unet(seed=0)
+        te = host.build_sd15_text_encoder(seed=0, dtype=torch.float16)
+        vae = host.build_sd15_vae(seed=0, dtype=torch.float16)
+        base = host.build_full_sd15_checkpoint(unet, seed=0, text_encoder=te, vae=vae)
+        tuned = host.build_full_sd15_checkpoint(host.fine_tune(unet, seed=1, strength=0.05), seed=0,
+                                                text_encoder=host.fine_tune_text_encoder(te, seed=1, strength=0.05),
+                                                vae=vae)
+        unet_keys = [f"input_blocks.1.1.transformer_blocks.0.{a}.{p}.weight" for a in ("attn1", "attn2")
+                     for p in ("to_q", "to_k", "to_v", "to_out.0")] + ["middle_block.1.proj_in.weight"]
+        te_modules = [(layer, m) for layer in (0, 5, 11) for m in ("self_attn.q_proj", "self_attn.v_proj", "mlp.fc1")]
+        lora, _ = host.make_sd15_lora_with_te(unet, unet_keys, te_modules, rank=8, alpha=4.0, seed=21)
+    finally:
+        torch.set_num_threads(threads)
+    models = comfy_server.base / "models"
+    for folder, name, sd in (("checkpoints", EXAMPLE_FILES["v1-5-pruned-emaonly.safetensors"], base),
+                             ("checkpoints", EXAMPLE_FILES["dreamshaper_8.safetensors"], tuned),
+                             ("loras", EXAMPLE_FILES["my_style_lora.safetensors"], lora)):
+        (models / folder).mkdir(parents=True, exist_ok=True)
+        save_file({k: v.detach().contiguous() for k, v in sd.items()}, str(models / folder / name))
+    print(f"example models built and saved in {time.monotonic() - t0:.1f} s")
+    return EXAMPLE_FILES
+
+
+#: Runs in the page: the example's file names swapped for the stand-ins, images cut to 64×64 and one
+#: sampling step, two training steps -- what test_example_workflows.py's _prepare does, through the
+#: widgets, as a user would edit them.
+_SHRINK = _APP + """
+    const files = arguments[0];
+    for (const node of app.graph.nodes) {
+        for (const w of node.widgets ?? []) {
+            if (typeof w.value === 'string' && files[w.value]) w.value = files[w.value];
+            if (node.type === 'EmptyLatentImage' && (w.name === 'width' || w.name === 'height')) w.value = 64;
+            if (node.type === 'EmptyLatentImage' && w.name === 'batch_size') w.value = 1;
+            if (node.type === 'KSampler' && w.name === 'steps') w.value = 1;
+            if (node.type === 'LoraxTrain' && w.name === 'steps') w.value = 2;
+        }
+    }
+"""
+
+#: Every node's box on the canvas (title bar included; graph units) and the LoRA-X views drawn.
+_BOXES = _APP + """
+    const title = window.LiteGraph.NODE_TITLE_HEIGHT;
+    return app.graph.nodes.map((n) => ({id: n.id, type: n.type, title: n.title,
+        box: [n.pos[0], n.pos[1] - title, n.size[0], (n.flags?.collapsed ? 0 : n.size[1]) + title],
+        view: !!(n.loraxView && (n.loraxView.payload || n.loraxView.text))}));
+"""
+
+
+def _overlaps(boxes: list[dict]) -> list[str]:
+    out = []
+    for i, a in enumerate(boxes):
+        ax, ay, aw, ah = a["box"]
+        for b in boxes[i + 1:]:
+            bx, by, bw, bh = b["box"]
+            if ax < bx + bw and bx < ax + aw and ay < by + bh and by < ay + ah:
+                out.append(f"node {a['id']} ({a['type']}) {a['box']} overlaps node {b['id']} ({b['type']}) {b['box']}")
+    return out
+
+
+def _run_from_the_page(browser, server, workflow: dict) -> None:
+    err = browser.execute_async_script(_APP + "const done = arguments[arguments.length - 1];"
+                                       "app.loadGraphData(arguments[0]).then(() => done(null), (e) => done(String(e)));",
+                                       workflow)
+    assert err is None, err
+    browser.execute_script(_SHRINK, EXAMPLE_FILES)
+    before = set(server.get("/history"))
+    err = browser.execute_async_script(_APP + "const done = arguments[arguments.length - 1];"
+                                       "app.queuePrompt(0, 1).then(() => done(null), (e) => done(String(e)));")
+    assert err is None, err
+    end = time.monotonic() + PROMPT_S
+    while time.monotonic() < end:
+        new = [k for k in server.get("/history") if k not in before]
+        if new:
+            server.wait_history(new[0])
+            return
+        time.sleep(0.5)
+    raise AssertionError(f"the workflow was not queued within {PROMPT_S} s\n{server.log_tail()}")
+
+
+#: Screen margins (CSS px) the page's own bars take: the sidebar on the left, tabs and run bar on top.
+_MARGIN = {"left": 70, "top": 110, "right": 20, "bottom": 50}
+
+
+def _frame(driver, boxes: list[dict], *, bottom: bool = False) -> None:
+    """Scroll and zoom the canvas (at most 1:1) so that ``boxes`` fill the free part of the window,
+    then redraw. ``bottom``: at 1:1 with the boxes' lower edge at the window's foot instead."""
+    x0 = min(b["box"][0] for b in boxes) - 10
+    y0 = min(b["box"][1] for b in boxes) - 10
+    x1 = max(b["box"][0] + b["box"][2] for b in boxes) + 10
+    y1 = max(b["box"][1] + b["box"][3] for b in boxes) + 10
+    driver.execute_async_script(_APP + """
+        const [x0, y0, x1, y1, m, bottom] = arguments, done = arguments[arguments.length - 1];
+        const el = app.canvas.canvas.getBoundingClientRect();
+        const w = el.width - m.left - m.right, h = el.height - m.top - m.bottom;
+        const scale = bottom ? 1 : Math.min(1, w / (x1 - x0), h / (y1 - y0));
+        app.canvas.ds.scale = scale;
+        app.canvas.ds.offset = [m.left / scale - x0, bottom ? (el.height - m.bottom) - y1 : m.top / scale - y0];
+        app.canvas.setDirty(true, true);
+        requestAnimationFrame(() => requestAnimationFrame(() => done()));
+    """, x0, y0, x1, y1, _MARGIN, bottom)
+
+
+def _save_picture(driver, path: Path, rect=None) -> None:
+    """A screenshot (cropped to ``rect`` = [left, top, width, height] in CSS px), as a 256-colour PNG:
+    a third of the bytes, and these pictures are flat UI colours."""
+    from io import BytesIO
+
+    from PIL import Image
+
+    image = Image.open(BytesIO(driver.get_screenshot_as_png())).convert("RGB")
+    if rect is not None:
+        left, top, width, height = (round(v) for v in rect)
+        image = image.crop((left, top, left + width, top + height))
+    image.quantize(colors=256, method=Image.Quantize.MEDIANCUT).save(path, optimize=True)
+
+
+def _doc_pictures(driver, stem: str, boxes: list[dict], folder: Path) -> None:
+    """The pictures the README and the help pages show, from this very run (LORAX_DOC_PICTURES=<dir>):
+    the transfer graph with its report, and each report view on its own."""
+    folder.mkdir(parents=True, exist_ok=True)
+    if stem == "transfer_lora_to_finetune":
+        graph = [b for b in boxes if b["type"] in ("CheckpointLoaderSimple", "LoraxLoad", "LoraxTransfer")]
+        _frame(driver, graph)
+        _save_picture(driver, folder / "transfer_graph.png", driver.execute_script(_APP + """
+            const el = app.canvas.canvas.getBoundingClientRect(), ds = app.canvas.ds, b = arguments[0];
+            const x0 = Math.min(...b.map((n) => n.box[0])) - 10, y0 = Math.min(...b.map((n) => n.box[1])) - 10;
+            const x1 = Math.max(...b.map((n) => n.box[0] + n.box[2])) + 10;
+            const y1 = Math.max(...b.map((n) => n.box[1] + n.box[3])) + 10;
+            return [el.left + (x0 + ds.offset[0]) * ds.scale, el.top + (y0 + ds.offset[1]) * ds.scale,
+                    (x1 - x0) * ds.scale, (y1 - y0) * ds.scale];
+        """, graph))
+    views = {"transfer_lora_to_finetune": ("LoraxTransfer", "transfer_view.png"),
+             "similarity_report": ("LoraxSimilarityReport", "similarity_view.png")}
+    if stem in views:
+        node_type, name = views[stem]
+        (node,) = [b for b in boxes if b["type"] == node_type]
+        _frame(driver, [node], bottom=True)
+        rect = driver.execute_script(_APP + "const r = app.graph.getNodeById(arguments[0]).widgets.find("
+                                            "(w) => w.name === 'lorax_report').element.getBoundingClientRect();"
+                                            "return [r.left, r.top, r.width, r.height];", node["id"])
+        _save_picture(driver, folder / name, rect)
+    print(f"   pictures for the docs written to {folder}")
+
+
+def test_example_workflows_run_from_the_page_without_overlapping_nodes(request, tmp_path):
+    """Each example as a user runs it: loaded into the page, queued from the UI. Afterwards every
+    LoRA-X node that reports shows its view, and no node covers another (the report view reflows
+    to its node's width and widens the node only into free space; the examples leave room)."""
+    _browser_prerequisites()
+    server = request.getfixturevalue("comfy_server")
+    request.getfixturevalue("example_models")
+    driver = chromium()
+    problems = []
+    try:
+        _open_app(driver, server)
+        for path in EXAMPLES:
+            workflow = json.loads(path.read_text(encoding="utf-8"))
+            t0 = time.monotonic()
+            _run_from_the_page(driver, server, workflow)
+            reporting = [n["id"] for n in workflow["nodes"] if n["type"].startswith("Lorax") and n["type"] != "LoraxLoad"]
+            _poll(driver, _APP + "return arguments[0].every((id) => app.graph.getNodeById(id)?.loraxView);", 30,
+                  f"the LoRA-X views of {path.name}", reporting)
+            driver.execute_async_script("const done = arguments[arguments.length - 1];"
+                                        "requestAnimationFrame(() => requestAnimationFrame(() => done()));")
+            boxes = driver.execute_script(_BOXES)
+            print(f"{path.name}: ran from the page in {time.monotonic() - t0:.1f} s; nodes after the run:")
+            for b in boxes:
+                print(f"   {b['id']:>3} {b['type']:<24} box {[round(v) for v in b['box']]}")
+            assert all(b["view"] for b in boxes if b["id"] in reporting), boxes
+            problems += [f"{path.name}: {p}" for p in _overlaps(boxes)]
+            _frame(driver, [b for b in boxes if b["type"] != "Note"])
+            shot = tmp_path / f"{path.stem}.png"
+            driver.save_screenshot(str(shot))
+            print(f"   screenshot: {shot}")
+            if os.environ.get("LORAX_DOC_PICTURES"):
+                _doc_pictures(driver, path.stem, boxes, Path(os.environ["LORAX_DOC_PICTURES"]))
+    finally:
+        driver.quit()
+    assert not problems, "\n".join(problems)

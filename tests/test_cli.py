@@ -1,4 +1,5 @@
-"""``python -m lorax`` as a user runs it: the README's example, verbatim, in a fresh process.
+"""``python -m lorax`` as a user runs it: the example of ``docs/cli.md`` (moved there from the README),
+verbatim, in a fresh process.
 
 The transferred file is checked against the library run in-process on the same state dicts
 (float32 file vs float64 reference: 1e-5 relative).
@@ -23,12 +24,12 @@ from lorax.engine import SVDEngine
 from lorax.transfer import DictWeights, TransferSettings, transfer_deltas
 from reference import rel_err
 
-README = host.REPO_ROOT / "README.md"
+CLI_PAGE = host.REPO_ROOT / "docs" / "cli.md"
 
 
 def readme_cli_commands() -> list[str]:
-    text = README.read_text()
-    section = text.split("## Command line", 1)[1].split("\n## ", 1)[0]
+    text = CLI_PAGE.read_text()
+    section = text.split("# Command line\n", 1)[1].split("\n## ", 1)[0]
     block = re.search(r"```bash\n(.*?)```", section, re.S).group(1)
     return [line for line in block.splitlines() if line.strip()]
 
@@ -133,3 +134,22 @@ def test_cli_bad_input_exits_2_with_file_named(readme_run):
                  "--target", str(demo / "target.safetensors"), "--adapter", str(demo / "style_lora.safetensors"),
                  "--out", str(demo / "x.safetensors"), "--threshold", "2"], cwd)
     assert proc.returncode == 2 and "threshold must lie in [0, 1]" in proc.stderr
+
+
+def test_cli_refuses_a_gguf_model_in_one_sentence_and_writes_nothing(readme_run):
+    """GGUF models need ComfyUI-GGUF's loader (a running ComfyUI): the command line says so, exit 2."""
+    import gguf
+
+    from gguf_standin import write_gguf
+
+    cwd, _ = readme_run
+    demo = cwd / "demo"
+    target = write_gguf(demo / "target_q8.gguf", load_file(demo / "target.safetensors"),
+                        gguf.GGMLQuantizationType.Q8_0)
+    out = demo / "from_gguf.safetensors"
+    proc = _run([sys.executable, "-m", "lorax", "transfer", "--source", str(demo / "source.safetensors"),
+                 "--target", str(target), "--adapter", str(demo / "style_lora.safetensors"), "--out", str(out)], cwd)
+    assert proc.returncode == 2, proc.stderr
+    assert "target_q8.gguf" in proc.stderr and "GGUF file" in proc.stderr and "Unet Loader (GGUF)" in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1
+    assert not out.exists()

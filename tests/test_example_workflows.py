@@ -15,8 +15,10 @@ runs as saved, through ``execution.validate_prompt`` and ``PromptExecutor``.
 
 from __future__ import annotations
 
+import asyncio
 import copy
 import json
+import uuid
 from pathlib import Path
 
 import numpy as np
@@ -29,6 +31,9 @@ import host
 
 WORKFLOWS_DIR = host.REPO_ROOT / "example_workflows"
 WORKFLOWS = sorted(WORKFLOWS_DIR.glob("*.json"))
+#: The example workflows as the frontend saved them with the V1 (``INPUT_TYPES``) nodes, kept from
+#: before the move to the V3 node API: users' saved graphs look like these.
+V1_WORKFLOWS = sorted((host.TESTS_DIR / "fixtures" / "v1_workflows").glob("*.json"))
 
 # Names used in the example files -> fixture that provides the synthetic stand-in.
 CHECKPOINTS = {"v1-5-pruned-emaonly.safetensors": "mini_sd15_full_ckpt_name",
@@ -53,11 +58,16 @@ class WorkflowError(AssertionError):
 
 
 def _input_specs(cls):
+    """``(name, kind, options)`` per input in the order the frontend lays out widgets. A combo is
+    ``(["a", "b"], {...})`` in a V1 node and ``("COMBO", {"options": ["a", "b"], ...})`` in a V3 node
+    (``INPUT_TYPES`` of ``io.ComfyNode``); both become the V1 form, the list of options."""
     spec = cls.INPUT_TYPES()
     for section in ("required", "optional"):
         for name, entry in (spec.get(section) or {}).items():
             kind = entry[0]
             options = entry[1] if len(entry) > 1 and isinstance(entry[1], dict) else {}
+            if kind == "COMBO" and isinstance(options.get("options"), list):
+                kind = options["options"]
             yield name, kind, options
 
 
@@ -319,6 +329,22 @@ def _check_saved_lora(comfy_host, executor, prompt, nid, message):
     }, executor=executor)
     assert len(out["m"]["value"][0].patches) == len(unet_modules)
     assert len(out["c"]["value"][0].patcher.patches) == len(te_modules)
+
+
+@pytest.mark.parametrize("path", V1_WORKFLOWS, ids=[p.stem for p in V1_WORKFLOWS])
+def test_workflow_saved_with_the_v1_nodes_loads_into_the_v3_nodes(comfy_host, pack, path, request):
+    """A graph saved before the move keeps working: its widget values line up with the V3 nodes'
+    inputs and its links with their outputs (``ui_to_api`` fails on any shift), ComfyUI's own
+    ``validate_prompt`` accepts it, and it is the very graph the shipped example now holds (only
+    positions and sizes may differ), which ``test_example_workflow_runs`` runs."""
+    classes = comfy_host.nodes.NODE_CLASS_MAPPINGS
+    api = ui_to_api(_load(path), classes)
+    assert ui_to_api(_load(WORKFLOWS_DIR / path.name), classes) == api
+    prompt = _prepare(api, request)
+    valid = asyncio.run(comfy_host.execution.validate_prompt(str(uuid.uuid4()), prompt, None))
+    assert valid[0], (valid[1], valid[3])
+    assert sorted(valid[2]) == sorted(nid for nid, n in prompt.items() if getattr(
+        classes[n["class_type"]], "OUTPUT_NODE", False))
 
 
 def test_converter_fails_loudly_on_a_stale_workflow(comfy_host, pack):

@@ -16,7 +16,7 @@ trainings takes seconds. What is checked are properties the benchmark relies on,
   perturbed copies of the renumbered source layers, and the Transfer node's layer map pairs them.
 
 The bounds below are margins on properties, each with its reason; the figures themselves (and the
-full run) are in the README's "Fidelity" section.
+full run) are in the docs/fidelity.md (moved from the README).
 """
 
 from __future__ import annotations

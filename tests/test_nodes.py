@@ -318,7 +318,7 @@ def test_bad_inputs_give_one_clear_error_and_mutate_nothing(comfy_host, pack, mi
     _expect_error(comfy_host, p, "missing.safetensors")
     # A direct call with a vanished file (e.g. deleted after the list was built) names it too.
     with pytest.raises(Exception) as e:
-        pack.nodes.load_node.LoraxLoad().load(None, "gone.safetensors", 1.0)
+        pack.nodes.load_node.LoraxLoad.execute(None, "gone.safetensors", 1.0)
     assert "gone.safetensors" in str(e.value) and "not found" in str(e.value)
     # Nothing was mutated: a fresh load still equals the file and carries no patches.
     out = comfy_host.run_prompt({**_loaders(mini_sd15_unet_name, target_name), "m": host.capture(["src", 0])})

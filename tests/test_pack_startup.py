@@ -125,18 +125,18 @@ def test_reloading_the_pack_logs_no_error(comfy_host, pack_nodes):
         root.removeHandler(grab)
     problems = _problems(records, (str(host.REPO_ROOT),))
     assert not problems, "\n".join(problems)
-    pack = comfy_host.pack_module(host.REPO_ROOT)
+    declared = comfy_host.declared_nodes(comfy_host.pack_module(host.REPO_ROOT))
     for node in CORE_NODES:  # the fresh import's classes are the ones the host now serves
-        assert comfy_host.nodes.NODE_CLASS_MAPPINGS[node] is pack.NODE_CLASS_MAPPINGS[node]
+        assert comfy_host.nodes.NODE_CLASS_MAPPINGS[node] is declared[node]
 
 
 def test_nodes_display_names_and_web_directory_are_registered(comfy_host, pack_nodes):
     nodes = comfy_host.nodes
-    pack = comfy_host.pack_module(host.REPO_ROOT)
+    declared = comfy_host.declared_nodes(comfy_host.pack_module(host.REPO_ROOT))
     for node, display in CORE_NODES.items():
-        assert nodes.NODE_CLASS_MAPPINGS[node] is pack.NODE_CLASS_MAPPINGS[node]
+        assert nodes.NODE_CLASS_MAPPINGS[node] is declared[node]
         assert nodes.NODE_DISPLAY_NAME_MAPPINGS[node] == display
-    for node in pack.NODE_CLASS_MAPPINGS:
+    for node in declared:
         assert nodes.NODE_DISPLAY_NAME_MAPPINGS.get(node), node
     web = nodes.EXTENSION_WEB_DIRS[nodes.get_module_name(str(host.REPO_ROOT))]
     assert Path(web) == host.REPO_ROOT / "web" and (Path(web) / "lorax.js").is_file()
@@ -150,9 +150,8 @@ def _inputs(cls):
 
 
 def test_every_input_and_output_of_every_lorax_node_is_documented(comfy_host, pack_nodes):
-    pack = comfy_host.pack_module(host.REPO_ROOT)
     missing = []
-    for node, cls in pack.NODE_CLASS_MAPPINGS.items():
+    for node, cls in comfy_host.declared_nodes(comfy_host.pack_module(host.REPO_ROOT)).items():
         for section, name, entry in _inputs(cls):
             options = entry[1] if len(entry) > 1 and isinstance(entry[1], dict) else {}
             tip = options.get("tooltip")

@@ -383,6 +383,26 @@ class ReportView {
   }
 }
 
+// Gap kept to a neighbour when a node widens (graph units).
+const NEIGHBOUR_GAP = 20;
+
+/** The width `node` can take, keeping its left edge, without reaching a node to its right that
+ * shares any of its rows once it is `height` tall (the title bar counted in both). */
+function roomToTheRight(node, height) {
+  const title = window.LiteGraph?.NODE_TITLE_HEIGHT ?? 30;
+  const [x, y] = node.pos;
+  const top = y - title, bottom = y + height;
+  let room = Infinity;
+  for (const other of node.graph?._nodes ?? node.graph?.nodes ?? []) {
+    if (other === node) continue;
+    const ox = other.pos[0], oy = other.pos[1] - title;
+    const oh = (other.flags?.collapsed ? 0 : other.size[1]) + title;
+    if (oy >= bottom || oy + oh <= top || ox < x + node.size[0]) continue;  // not beside it on the right
+    room = Math.min(room, ox - x - NEIGHBOUR_GAP);
+  }
+  return room;
+}
+
 function ensureView(node) {
   if (node.loraxView) return node.loraxView;
   const view = new ReportView(node, VIEW_NODES.has(node.comfyClass ?? node.type));
@@ -406,9 +426,12 @@ app.registerExtension({
       onExecuted?.apply(this, arguments);
       const view = ensureView(this);
       view.update(message?.lorax_report?.[0] ?? null, (message?.text || []).join("\n"));
+      // The view reflows to the node's width. The node grows downward to the view's height, and
+      // wider (up to what the view reads best at) only into free space: never over a neighbour.
       const wanted = this.computeSize?.() ?? this.size;
-      const minW = view.withView ? 620 : 420;
-      this.setSize?.([Math.max(this.size[0], minW), Math.max(this.size[1], wanted[1])]);
+      const height = Math.max(this.size[1], wanted[1]);
+      const width = Math.max(this.size[0], Math.min(view.withView ? 620 : 420, roomToTheRight(this, height)));
+      this.setSize?.([width, height]);
       this.setDirtySize?.(true);
       app.graph?.setDirtyCanvas(true, true);
       requestAnimationFrame(() => view.draw());

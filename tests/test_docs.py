@@ -1,0 +1,86 @@
+"""The README stays a short page for users, and what moved out of it to ``docs/`` moved unchanged.
+
+``tests/fixtures/README-before-docs-split.md`` is the README as it was before the split (30 KB).
+Every line of it that carries a figure (a digit: measurements, defaults, versions, commands with
+numbers, table rows) must still be found, verbatim, in the README or in a page under ``docs/``;
+only link targets (``#fidelity`` became ``fidelity.md``) and heading levels may differ. Links in
+the README and the docs must point at files that exist.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+BEFORE = REPO / "tests" / "fixtures" / "README-before-docs-split.md"
+README_MAX_BYTES = 12 * 1024
+
+
+def _pages() -> list[Path]:
+    return [REPO / "README.md"] + sorted((REPO / "docs").glob("*.md"))
+
+
+def _normal(line: str) -> str:
+    """A line with its link targets blanked and any heading marks removed."""
+    return re.sub(r"\]\([^)]*\)", "]()", line).lstrip("#").strip()
+
+
+def test_readme_is_at_most_12_kb():
+    size = len((REPO / "README.md").read_bytes())
+    assert size <= README_MAX_BYTES, f"README.md is {size} bytes"
+
+
+def test_every_figure_that_moved_out_of_the_readme_is_unchanged():
+    now = {_normal(line) for page in _pages() for line in page.read_text(encoding="utf-8").splitlines()}
+    figures = [line for line in BEFORE.read_text(encoding="utf-8").splitlines() if re.search(r"\d", line)]
+    assert len(figures) > 100  # the check covers the old README's figures, not an empty file
+    missing = [line for line in figures if _normal(line) not in now]
+    assert not missing, f"{len(missing)} lines with figures are gone or changed:\n" + "\n".join(missing)
+
+
+def test_links_in_the_readme_and_docs_point_at_files_that_exist():
+    broken = []
+    for page in _pages():
+        for target in re.findall(r"\]\(([^)#\s]+)(?:#[^)]*)?\)", page.read_text(encoding="utf-8")):
+            if re.match(r"[a-z]+://", target):
+                continue
+            if not (page.parent / target).exists():
+                broken.append(f"{page.relative_to(REPO)} -> {target}")
+    assert not broken, broken
+
+
+def test_the_readme_table_lists_every_node_with_its_help_page():
+    readme = (REPO / "README.md").read_text(encoding="utf-8")
+    linked = set(re.findall(r"\]\(web/docs/(\w+)\.md\)", readme))
+    pages = {p.stem for p in (REPO / "web" / "docs").glob("*.md")}
+    assert linked == pages, linked ^ pages
+
+
+def test_the_package_version_is_the_newest_in_the_changelog():
+    import tomllib
+
+    version = tomllib.loads((REPO / "pyproject.toml").read_text(encoding="utf-8"))["project"]["version"]
+    released = re.findall(r"^## (\d+\.\d+\.\d+)\b", (REPO / "CHANGELOG.md").read_text(encoding="utf-8"), re.M)
+    assert released and released[0] == version, (version, released)
+
+
+def test_registry_metadata_is_complete():
+    """What the Comfy Registry reads from pyproject.toml: publisher, display name, an icon that is an
+    image in this repository (served from it by URL), repository and documentation URLs."""
+    import tomllib
+
+    meta = tomllib.loads((REPO / "pyproject.toml").read_text(encoding="utf-8"))
+    comfy, urls = meta["tool"]["comfy"], meta["project"]["urls"]
+    assert comfy["PublisherId"] and comfy["DisplayName"]
+    repository = urls["Repository"]
+    assert repository.startswith("https://github.com/") and urls["Documentation"].startswith(repository)
+    icon = comfy["Icon"]
+    prefix = repository.replace("https://github.com/", "https://raw.githubusercontent.com/") + "/main/"
+    assert icon.startswith(prefix), icon
+    from PIL import Image
+
+    with Image.open(REPO / icon[len(prefix):]) as image:  # the file the URL serves once pushed
+        assert image.size[0] == image.size[1] <= 400, image.size  # square, small
+    workflow = (REPO / ".github" / "workflows" / "publish_action.yml").read_text(encoding="utf-8")
+    assert "Comfy-Org/publish-node-action" in workflow and "secrets.REGISTRY_ACCESS_TOKEN" in workflow
