@@ -299,3 +299,34 @@ def test_ray_local_two_workers_writes_the_same_files(batch_run, cli_paths):
     for name in FITTING:
         assert _same_file_content(output_path(folder / name, folder, work / "ray-out", target),
                                   output_path(folder / name, folder, work / "out", target)), name
+
+
+def test_interrupted_batch_run_again_finishes_only_what_is_missing(cli_paths, mini_sd15):
+    """A real interruption (SIGINT once the first output exists), then the same command again."""
+    import signal
+    import time
+
+    source, target, _, work = cli_paths
+    folder, out = work / "many", work / "many-out"
+    files = lm.write_lora_batch(folder, mini_sd15, 24)
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env.update(PYTHONPATH=str(host.REPO_ROOT), LORAX_SVD_CACHE=str(work / "many-cache"))
+    argv = [sys.executable, "-m", "lorax", "transfer-many", "--source", str(source), "--target", str(target),
+            "--loras", str(folder), "--out", str(out)]
+    proc = subprocess.Popen(argv, cwd=work, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 300
+    while not any(out.glob("*-on-*.safetensors")) and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == -signal.SIGINT, err[-2000:]  # stopped mid-batch, not finished
+    done = sorted(out.glob("*-on-*.safetensors"))
+    assert 1 <= len(done) < len(files)
+    settings = {"rank": 320, "threshold": 0.3, "mode": "prolora", "strength_baked": 1.0}
+    for path in done:  # whatever an interruption leaves at an output path is a complete file
+        assert complete_output(path, path.name.split("-on-")[0] + ".safetensors", settings) is None, path
+    again = subprocess.run(argv, cwd=work, env=env, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert (f"{len(files)} files: {len(files) - len(done)} written, {len(done)} skipped (complete output exists), "
+            "0 failed") in again.stdout
+    assert len(list(out.glob("*-on-*.safetensors"))) == len(files)
