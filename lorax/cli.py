@@ -1,4 +1,5 @@
-"""``python -m lorax``: subspace similarity, adapter transfer and LoRA → LoRA-X conversion.
+"""``python -m lorax``: subspace similarity, adapter transfer and LoRA → LoRA-X conversion, and
+the same over a folder of LoRAs (``scan``, ``transfer-many``: :mod:`lorax.batch`).
 
 Models and adapters are read the way ComfyUI reads them (its model detection, key maps and
 LoRA loaders), so the ComfyUI host is needed: ``$COMFYUI_PATH``, the ComfyUI this pack is
@@ -191,6 +192,10 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--rank", type=int, default=DEFAULT_RANK, help="r per layer (capped at the layer's rank)")
     c.add_argument("--exact", action="store_true", help="full float64 SVD instead of the Gram route")
     c.set_defaults(func=cmd_convert)
+
+    from .batch import add_parsers  # scan, transfer-many (a LoRA library at once)
+
+    add_parsers(sub, _layer_map_arguments)
     return p
 
 

@@ -80,6 +80,15 @@ class Verdict:
         return (f"{self.mapped} of {self.modules} adapter modules ({_pct(self.mapped, self.modules)}) map onto "
                 f"{where} ({missed} match none{example})")
 
+    def names_line(self) -> str:
+        """The verdict from the key map alone (no source model, so no similarity): what a library
+        scan without a source says. An adapter that maps nothing gets :meth:`line`'s sentence."""
+        if self.mapped == 0:
+            return self.line()
+        return (f"Verdict: {self.level} — {self._mapping()}; similarity not scored (no source model given)."
+                + (f" {self.text_encoder_skipped} text-encoder modules were not counted."
+                   if self.text_encoder_skipped else ""))
+
     def line(self) -> str:
         thr = "" if self.threshold is None else f" (Φ̂ ≥ {self.threshold:g})"
         te = (f" {self.text_encoder_skipped} text-encoder modules were not counted: connect a CLIP to move them."

@@ -9,6 +9,7 @@ from .api import API_VERSION, ComfyExtension
 from .convert_node import LoraxConvert
 from .load_node import LoraxLoad
 from .save_node import LoraxSave
+from .scan_node import LoraxLibraryScan
 from .similarity_node import LoraxSimilarityReport
 from .train_node import LoraxTrain
 from .transfer_node import LoraxTransfer
@@ -20,6 +21,7 @@ NODE_CLASSES = [
     LoraxSave,
     LoraxConvert,
     LoraxTrain,
+    LoraxLibraryScan,
 ]
 
 

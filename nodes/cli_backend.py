@@ -9,11 +9,13 @@ from lorax.safetensors_io import check_safetensors_file
 
 from .convert_node import convert_adapter
 from .handles import AdapterHandle
+from .library import decompose_for_batch, scan_file, transfer_file
 from .similarity_node import LAYER_SETS, run_similarity
 from .transfer_job import check_distinct, run_transfer, save_transfer
 
 __all__ = ["AdapterHandle", "LAYER_SETS", "check_distinct", "convert_adapter", "load_model", "run_similarity", "run_transfer",
-           "save_transfer"]
+           "save_transfer", "scan_file", "transfer_file",
+           "decompose_for_batch"]
 
 
 def load_model(path: str):

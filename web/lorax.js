@@ -12,7 +12,8 @@
 import { app } from "../../scripts/app.js";
 
 const VIEW_NODES = new Set(["LoraxSimilarityReport", "LoraxTransfer"]);
-const TEXT_NODES = new Set(["LoraxSimilarityReport", "LoraxTransfer", "LoraxSave", "LoraxConvert", "LoraxTrain"]);
+const TEXT_NODES = new Set(["LoraxSimilarityReport", "LoraxTransfer", "LoraxSave", "LoraxConvert", "LoraxTrain",
+  "LoraxLibraryScan"]);
 const WIDGET = "lorax_report";
 
 const COLORS = {
