@@ -431,6 +431,16 @@ class ComfyHost:
 _HOST: ComfyHost | None = None
 
 
+def node_inputs(cls) -> dict[str, Any]:
+    """A node's inputs in V1 form, without the hidden ones. The V3 base class's ``INPUT_TYPES``
+    takes ``include_hidden`` on 0.3.75 and no argument on 0.33 (which leaves hidden inputs in)."""
+    try:
+        spec = cls.INPUT_TYPES(include_hidden=False)
+    except TypeError:
+        spec = cls.INPUT_TYPES()
+    return {section: value for section, value in spec.items() if section != "hidden"}
+
+
 def get_comfy_host() -> ComfyHost:
     """Bootstrap (once per process) and return the in-process ComfyUI host.
 

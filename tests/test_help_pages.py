@@ -56,7 +56,7 @@ def test_every_node_has_a_help_page_that_covers_its_inputs_outputs_and_defaults(
         if not page.startswith(f"# {title}\n"):
             problems.append(f"{node_id}: the page does not open with '# {title}'")
         inputs, outputs = _rows(page, "Inputs"), _rows(page, "Outputs")
-        spec = cls.INPUT_TYPES(include_hidden=False)
+        spec = host.node_inputs(cls)
         for section in ("required", "optional"):
             for name, (kind, options) in (spec.get(section) or {}).items():
                 row = inputs.get(name)
