@@ -163,6 +163,18 @@ class SVDEngine:
                 _, dropped = self._memo.popitem(last=False)
                 self._memo_bytes -= _nbytes(dropped)
 
+    def cache_counters(self) -> tuple[int, int, int]:
+        """``(disk hits, layers decomposed, bytes read from the store)`` so far: a report takes them
+        before and after a run to say what that run did (the engine lives for the whole process)."""
+        return (self.stats.disk_hits, self.stats.layers_decomposed, int(getattr(self.store, "bytes_read", 0)))
+
+    def cache_note(self, before: tuple[int, int, int] = (0, 0, 0)) -> str:
+        """One line for reports on the store since ``before`` (:meth:`cache_counters`)."""
+        from .svd_cache import cache_summary
+
+        hits, decomposed, read = (a - b for a, b in zip(self.cache_counters(), before))
+        return "SVD cache: " + cache_summary(self.store, hits, decomposed, read)
+
     @property
     def memo_bytes(self) -> int:
         """Bytes of factors the in-process memo holds now."""

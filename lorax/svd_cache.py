@@ -406,3 +406,26 @@ def cache_from_env(default_folder: str | os.PathLike, *, ignore_off: bool = Fals
         raise LoraxError(f"LORAX_SVD_CACHE_GB must be a non-negative number of gigabytes, got {raw!r}; "
                          "unset it for the default (16)") from None
     return SVDCache(cache_folder(default_folder), max_bytes=int(gigabytes * (1 << 30)))
+
+
+def describe_bytes(n: int) -> str:
+    """``3.17 GiB``, ``12.0 MiB``: binary units, the ones ``LORAX_SVD_CACHE_GB`` counts in (16 = 16 GiB)."""
+    for unit, scale in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if n >= scale:
+            return f"{n / scale:.{2 if unit == 'GiB' else 1}f} {unit}"
+    return f"{n} bytes"
+
+
+def cache_summary(cache: SVDCache | None, hits: int = 0, written: int = 0, bytes_read: int | None = None) -> str:
+    """What reports say about the cache: off, or where it is, how big against its limit, and what
+    this run read from it (``hits`` entries, ``bytes_read``; default: all the cache object has read)
+    and decomposed (``written`` layers), and why writing failed, when it did."""
+    if cache is None:
+        return ("off (LORAX_SVD_CACHE=off or --no-cache): every run decomposes every layer; "
+                "`python -m lorax cache` lists what an earlier cache holds")
+    line = (f"{describe_bytes(cache.size_bytes())} in {cache.folder} (limit {describe_bytes(cache.max_bytes)}); "
+            f"this run read {hits} entries ({describe_bytes(cache.bytes_read if bytes_read is None else bytes_read)}) "
+            f"and decomposed {written} layers")
+    if cache.write_error:
+        line += f"; could not write to it ({cache.write_error}): set LORAX_SVD_CACHE to a writable folder"
+    return line + "; `python -m lorax cache` lists it by model"
