@@ -124,9 +124,9 @@ class SVDCache:
     def origins_of(self) -> dict[str, set[str]]:
         """digest → the models its weight was read from."""
         out: dict[str, set[str]] = {}
-        for key in self._origins.keys():
+        for key, value in self._origins.items():
             digest, _, origin = key.partition("|")
-            if origin:
+            if origin and value == "1":  # "0": the model's entries were cleared (see clear)
                 out.setdefault(digest, set()).add(origin)
         return out
 
@@ -269,10 +269,13 @@ class SVDCache:
             origins = self.origins_of()
             targets, kept = [], 0
             for path, size, _ in self.entries():
-                mine = origins.get(os.path.basename(path).split("-", 1)[0], set())
+                digest = os.path.basename(path).split("-", 1)[0]
+                mine = origins.get(digest, set())
                 if mine & names:
-                    if mine - names:
+                    if mine - names:  # another model's too: kept, but no longer listed under this one
                         kept += 1
+                        for origin in mine & names:
+                            self._origins.put(f"{digest}|{origin}", "0")
                     else:
                         targets.append((path, size))
         removed = freed = 0
@@ -347,8 +350,8 @@ class _AppendLog:
     def get(self, key: str) -> str | None:
         return self._load().get(key)
 
-    def keys(self) -> list[str]:
-        return list(self._load())
+    def items(self) -> list[tuple[str, str]]:
+        return list(self._load().items())
 
     def forget(self) -> None:
         """Drop what was read (the file was removed)."""
