@@ -47,8 +47,8 @@ log = logging.getLogger("lorax")
 CACHE_VERSION = "2"
 _SUFFIX = ".svd.safetensors"
 _LOGS = ("identities.log", "scores.log", "origins.log")
-#: Default size bound: about four SDXL checkpoints' factors at k = 320 (3.4 GB each with float16
-#: vectors) or two Flux.1 models (about 6 GB each), with room to spare.
+#: Default size bound: the factors of ten SDXL checkpoints at k = 320 with a LoRA on every
+#: layer (1.7 GB each with float16 vectors), or five Flux.1 models (3.1 GB each); docs/cache.md.
 DEFAULT_MAX_BYTES = 16 << 30
 #: Label of entries whose model is not known (written by version 1, or weights given in memory).
 UNKNOWN_MODEL = "(model not recorded)"
