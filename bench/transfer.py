@@ -1030,7 +1030,7 @@ def profile_model(model: str, args, folder: Path, log) -> None:
             t["V=AᵀU/σ"] = _best(lambda: (A.mT @ U) / S, r)
             V = (A.mT @ U) / S
             t["signs"] = _best(lambda: canonical_signs(U, V), r)
-            f = SVDFactors(V, S, U) if M.shape[0] > M.shape[1] else SVDFactors(U, S, V)
+            f = SVDEngine("gram").rounded(SVDFactors(V, S, U) if M.shape[0] > M.shape[1] else SVDFactors(U, S, V))
             digest = weight_digest(w)
             t["cache put"] = _best(lambda: store.put(digest, "gram", f), r)
             t["cache get"] = _best(lambda: store.get(digest, "gram", k), r)

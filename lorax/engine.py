@@ -11,7 +11,7 @@ Precision: the fast methods round U and V to :attr:`SVDEngine.stored_dtype` (flo
 they are computed and use the rounded numbers from then on, whether or not a cache stores them —
 so results do not depend on the cache being on, off, cold or warm, and the cache stores half the
 bytes of float32 factors. The cost, measured by ``bench/cache_precision.py`` on power-law spectra
-of SD/SDXL shapes, is about 3e-4 relative on projected deltas (bfloat16: 8× more), below what
+of SD/SDXL shapes, is at most 4.2e-4 relative on projected deltas (bfloat16: 8× more), below what
 storing the weights in float16 already changes (1–4e-3, README "Performance"). ``exact`` keeps
 float64 throughout.
 
@@ -110,7 +110,7 @@ class SVDEngine:
         """The dtype factors are kept and returned in."""
         return torch.float64 if self.method == "exact" or self.stored_dtype == torch.float64 else torch.float32
 
-    def _rounded(self, factors: SVDFactors) -> SVDFactors:
+    def rounded(self, factors: SVDFactors) -> SVDFactors:
         """``factors`` as stored: U and V in ``stored_dtype``, σ in the compute dtype (on the CPU)."""
         return SVDFactors(factors.U.to("cpu", self.stored_dtype, copy=True),
                           factors.S.to("cpu", self.factor_dtype, copy=True),
@@ -292,7 +292,7 @@ class SVDEngine:
         # Rounded to the stored precision (module docstring) and copied by this thread, not the
         # workers: factors that outlive the call must not sit in a worker's malloc arena, where they
         # would pin the freed buffers around them.
-        results = [[self._rounded(f) for f in fs] for fs in results]
+        results = [[self.rounded(f) for f in fs] for fs in results]
         if self.device.type == "cpu":
             _return_freed_memory()
         self.stats.seconds += time.perf_counter() - t0
