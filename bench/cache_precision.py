@@ -9,6 +9,12 @@ route on the same stored weights — and, as the yardstick, the *float16 storage
 projected delta changes when the weight itself is rounded to float16 (what every fp16 checkpoint
 already does), i.e. exact factors of the float64 weight against exact factors of its fp16 copy.
 
+It also weighs storing less: V could be recomputed from U and the weight (``V = WᵀU/σ``). Per
+shape it prints the bytes a warm run reads either way (V in float16, n·k·2, against the fp16
+weight, m·n·2) and the time of the work each needs on top of reading: upcasting the stored V, or
+upcasting the weight and the product ``WᵀU/σ`` (best of 3, single process; a busy machine makes
+both slower).
+
 Weights are like trained ones (and like bench/transfer.py's): singular values ∝ i^-0.8 in random
 orthonormal bases, entry rms 0.02, stored as float16; the target is the source plus a 5 % change
 (half rank 8, half dense). k = 320 capped at half the layer's rank, the transfer default.
@@ -64,6 +70,15 @@ def exact_top(W: torch.Tensor, k: int) -> SVDFactors:
     return SVDFactors(U[:, :k], S[:k], Vh[:k].mT)
 
 
+def best(fn, repeat: int = 3) -> float:
+    times = []
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return min(times)
+
+
 def rel(a: Delta, b: Delta) -> float:
     A, B = a.matrix().double(), b.matrix().double()
     return float((A - B).norm() / B.norm())
@@ -79,6 +94,7 @@ def main(argv=None) -> int:
     print(f"{'shape':>12} {'k':>4} {'factors':>9} {'lorax err':>10} {'prolora err':>11} {'|ΔΦ̂|':>8} "
           f"{'fp16 weight floor':>18}")
     worst = {name: [0.0, 0.0, 0.0] for name in DTYPES}
+    recompute = []
     for m, n in shapes:
         g = torch.Generator().manual_seed(args.seed * 1000003 + m * 7919 + n)
         Ws64 = power_law(m, n, g)
@@ -97,6 +113,15 @@ def main(argv=None) -> int:
             dphi = abs(layer_similarity(gs, gt, k).phi_hat_min - ref_phi)
             worst[name] = [max(a, b) for a, b in zip(worst[name], (el, ep, dphi))]
             print(f"{m:>5}×{n:<6} {k:>4} {name:>9} {el:>10.2e} {ep:>11.2e} {dphi:>8.1e} {floor:>18.1e}", flush=True)
+            if dtype == torch.float16:
+                V16, U, S = gt.V.half(), gt.U, gt.S
+                t_read = best(lambda: V16.float())
+                t_make = best(lambda: (Wt.float().mT @ U) / S)
+                recompute.append((m, n, k, 2 * n * k, 2 * m * n, t_read, t_make))
+    print("\nstoring V against recomputing it from U and the weight (a warm run reads no weight today):")
+    print(f"{'shape':>12} {'V bytes':>9} {'W bytes':>9} {'upcast V s':>11} {'WᵀU/σ s':>9}")
+    for m, n, k, vb, wb, tr, tm in recompute:
+        print(f"{m:>5}×{n:<6} {vb / 1e6:>7.2f}MB {wb / 1e6:>7.2f}MB {tr:>11.4f} {tm:>9.4f}")
     print("\nworst over the shapes (projected delta relative to float64; Φ̂ absolute):")
     for name, (el, ep, dphi) in worst.items():
         print(f"  {name:>9}: lorax {el:.1e}, prolora {ep:.1e}, Φ̂ {dphi:.1e}")
