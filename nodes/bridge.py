@@ -113,7 +113,7 @@ class PatcherWeights:
         if not hasattr(self, "_origin"):
             keys = sorted(k for k, shape in self._shapes.items() if len(shape) >= 2)
             tag = weight_digest(self.weight(keys[0]))[:8] if keys else "empty"
-            kind = type(self.model.model_config).__name__ if hasattr(self.model, "model_config") else "model"
+            kind = type(getattr(self.model, "model_config", self.model)).__name__  # SDXL, Flux… or the CLIP class
             self._origin = f"{kind} {tag} (loaded in ComfyUI)"
         return self._origin
 
