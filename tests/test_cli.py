@@ -133,3 +133,26 @@ def test_cli_bad_input_exits_2_with_file_named(readme_run):
                  "--target", str(demo / "target.safetensors"), "--adapter", str(demo / "style_lora.safetensors"),
                  "--out", str(demo / "x.safetensors"), "--threshold", "2"], cwd)
     assert proc.returncode == 2 and "threshold must lie in [0, 1]" in proc.stderr
+
+
+def test_cache_command_lists_the_readme_models(readme_run):
+    """After the README's commands the cache holds both demo models' factors, listed under their
+    files' paths (recorded through ComfyUI's own loader); a repeated transfer decomposes nothing and
+    says so; clearing one model leaves the other."""
+    cwd, outputs = readme_run
+    demo = cwd / "demo"
+    assert "SVD cache: " in outputs[2] and str(cwd / "svd-cache") in outputs[2]
+    proc = _run([sys.executable, "-m", "lorax", "cache"], cwd)
+    assert proc.returncode == 0, proc.stderr
+    listed = proc.stdout
+    assert str(cwd / "svd-cache") in listed.splitlines()[0]
+    for name in ("source.safetensors", "target.safetensors"):
+        assert str((demo / name).resolve()) in listed or str(demo / name) in listed, listed
+    proc = _run([sys.executable, "-m", "lorax", "transfer", "--source", str(demo / "source.safetensors"),
+                 "--target", str(demo / "target.safetensors"), "--adapter", str(demo / "style_lora.safetensors"),
+                 "--out", str(demo / "again.safetensors")], cwd)
+    assert proc.returncode == 0 and "decomposed 0 layers" in proc.stdout, proc.stdout + proc.stderr
+    proc = _run([sys.executable, "-m", "lorax", "cache", "clear", "--model", str(demo / "target.safetensors")], cwd)
+    assert proc.returncode == 0 and "removed" in proc.stdout, proc.stderr
+    proc = _run([sys.executable, "-m", "lorax", "cache"], cwd)
+    assert "target.safetensors" not in proc.stdout and "source.safetensors" in proc.stdout
