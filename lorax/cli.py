@@ -162,9 +162,19 @@ def cmd_convert(args) -> int:
 
 def cmd_cache(args) -> int:
     """List the SVD cache by model, or clear it (all of it, or one model's entries)."""
-    from .svd_cache import UNKNOWN_MODEL, cache_disabled, cache_from_env, describe_bytes
+    from .svd_cache import cache_from_env
 
     cache = cache_from_env(args.folder or DEFAULT_CACHE_FOLDER, ignore_off=True)
+    try:
+        return _cache_command(args, cache)
+    except OSError as e:  # e.g. a folder this user may not read
+        raise LoraxError(f"cannot read the SVD cache folder ({e.strerror or e}); check its permissions, or point "
+                         "--folder / LORAX_SVD_CACHE elsewhere", path=cache.folder) from None
+
+
+def _cache_command(args, cache) -> int:
+    from .svd_cache import UNKNOWN_MODEL, cache_disabled, describe_bytes
+
     folder = cache.folder
     if args.action == "clear":
         if not os.path.isdir(folder):

@@ -291,6 +291,10 @@ class SVDCache:
             removed += 1
             freed += size
         if model is None and denied is None:
+            # Temporary files of writes a killed process never finished (atomic_save's ".lorax-*.part").
+            for name in _listdir(self.folder):
+                if name.startswith(".lorax-") and name.endswith(".part"):
+                    self._remove(os.path.join(self.folder, name))
             for name in _LOGS:
                 try:
                     os.unlink(os.path.join(self.folder, name))
@@ -320,6 +324,13 @@ class SVDCache:
             os.unlink(path)
         except (FileNotFoundError, PermissionError):
             pass
+
+
+def _listdir(folder: str) -> list[str]:
+    try:
+        return os.listdir(folder)
+    except (FileNotFoundError, NotADirectoryError):
+        return []
 
 
 _SAFETENSORS_DTYPES = {torch.float16: "F16", torch.bfloat16: "BF16", torch.float32: "F32", torch.float64: "F64"}

@@ -311,8 +311,9 @@ def test_entries_are_listed_and_cleared_by_model(tmp_path, weights):
     again = _transfer(tmp_path, sd, source, target, SVDCache(tmp_path / "cache"))
     assert again.stats.layers_decomposed == 3 and again.stats.disk_hits == 4  # + the shared layer from memory
     assert {u.model: u.shared for u in SVDCache(tmp_path / "cache").models()} == {src: 1, tgt: 1}
+    (tmp_path / "cache" / ".lorax-x1y2.safetensors.part").write_bytes(b"\0" * 64)  # a write a crash cut short
     assert SVDCache(tmp_path / "cache").clear()[0] == 7
-    assert os.listdir(tmp_path / "cache") == []  # the indexes went too
+    assert os.listdir(tmp_path / "cache") == []  # the indexes and the leftover went too
 
 
 def test_entries_of_in_memory_weights_are_listed_as_unknown(tmp_path, weights):
