@@ -68,7 +68,8 @@ ComfyUI checkpoint keys (``model.diffusion_model.…``; SD1.5 ≈ 0.7 GB and SDX
 written layer by layer (never a whole model in memory) into ``--cache-dir`` (default: a temporary
 folder removed at exit unless ``--keep-files``; files with the same specification are reused) and
 read back layer by layer through ``SafetensorsWeights``. The runs' SVD caches are made in fresh
-folders next to the models and removed after each model's runs.
+folders next to the models and removed after each model's runs (``--svd-cache-dir`` keeps the gram
+run's, and a later run with the same option reuses it instead of a cold run).
 
 The adapter is a random LoRA of rank 32 on every one of these layers (``lorax.delta.Delta``,
 factored, float32). Settings are :data:`BENCH_SETTINGS`: the :class:`lorax.transfer.TransferSettings`
@@ -945,15 +946,23 @@ def run_model(model: str, args, device: torch.device, folder: Path, log) -> tupl
         rows.append(Row(model, len(layers), "read+digest", m, note="read + weight_digest (blake2b) of each"))
         log(f"    {m.seconds:.1f} s")
     cache_root = Path(tempfile.mkdtemp(prefix=f"svdcache-{model}-", dir=folder))
+    gram_dir = cache_root / "gram"
+    if args.svd_cache_dir:
+        # A kept cache of an earlier cold run of the same files: reused, so warm runs can be repeated.
+        gram_dir = Path(args.svd_cache_dir) / f"{model}{'-' + subset if subset else ''}-seed{args.seed}-gram"
     try:
+        reused = gram_dir.is_dir() and any(gram_dir.glob("*.svd.safetensors"))
+        if reused:
+            log(f"  gram cold: reusing the SVD cache in {gram_dir} (--svd-cache-dir)")
+        if "gram" in runs and not reused:
+            rows.append(svd_run("gram", gram_dir, warm=False))
         if "gram" in runs:
-            rows.append(svd_run("gram", cache_root / "gram", warm=False))
             if "warm" in runs:
                 # Before (float32 entries) and now (float16), each from the disk and from the page cache.
-                as_float32_cache(cache_root / "gram", cache_root / "gram-f32")
+                as_float32_cache(gram_dir, cache_root / "gram-f32")
                 for where in ("disk", "page cache"):
                     for folder, label, kw in ((cache_root / "gram-f32", "gram warm f32", {"stored_dtype": torch.float32}),
-                                              (cache_root / "gram", "gram warm", {})):
+                                              (gram_dir, "gram warm", {})):
                         if where == "disk":
                             drop_from_page_cache(folder)
                         rows.append(svd_run("gram", folder, warm=True, label=f"{label} ({where})", **kw))
@@ -1253,6 +1262,9 @@ def main(argv=None) -> int:
                    help="which runs: read, gram, warm, randomized, baseline (default all; read,gram,warm for flux)")
     p.add_argument("--cache-gb", type=float, default=None,
                    help="SVD cache size limit in GiB (default: the library's default, 16)")
+    p.add_argument("--svd-cache-dir", default=None,
+                   help="keep the gram run's SVD cache in this folder (one subfolder per model), and reuse it "
+                        "instead of a cold run when it is already there: warm runs without a new cold run")
     p.add_argument("--memo-mb", type=float, default=None,
                    help="SVDEngine(memory_bytes=…) in MiB: factors the engine keeps in memory (default: the "
                         "library's default)")
