@@ -53,6 +53,7 @@ _spec.loader.exec_module(tb)
 
 import torch  # noqa: E402
 
+from lorax.engine import SVDEngine  # noqa: E402
 from lorax.fingerprint import weight_digest  # noqa: E402
 from lorax.projection import project_lorax  # noqa: E402
 from lorax.safetensors_io import open_safetensors  # noqa: E402
@@ -220,7 +221,7 @@ def main(argv=None):
                 io["read (open handle)"] = best(lambda: fh.get_tensor("model.diffusion_model.x.weight").clone(),
                                                 args.repeat)[0]
             cache = SVDCache(tmp / "cache")
-            f = truncated_svd_batch([wt], k, method="gram")[0]
+            f = SVDEngine("gram").rounded(truncated_svd_batch([wt], k, method="gram")[0])  # as the engine stores it
             cache.put("d" * 32, "gram", f)
             io["cache get"] = best(lambda: cache.get("d" * 32, "gram", k), args.repeat)[0]
             entry = cache.entries()[0][0]

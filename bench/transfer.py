@@ -7,7 +7,15 @@ What it measures, per model (``--models sd15,sdxl``), on one device (``--device 
   fresh :class:`lorax.svd_cache.SVDCache` in an empty folder: every source and target layer is
   read, hashed, decomposed and written to the cache.
 * ``gram warm``   — a NEW engine on the same cache folder: should decompose nothing (the
-  ``SVDs`` column is ``engine.stats.layers_decomposed``).
+  ``SVDs`` column is ``engine.stats.layers_decomposed``). The cache stores U and V in float16
+  (:mod:`lorax.svd_cache`). Beside it, ``gram warm f32`` is the same warm run over the format the
+  cache used before (cache version 1: float32 U, σ, V): the cold run's entries rewritten at float32
+  into a second folder (same bytes per entry and the same validation as before; the numbers are
+  the float16-rounded ones, so its errors equal the float16 run's). Each warm format runs twice:
+  ``(disk)`` after its entries were dropped from the page cache (``posix_fadvise(DONTNEED)`` on
+  this run's own files only) and ``(page cache)`` right after. ``read GB`` = bytes of cache entries
+  the run read (``SVDCache.bytes_read``) / bytes the process read from storage (``/proc/self/io``
+  ``read_bytes``, page-cache hits not counted).
 * ``randomized cold`` — the same as the first with ``method="randomized"`` and its own fresh cache.
 * ``naive svd32`` — the straightforward implementation, as the baseline: for every layer a full
   ``torch.linalg.svd`` (float32, ``full_matrices=False``) of the source and of the target weight,
@@ -60,7 +68,8 @@ ComfyUI checkpoint keys (``model.diffusion_model.…``; SD1.5 ≈ 0.7 GB and SDX
 written layer by layer (never a whole model in memory) into ``--cache-dir`` (default: a temporary
 folder removed at exit unless ``--keep-files``; files with the same specification are reused) and
 read back layer by layer through ``SafetensorsWeights``. The runs' SVD caches are made in fresh
-folders next to the models and removed after each model's runs.
+folders next to the models and removed after each model's runs (``--svd-cache-dir`` keeps the gram
+run's, and a later run with the same option reuses it instead of a cold run).
 
 The adapter is a random LoRA of rank 32 on every one of these layers (``lorax.delta.Delta``,
 factored, float32). Settings are :data:`BENCH_SETTINGS`: the :class:`lorax.transfer.TransferSettings`
@@ -610,6 +619,52 @@ def mem_available() -> int | None:
     return None
 
 
+def io_read_bytes() -> int | None:
+    """Bytes this process has read from storage (page-cache hits excluded); None where unknown."""
+    try:
+        with open("/proc/self/io") as f:
+            for line in f:
+                if line.startswith("read_bytes:"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return None
+
+
+def drop_from_page_cache(folder: Path) -> None:
+    """Ask the kernel to forget the cached pages of this run's own files in ``folder`` (only
+    those: the machine is shared), so the next read comes from the disk."""
+    for path in folder.iterdir():
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except OSError:
+            continue
+        try:
+            os.fsync(fd)  # pages not yet written back cannot be dropped
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+
+
+def as_float32_cache(src: Path, dst: Path) -> None:
+    """The cache in ``src`` rewritten as the float32 entries the cache kept before (module docstring)."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    dst.mkdir(parents=True, exist_ok=True)
+    for path in src.iterdir():
+        if path.name.endswith(".log"):
+            shutil.copy(path, dst / path.name)
+            continue
+        if not path.name.endswith(".svd.safetensors"):
+            continue
+        with safe_open(str(path), "pt") as f:
+            meta = dict(f.metadata())
+            tensors = {k: f.get_tensor(k).to(torch.float32) for k in ("U", "S", "V")}
+        meta["dtype"] = "float32"
+        save_file(tensors, str(dst / path.name), metadata=meta)
+
+
 def release_memory() -> None:
     gc.collect()
     try:
@@ -627,6 +682,7 @@ class Measure:
     load_end: float = 0.0
     vram_extra: int | None = None
     aborted: str = ""             # why the memory guard stopped the run ("" = it finished)
+    io_read: int | None = None    # bytes this process read from storage during the run (/proc/self/io)
 
     @property
     def extra_rss(self) -> int:
@@ -668,6 +724,7 @@ class measured:
         self._thread.start()
         ru = resource.getrusage(resource.RUSAGE_SELF)
         self._cpu0 = ru.ru_utime + ru.ru_stime
+        self._io0 = io_read_bytes()
         self._t0 = time.perf_counter()
         return self.m
 
@@ -677,6 +734,8 @@ class measured:
         self.m.seconds = time.perf_counter() - self._t0
         ru = resource.getrusage(resource.RUSAGE_SELF)
         self.m.cpu_seconds = ru.ru_utime + ru.ru_stime - self._cpu0
+        io = io_read_bytes()
+        self.m.io_read = None if io is None or self._io0 is None else io - self._io0
         self._stop.set()
         self._thread.join()
         self.m.rss_peak = max(self.m.rss_peak, rss_bytes())
@@ -737,6 +796,7 @@ class Row:
     note: str = ""
     part_seconds: dict = field(default_factory=dict)   # wall seconds per block kind (extrapolation)
     cache_bytes: int = 0
+    cache_read: int | None = None                       # bytes of cache entries read (warm runs)
 
 
 def rel_error(run: Delta | None, ref: Delta) -> float:
@@ -840,10 +900,11 @@ def run_model(model: str, args, device: torch.device, folder: Path, log) -> tupl
         key = list(refs)[i]
         return f"; worst sample layer {key[len('diffusion_model.'):]} {tuple(shapes[key])}: {errors[i]:.1e}"
 
-    def svd_run(method: str, cache_dir: Path, warm: bool) -> Row:
+    def svd_run(method: str, cache_dir: Path, warm: bool, label: str | None = None, **engine_kw) -> Row:
         store = SVDCache(cache_dir, **({} if args.cache_gb is None else {"max_bytes": int(args.cache_gb * (1 << 30))}))
-        engine = SVDEngine(method=method, device=device, store=store, seed=args.seed, **engine_options(args))
-        label = f"{method} {'warm' if warm else 'cold'}"
+        engine = SVDEngine(method=method, device=device, store=store, seed=args.seed, **engine_options(args),
+                           **engine_kw)
+        label = label or f"{method} {'warm' if warm else 'cold'}"
         log(f"  {label} …")
         res = None
         part_seconds = {}
@@ -863,10 +924,13 @@ def run_model(model: str, args, device: torch.device, folder: Path, log) -> tupl
                   moved=None if res is None else len(moved), errors=[] if res is None else errors_of(moved),
                   part_seconds=part_seconds)
         cache_bytes = row.cache_bytes = store.size_bytes()
+        row.cache_read = store.bytes_read
         row.note = (("ABORTED by the " + m.aborted + "; " if m.aborted else "") +
                     f"{engine.stats.svd_calls} SVD calls ({engine.stats.peak_workers} side by side at most), "
                     f"{engine.stats.disk_hits} cache hits, SVD time {engine.stats.seconds:.1f} s; cache "
-                    f"{len(store.entries())} entries, {cache_bytes / 1e9:.2f} GB (limit {store.max_bytes / 1e9:.2f} GB); "
+                    f"{len(store.entries())} entries, {cache_bytes / 1e9:.2f} GB (limit {store.max_bytes / 1e9:.2f} GB), "
+                    f"read {store.bytes_read / 1e9:.2f} GB of it, storage reads "
+                    f"{'?' if m.io_read is None else f'{m.io_read / 1e9:.2f}'} GB; "
                     f"engine memo {engine.memo_bytes / 1e9:.2f} GB ({engine.factor_dtype})" + worst(row.errors) +
                     ("" if len(part_seconds) < 2 else
                      "; " + ", ".join(f"{k.replace('_', ' ')} {v:.1f} s" for k, v in part_seconds.items())))
@@ -886,11 +950,26 @@ def run_model(model: str, args, device: torch.device, folder: Path, log) -> tupl
         rows.append(Row(model, len(layers), "read+digest", m, note="read + weight_digest (blake2b) of each"))
         log(f"    {m.seconds:.1f} s")
     cache_root = Path(tempfile.mkdtemp(prefix=f"svdcache-{model}-", dir=folder))
+    gram_dir = cache_root / "gram"
+    if args.svd_cache_dir:
+        # A kept cache of an earlier cold run of the same files: reused, so warm runs can be repeated.
+        gram_dir = Path(args.svd_cache_dir) / f"{model}{'-' + subset if subset else ''}-seed{args.seed}-gram"
     try:
+        reused = gram_dir.is_dir() and any(gram_dir.glob("*.svd.safetensors"))
+        if reused:
+            log(f"  gram cold: reusing the SVD cache in {gram_dir} (--svd-cache-dir)")
+        if "gram" in runs and not reused:
+            rows.append(svd_run("gram", gram_dir, warm=False))
         if "gram" in runs:
-            rows.append(svd_run("gram", cache_root / "gram", warm=False))
             if "warm" in runs:
-                rows.append(svd_run("gram", cache_root / "gram", warm=True))
+                # Before (float32 entries) and now (float16), each from the disk and from the page cache.
+                as_float32_cache(gram_dir, cache_root / "gram-f32")
+                for where in ("disk", "page cache"):
+                    for folder, label, kw in ((cache_root / "gram-f32", "gram warm f32", {"stored_dtype": torch.float32}),
+                                              (gram_dir, "gram warm", {})):
+                        if where == "disk":
+                            drop_from_page_cache(folder)
+                        rows.append(svd_run("gram", folder, warm=True, label=f"{label} ({where})", **kw))
         if "randomized" in runs:
             rows.append(svd_run("randomized", cache_root / "randomized", warm=False))
     finally:
@@ -964,7 +1043,7 @@ def profile_model(model: str, args, folder: Path, log) -> None:
             t["V=AᵀU/σ"] = _best(lambda: (A.mT @ U) / S, r)
             V = (A.mT @ U) / S
             t["signs"] = _best(lambda: canonical_signs(U, V), r)
-            f = SVDFactors(V, S, U) if M.shape[0] > M.shape[1] else SVDFactors(U, S, V)
+            f = SVDEngine("gram").rounded(SVDFactors(V, S, U) if M.shape[0] > M.shape[1] else SVDFactors(U, S, V))
             digest = weight_digest(w)
             t["cache put"] = _best(lambda: store.put(digest, "gram", f), r)
             t["cache get"] = _best(lambda: store.get(digest, "gram", k), r)
@@ -1000,7 +1079,7 @@ def fmt_err(errors: list[float]) -> tuple[str, str]:
 def print_table(rows: list[Row], infos: list[dict], device: torch.device, args, rss0: int) -> None:
     cuda = device.type == "cuda"
     cols = ["model", "layers", "method", "cold s", "warm s", "×baseline", "peak extra RSS MB", "max rel err",
-            "median rel err", "SVDs", "moved", "cpu s", "×baseline cpu", "cpu%", "load"] + \
+            "median rel err", "SVDs", "moved", "read GB", "cpu s", "×baseline cpu", "cpu%", "load"] + \
         (["extra VRAM MB"] if cuda else [])
     table = []
     base = {r.model: r.measure.seconds for r in rows if r.method == "naive svd32"}
@@ -1015,6 +1094,8 @@ def print_table(rows: list[Row], infos: list[dict], device: torch.device, args, 
                  f"{b / r.measure.seconds:.2f}" if b and not r.method.startswith("read") else "-",
                  f"{r.measure.extra_rss / 2**20:.0f}", mx, md,
                  "-" if r.svds is None else str(r.svds), "-" if r.moved is None else f"{r.moved}/{r.layers}",
+                 "-" if r.cache_read is None or not r.warm else
+                 f"{r.cache_read / 1e9:.2f}/{'?' if r.measure.io_read is None else f'{r.measure.io_read / 1e9:.2f}'}",
                  f"{r.measure.cpu_seconds:.1f}",
                  f"{base_cpu[r.model] / r.measure.cpu_seconds:.2f}"
                  if r.model in base_cpu and not r.method.startswith("read") and r.measure.cpu_seconds > 0 else "-",
@@ -1075,14 +1156,31 @@ def print_table(rows: list[Row], infos: list[dict], device: torch.device, args, 
             ok = speed >= TARGET_SPEEDUP and err <= TARGET_ERROR
             print(f"  {model}{quick}: {method} {speed:.2f}× faster than naive svd32 (≥ {TARGET_SPEEDUP:g}×) "
                   f"at max rel err {err:.1e} (≤ {TARGET_ERROR:g}): {'PASS' if ok else 'MISS'}")
-        w = mr.get("gram warm")
-        if w is not None:
-            print(f"  {model}{quick}: gram warm decomposed {w.svds} layers (must be 0): "
+        for where in ("disk", "page cache"):
+            w = mr.get(f"gram warm ({where})")
+            if w is None:
+                continue
+            print(f"  {model}{quick}: gram warm ({where}) decomposed {w.svds} layers (must be 0): "
                   f"{'PASS' if w.svds == 0 else 'MISS'}")
             if model == "sdxl":
-                print(f"  {model}{quick}: gram warm {w.measure.seconds:.1f} s (≤ {TARGET_WARM_SDXL_S:g} s): "
+                print(f"  {model}{quick}: gram warm ({where}) {w.measure.seconds:.1f} s (≤ {TARGET_WARM_SDXL_S:g} s): "
                       f"{'PASS' if w.measure.seconds <= TARGET_WARM_SDXL_S else 'MISS'}")
-        for method in ("gram cold", "gram warm", "randomized cold"):
+        old, new = mr.get("gram warm f32 (disk)"), mr.get("gram warm (disk)")
+        if old is not None and new is not None:
+            # U and V are exactly half; σ (k float32 numbers) and the ~300-byte header of each entry are
+            # not, which puts the ratio a few 1e-4 above 0.5 (the reported figure has four decimals).
+            ratio = new.cache_bytes / max(1, old.cache_bytes)
+            print(f"  {model}{quick}: cache {new.cache_bytes / 1e9:.3f} GB float16 vs {old.cache_bytes / 1e9:.3f} GB "
+                  f"float32 before ({ratio:.4f}×, ≤ 0.5× but for σ and headers, i.e. ≤ 0.501×): "
+                  f"{'PASS' if ratio <= 0.501 else 'MISS'}")
+            for where in ("disk", "page cache"):
+                o, n = mr.get(f"gram warm f32 ({where})"), mr.get(f"gram warm ({where})")
+                if o is not None and n is not None:
+                    print(f"  {model}{quick}: warm from the {where}: float32 entries {o.measure.seconds:.1f} s reading "
+                          f"{o.cache_read / 1e9:.2f} GB; float16 entries {n.measure.seconds:.1f} s reading "
+                          f"{n.cache_read / 1e9:.2f} GB (storage reads {_gb(o.measure.io_read)} → "
+                          f"{_gb(n.measure.io_read)} GB)")
+        for method in ("gram cold", "gram warm (page cache)", "randomized cold"):
             r = mr.get(method)
             if r is not None:
                 mb = r.measure.extra_rss / 2**20
@@ -1090,12 +1188,16 @@ def print_table(rows: list[Row], infos: list[dict], device: torch.device, args, 
                       f"{'PASS' if mb <= TARGET_EXTRA_RSS_MB else 'MISS'}")
 
 
+def _gb(n: int | None) -> str:
+    return "?" if n is None else f"{n / 1e9:.2f}"
+
+
 def flux_cache_bytes(layers, settings: TransferSettings) -> int:
-    """What the SVD cache holds for these layers of both models: float32 U (m×k), σ, V (n×k) each."""
+    """What the SVD cache holds for these layers of both models: float16 U (m×k) and V (n×k), float32 σ."""
     total = 0
     for _, shape in layers:
         m, n = _matrix_shape(shape)
-        total += 2 * 4 * (m + n + 1) * settings.rank_for(shape)
+        total += 2 * (2 * (m + n) + 4) * settings.rank_for(shape)
     return total
 
 
@@ -1164,6 +1266,9 @@ def main(argv=None) -> int:
                    help="which runs: read, gram, warm, randomized, baseline (default all; read,gram,warm for flux)")
     p.add_argument("--cache-gb", type=float, default=None,
                    help="SVD cache size limit in GiB (default: the library's default, 16)")
+    p.add_argument("--svd-cache-dir", default=None,
+                   help="keep the gram run's SVD cache in this folder (one subfolder per model), and reuse it "
+                        "instead of a cold run when it is already there: warm runs without a new cold run")
     p.add_argument("--memo-mb", type=float, default=None,
                    help="SVDEngine(memory_bytes=…) in MiB: factors the engine keeps in memory (default: the "
                         "library's default)")

@@ -1,5 +1,5 @@
-"""``python -m lorax``: subspace similarity, adapter transfer and LoRA → LoRA-X conversion, and
-the same over a folder of LoRAs (``scan``, ``transfer-many``: :mod:`lorax.batch`).
+"""``python -m lorax``: subspace similarity, adapter transfer, LoRA → LoRA-X conversion, the SVD
+cache, and the same over a folder of LoRAs (``scan``, ``transfer-many``: :mod:`lorax.batch`).
 
 Models and adapters are read the way ComfyUI reads them (its model detection, key maps and
 LoRA loaders), so the ComfyUI host is needed: ``$COMFYUI_PATH``, the ComfyUI this pack is
@@ -48,15 +48,24 @@ def _backend():
         root.setLevel(max(level, logging.WARNING))
 
 
-def _engine(exact: bool):
+#: Where the command line keeps its SVD cache unless LORAX_SVD_CACHE says otherwise.
+DEFAULT_CACHE_FOLDER = Path.home() / ".cache" / "lorax" / "svd"
+
+
+def _engine(exact: bool, use_cache: bool = True):
     import torch
 
     from .engine import SVDEngine
     from .svd_cache import cache_from_env
 
-    store = cache_from_env(Path.home() / ".cache" / "lorax" / "svd")
+    store = cache_from_env(DEFAULT_CACHE_FOLDER) if use_cache else None
     return SVDEngine(method="exact" if exact else "gram", device="cuda" if torch.cuda.is_available() else "cpu",
                      store=store)
+
+
+def _cache_line(engine) -> str:
+    """One line on the SVD cache after a command: where, how big, what this run read and wrote."""
+    return engine.cache_note()
 
 
 def _progress(label: str):
@@ -84,8 +93,9 @@ def cmd_similarity(args) -> int:
     t0 = time.perf_counter()
     source, target = be.load_model(args.source), be.load_model(args.target)
     layer_set = be.LAYER_SETS[1] if args.all_layers else be.LAYER_SETS[0]
+    engine = _engine(args.exact, not args.no_cache)
     rows, text, _ = be.run_similarity(source, target, rank=args.rank, layer_set=layer_set, threshold=args.threshold,
-                                      engine=_engine(args.exact), progress=_progress("similarity"),
+                                      engine=engine, progress=_progress("similarity"),
                                       layer_map_mode=args.layer_map, user_map=_user_map(args.layer_map_file))
     print(text)
     print(f"time: {time.perf_counter() - t0:.1f} s")
@@ -106,7 +116,8 @@ def cmd_transfer(args) -> int:
     t0 = time.perf_counter()
     source, target = be.load_model(args.source), be.load_model(args.target)
     adapter = be.AdapterHandle.open(os.path.basename(args.adapter), args.adapter)
-    handle = be.run_transfer(source, target, adapter, settings, _engine(args.exact), strength=args.strength,
+    engine = _engine(args.exact, not args.no_cache)
+    handle = be.run_transfer(source, target, adapter, settings, engine, strength=args.strength,
                              progress=_progress("transfer"), layer_map_mode=args.layer_map,
                              user_map=_user_map(args.layer_map_file))
     print(handle.verdict)
@@ -120,6 +131,7 @@ def cmd_transfer(args) -> int:
           f"total {time.perf_counter() - t0:.1f} s")
     for line in why_left_out(handle.result.layers):
         print(f"  {line}")
+    print(_cache_line(engine))
     return 0
 
 
@@ -137,13 +149,64 @@ def cmd_convert(args) -> int:
 
     source = be.load_model(args.source)
     adapter = be.AdapterHandle.open(os.path.basename(args.adapter), args.adapter)
-    converted, rows, summary = be.convert_adapter(source, adapter, args.rank, _engine(args.exact))
+    engine = _engine(args.exact, not args.no_cache)
+    converted, rows, summary = be.convert_adapter(source, adapter, args.rank, engine)
     for row in rows:
         print(f"kept {100 * row['kept']:5.1f}%  r {row['rank']:>4}  {row['module']}")
     save_lorax(args.out, converted)
     print(f"summary: {summary}")
     print(f"wrote {len(converted.sigmas)} layers, {converted.parameter_count} parameters, "
           f"{os.path.getsize(args.out)} bytes to {args.out}")
+    print(_cache_line(engine))
+    return 0
+
+
+def cmd_cache(args) -> int:
+    """List the SVD cache by model, or clear it (all of it, or one model's entries)."""
+    from .svd_cache import cache_from_env
+
+    cache = cache_from_env(args.folder or DEFAULT_CACHE_FOLDER, ignore_off=True)
+    try:
+        return _cache_command(args, cache)
+    except OSError as e:  # e.g. a folder this user may not read
+        raise LoraxError(f"cannot read the SVD cache folder ({e.strerror or e}); check its permissions, or point "
+                         "--folder / LORAX_SVD_CACHE elsewhere", path=cache.folder) from None
+
+
+def _cache_command(args, cache) -> int:
+    from .svd_cache import UNKNOWN_MODEL, cache_disabled, describe_bytes
+
+    folder = cache.folder
+    if args.action == "clear":
+        if not os.path.isdir(folder):
+            print(f"SVD cache {folder}: nothing to clear (the folder does not exist)")
+            return 0
+        if args.model and args.model not in {u.model for u in cache.models()} and \
+                os.path.abspath(args.model) not in {u.model for u in cache.models()}:
+            known = ", ".join(u.model for u in cache.models() if u.model != UNKNOWN_MODEL) or "none"
+            raise LoraxError(f"the SVD cache in {folder} holds no entries recorded for this model; models it "
+                             f"holds: {known}. Give the model's path as listed by `python -m lorax cache`",
+                             path=args.model)
+        removed, freed, kept = cache.clear(args.model)
+        what = f"of {args.model} " if args.model else ""
+        print(f"SVD cache {folder}: removed {removed} entries {what}({describe_bytes(freed)})"
+              + (f"; kept {kept} entries another model shares" if kept else ""))
+        return 0
+    off = " — turned off (LORAX_SVD_CACHE=off): transfers neither read nor write it" if cache_disabled() and \
+        not args.folder else ""
+    entries = cache.entries()
+    if not entries:
+        exists = "empty" if os.path.isdir(folder) else "empty (the folder does not exist yet)"
+        print(f"SVD cache {folder}: {exists}, limit {describe_bytes(cache.max_bytes)}{off}")
+        return 0
+    total = sum(size for _, size, _ in entries)
+    print(f"SVD cache {folder}: {describe_bytes(total)} in {len(entries)} entries, limit "
+          f"{describe_bytes(cache.max_bytes)} (least recently used go first){off}")
+    print(f"{'size':>10}  {'entries':>7}  {'last used':<16}  model")
+    for u in cache.models():
+        shared = f" ({u.shared} shared with other models)" if u.shared else ""
+        print(f"{describe_bytes(u.bytes):>10}  {u.entries:>7}  {time.strftime('%Y-%m-%d %H:%M', time.localtime(u.last_used)):<16}"
+              f"  {u.model}{shared}")
     return 0
 
 
@@ -151,6 +214,11 @@ def _layer_map_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--layer-map", choices=LAYER_MAP_MODES, default="similarity",
                    help="pair layers by role and similarity where block counts differ (default), or by name only")
     p.add_argument("--layer-map-file", help='JSON {"target key": "source key"} overriding the layer map')
+
+
+def _cache_argument(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--no-cache", action="store_true",
+                   help="neither read nor write the SVD cache (as LORAX_SVD_CACHE=off)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -166,6 +234,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--json", help="also write the rows as JSON to this file")
     s.add_argument("--exact", action="store_true", help="full float64 SVD instead of the Gram route")
     _layer_map_arguments(s)
+    _cache_argument(s)
     s.set_defaults(func=cmd_similarity)
 
     t = sub.add_parser("transfer", help="move an adapter from the source model to the target model")
@@ -183,6 +252,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="leave the cross-attention to_k/to_v layers out (they read the text encoder's features)")
     _layer_map_arguments(t)
     t.add_argument("--exact", action="store_true", help="full float64 SVD instead of the Gram route")
+    _cache_argument(t)
     t.set_defaults(func=cmd_transfer)
 
     c = sub.add_parser("convert", help="turn an ordinary LoRA into a LoRA-X adapter on its source model")
@@ -191,7 +261,19 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--out", required=True, help="where to write the LoRA-X file (.safetensors)")
     c.add_argument("--rank", type=int, default=DEFAULT_RANK, help="r per layer (capped at the layer's rank)")
     c.add_argument("--exact", action="store_true", help="full float64 SVD instead of the Gram route")
+    _cache_argument(c)
     c.set_defaults(func=cmd_convert)
+
+    k = sub.add_parser("cache", help="list the SVD cache by model, or clear it",
+                       description="The SVD cache keeps the factors of every weight decomposed, so the next "
+                                   "transfer onto the same model decomposes nothing. `list` shows its size per "
+                                   "model and when each was last used; `clear` removes it, or with --model one "
+                                   "model's entries (those another model shares are kept).")
+    k.add_argument("action", nargs="?", choices=("list", "clear"), default="list")
+    k.add_argument("--model", help="with clear: only this model's entries (its path as `list` shows it)")
+    k.add_argument("--folder", help=f"the cache folder (default: LORAX_SVD_CACHE, else {DEFAULT_CACHE_FOLDER}; "
+                                    "the nodes' cache is lorax-svd-cache in ComfyUI's user folder)")
+    k.set_defaults(func=cmd_cache)
 
     from .batch import add_parsers  # scan, transfer-many (a LoRA library at once)
 

@@ -7,6 +7,14 @@ was given (the GPU when there is one), and consults an optional on-disk
 :class:`~lorax.svd_cache.SVDCache` so that a second transfer onto the same model does no SVD at
 all. Factors are kept on the CPU between uses so a long run does not pile up device memory.
 
+Precision: the fast methods round U and V to :attr:`SVDEngine.stored_dtype` (float16) as soon as
+they are computed and use the rounded numbers from then on, whether or not a cache stores them —
+so results do not depend on the cache being on, off, cold or warm, and the cache stores half the
+bytes of float32 factors. The cost, measured by ``bench/cache_precision.py`` on power-law spectra
+of SD/SDXL shapes, is at most 4.2e-4 relative on projected deltas (bfloat16: 8× more), below what
+storing the weights in float16 already changes (1–4e-3, README "Performance"). ``exact`` keeps
+float64 throughout.
+
 How the work is spread depends on the device. On a GPU, weights of one shape go into one
 batched call. On the CPU, batching gains nothing (LAPACK runs the batch one matrix after the
 other) and a multi-threaded ``eigh``/``svd`` of one SD-sized matrix scales badly: measured on a
@@ -33,13 +41,17 @@ from .fingerprint import weight_digest
 from .svd import Method, SVDFactors, truncated_svd_batch
 from .weight_formats import dense_weight
 
+#: How the fast methods keep U and V (module docstring): float16 keeps 3 more mantissa bits than
+#: bfloat16 (8× less rounding) and unit vectors need none of bfloat16's range.
+DEFAULT_STORED_DTYPE = torch.float16
+
 
 class FactorStore(Protocol):
-    """What the engine needs of a persistent cache (the identity and score methods are optional)."""
+    """What the engine needs of a persistent cache (the identity, score and origin methods are optional)."""
 
-    def get(self, digest: str, method: str, k: int) -> SVDFactors | None: ...
+    def get(self, digest: str, method: str, k: int, stored_dtype: torch.dtype | None = None) -> SVDFactors | None: ...
 
-    def put(self, digest: str, method: str, factors: SVDFactors) -> None: ...
+    def put(self, digest: str, method: str, factors: SVDFactors, origin: str | None = None) -> None: ...
 
 
 @dataclass
@@ -67,13 +79,20 @@ class SVDEngine:
     ``max_batch_bytes`` the upcast weights in flight at once either way, so memory stays at a
     few layers. ``memory_bytes`` bounds the in-process memo of factors (least recently used
     are dropped first; the on-disk store keeps them). Factors of the fast methods are kept in
-    float32, as the store keeps them, so a warm run returns exactly what the cold run did.
+    float32 after rounding U and V to ``stored_dtype`` (default float16; float64 for ``exact``,
+    module docstring), so a warm run returns exactly what the cold run did.
     """
 
     def __init__(self, method: Method = "gram", device: torch.device | str | None = None,
                  store: FactorStore | None = None, batch_size: int = 8, memory_bytes: int = 256 << 20,
-                 seed: int = 0, max_batch_bytes: int = 256 << 20, workers: int | None = None):
+                 seed: int = 0, max_batch_bytes: int = 256 << 20, workers: int | None = None,
+                 stored_dtype: torch.dtype | None = None):
         self.method = method
+        if stored_dtype is None:
+            stored_dtype = torch.float64 if method == "exact" else DEFAULT_STORED_DTYPE
+        if stored_dtype not in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
+            raise ValueError(f"stored_dtype must be a floating-point dtype of 16 to 64 bits, got {stored_dtype}")
+        self.stored_dtype = stored_dtype
         #: The device asked for, and the one the decompositions run on: the same, except on a
         #: device without float64 (Apple MPS, DirectML), where the float64 routes run on the CPU
         #: (:mod:`lorax.devices`). The float32 randomized route stays on the device.
@@ -96,7 +115,17 @@ class SVDEngine:
     @property
     def factor_dtype(self) -> torch.dtype:
         """The dtype factors are kept and returned in."""
-        return torch.float64 if self.method == "exact" else torch.float32
+        return torch.float64 if self.method == "exact" or self.stored_dtype == torch.float64 else torch.float32
+
+    def rounded(self, factors: SVDFactors) -> SVDFactors:
+        """``factors`` as stored: U and V in ``stored_dtype``, σ in the compute dtype (on the CPU)."""
+        return SVDFactors(factors.U.to("cpu", self.stored_dtype, copy=True),
+                          factors.S.to("cpu", self.factor_dtype, copy=True),
+                          factors.V.to("cpu", self.stored_dtype, copy=True))
+
+    def _note_origin(self, digest: str, origin: str | None) -> None:
+        if origin and self.store is not None and hasattr(self.store, "note_origin"):
+            self.store.note_origin(digest, origin)
 
     @property
     def pairs_per_call(self) -> int:
@@ -120,7 +149,7 @@ class SVDEngine:
                 self.stats.memory_hits += 1
                 return f.top(k)
         if self.store is not None:
-            f = self.store.get(digest, self.method, k)
+            f = self.store.get(digest, self.method, k, stored_dtype=self.stored_dtype)
             if f is not None:
                 self.stats.disk_hits += 1
                 self._remember(digest, f)
@@ -140,6 +169,18 @@ class SVDEngine:
             while self._memo_bytes > self.memory_bytes and len(self._memo) > 1:
                 _, dropped = self._memo.popitem(last=False)
                 self._memo_bytes -= _nbytes(dropped)
+
+    def cache_counters(self) -> tuple[int, int, int]:
+        """``(disk hits, layers decomposed, bytes read from the store)`` so far: a report takes them
+        before and after a run to say what that run did (the engine lives for the whole process)."""
+        return (self.stats.disk_hits, self.stats.layers_decomposed, int(getattr(self.store, "bytes_read", 0)))
+
+    def cache_note(self, before: tuple[int, int, int] = (0, 0, 0)) -> str:
+        """One line for reports on the store since ``before`` (:meth:`cache_counters`)."""
+        from .svd_cache import cache_summary
+
+        hits, decomposed, read = (a - b for a, b in zip(self.cache_counters(), before))
+        return "SVD cache: " + cache_summary(self.store, hits, decomposed, read)
 
     @property
     def memo_bytes(self) -> int:
@@ -191,7 +232,8 @@ class SVDEngine:
     @torch.no_grad()
     def factors_many(self, requests: Sequence[tuple[torch.Tensor | Callable[[], torch.Tensor], int]],
                      digests: Sequence[str | None] | None = None,
-                     identities: Sequence[str | None] | None = None) -> list[SVDFactors]:
+                     identities: Sequence[str | None] | None = None,
+                     origins: Sequence[str | None] | None = None) -> list[SVDFactors]:
         """Top-k factors for each ``(weight, k)``; misses are decomposed batched by shape, or side
         by side on the CPU (module docstring), and all of them before this returns.
 
@@ -200,13 +242,16 @@ class SVDEngine:
         ``identity`` — a string that changes whenever the bytes may have (a file's path, size,
         mtime and inode plus the tensor's header entry) — seen before. That spares a warm run
         from reading and hashing gigabytes of weights just to find their cache entries.
+        ``origins`` name the model each weight belongs to (a file path or a label), recorded by the
+        store so that its contents can be listed and cleared by model.
         """
         digests = list(digests) if digests is not None else [None] * len(requests)
         identities = list(identities) if identities is not None else [None] * len(requests)
+        origins = list(origins) if origins is not None else [None] * len(requests)
         out: list[SVDFactors | None] = [None] * len(requests)
-        pending: dict[tuple, list[tuple[int, torch.Tensor, str, int]]] = {}
+        pending: dict[tuple, list[tuple[int, torch.Tensor, str, int, str | None]]] = {}
         pending_bytes = 0
-        for i, ((weight, k), digest, identity) in enumerate(zip(requests, digests, identities)):
+        for i, ((weight, k), digest, identity, origin) in enumerate(zip(requests, digests, identities, origins)):
             if digest is None:
                 digest = self.known_digest(identity)
             if digest is None:
@@ -216,11 +261,12 @@ class SVDEngine:
             hit = self._lookup(digest, k)
             if hit is not None:
                 out[i] = hit
+                self._note_origin(digest, origin)
                 continue
             # Whatever the caller handed in, the engine decomposes the matrix the model computes
             # with: quantized and GGUF weights are dequantized here (lorax.weight_formats).
             weight = dense_weight(weight() if callable(weight) else weight)
-            pending.setdefault(tuple(weight.shape), []).append((i, weight, digest, k))
+            pending.setdefault(tuple(weight.shape), []).append((i, weight, digest, k, origin))
             # Misses are decomposed as soon as their stored weights fill max_batch_bytes, so a long
             # request (a layer map asks for a whole role at once) never holds all its weights.
             pending_bytes += weight.nbytes
@@ -253,9 +299,10 @@ class SVDEngine:
                 results = list(pool.map(self._decompose, batches))
         else:
             results = [self._decompose(b) for b in batches]
-        # Copied by this thread, not the workers: factors that outlive the call must not sit in a
-        # worker's malloc arena, where they would pin the freed buffers around them.
-        results = [[f.to(device="cpu", dtype=self.factor_dtype, copy=True) for f in fs] for fs in results]
+        # Rounded to the stored precision (module docstring) and copied by this thread, not the
+        # workers: factors that outlive the call must not sit in a worker's malloc arena, where they
+        # would pin the freed buffers around them.
+        results = [[self.rounded(f) for f in fs] for fs in results]
         if self.device.type == "cpu":
             _return_freed_memory()
         self.stats.seconds += time.perf_counter() - t0
@@ -265,10 +312,11 @@ class SVDEngine:
         for chunk, factors in zip(batches, results):
             self.stats.svd_calls += 1
             self.stats.layers_decomposed += len(chunk)
-            for (i, _, digest, k_i), f in zip(chunk, factors):
+            for (i, _, digest, k_i, origin), stored in zip(chunk, factors):
+                f = stored.to(dtype=self.factor_dtype)  # the numbers a warm run reads back
                 self._remember(digest, f)
                 if self.store is not None:
-                    self.store.put(digest, self.method, f)
+                    self.store.put(digest, self.method, stored, origin=origin)
                 out[i] = f.top(k_i)
 
     def _upcast_bytes(self, weight: torch.Tensor) -> int:

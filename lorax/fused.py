@@ -136,6 +136,12 @@ class SlicedWeights:
         s = parse_slice_key(key)
         return self.inner.weight(key) if s is None else s.take(self.inner.weight(s.key))
 
+    @property
+    def origin(self) -> str | None:
+        """The wrapped source's model label (see lorax.transfer._origin)."""
+        origin = getattr(self.inner, "origin", None)
+        return origin() if callable(origin) else origin
+
     def identity(self, key: str) -> str | None:
         """The wrapped source's identity of the fused weight plus the slice (None without one)."""
         identity = getattr(self.inner, "identity", None)

@@ -47,6 +47,11 @@ class SafetensorsWeights:
             self._file_key[model_key] = key
             self._shapes[model_key] = tuple(int(d) for d in info["shape"])
 
+    @property
+    def origin(self) -> str:
+        """The model these weights belong to, for the SVD cache's listing: the file's absolute path."""
+        return os.path.abspath(self.path)
+
     def keys(self):
         return self._shapes.keys()
 

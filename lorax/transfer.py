@@ -319,7 +319,7 @@ class SimilarityScorer:
         weights = self.source if side == "s" else self.target
         return self.engine.factors_many(
             [(_loader(weights, key), self.settings.rank_for(weights.shape(key))) for key in keys],
-            identities=[_identity(weights, key) for key in keys])
+            identities=[_identity(weights, key) for key in keys], origins=[_origin(weights)] * len(keys))
 
     def _k(self, source_key: str) -> int:
         return self.settings.rank_for(self.source.shape(source_key))
@@ -378,7 +378,8 @@ def _factors_of_pairs(engine: SVDEngine, source: WeightSource, target: WeightSou
     requests = ([(_loader(source, s), k) for (s, _), k in zip(pairs, ks)]
                 + [(_loader(target, t), k) for (_, t), k in zip(pairs, ks)])
     identities = [_identity(source, s) for s, _ in pairs] + [_identity(target, t) for _, t in pairs]
-    factors = engine.factors_many(requests, identities=identities)
+    origins = [_origin(source)] * len(pairs) + [_origin(target)] * len(pairs)
+    factors = engine.factors_many(requests, identities=identities, origins=origins)
     return factors[:len(pairs)], factors[len(pairs):]
 
 
@@ -395,6 +396,13 @@ def _identity(source: WeightSource, key: str) -> str | None:
     """The source's cheap identity for a weight, when it has one (see SVDEngine.factors_many)."""
     identity = getattr(source, "identity", None)
     return identity(key) if identity is not None else None
+
+
+def _origin(source: WeightSource) -> str | None:
+    """The model a source's weights come from (a file path or a label), when it says: what the SVD
+    cache lists its entries under."""
+    origin = getattr(source, "origin", None)
+    return origin() if callable(origin) else origin
 
 
 def _rank_for_pair(settings: TransferSettings, s_shape, t_shape, adapter_rank) -> int:

@@ -41,6 +41,7 @@ import comfy.weight_adapter as weight_adapter
 from lorax.delta import Delta
 from lorax.devices import float64_device
 from lorax.errors import LoraxError
+from lorax.fingerprint import weight_digest
 from lorax.fused import WeightSlice, base_key, host_key, with_slices
 from lorax.lorax_adapter import LoraxAdapter
 from lorax.verdict import Verdict, guess_architecture
@@ -123,6 +124,21 @@ class PatcherWeights:
         # A plain weight comes back as a detached view of the live parameter (no copy); its
         # identity lets the digest memo of lorax.fingerprint skip re-hashing it on every run.
         return dense_weight(weight, key=key)
+
+    @property
+    def origin(self) -> str:
+        """Which model this is, for the SVD cache's listing by model: the file the command line
+        loaded; in ComfyUI, which does not tell a node the file, the model's kind and a content id
+        (the digest of its first weight, sorted by key: cheap, and different for different models)."""
+        path = getattr(self.patcher, "lorax_origin", None)
+        if path:
+            return path
+        if not hasattr(self, "_origin"):
+            keys = sorted(k for k, shape in self._shapes.items() if len(shape) >= 2)
+            tag = weight_digest(self.weight(keys[0]))[:8] if keys else "empty"
+            kind = type(getattr(self.model, "model_config", self.model)).__name__  # SDXL, Flux… or the CLIP class
+            self._origin = f"{kind} {tag} (loaded in ComfyUI)"
+        return self._origin
 
 
 def unet_key_map(patcher) -> dict[str, str]:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import comfy.sd
 
 from lorax.errors import LoraxError
@@ -44,4 +46,5 @@ def load_model(path: str):
     if model is None:
         raise LoraxError("ComfyUI could not detect the model type of this file (is it a diffusion model or "
                          "checkpoint?)", path=path)
+    model.lorax_origin = os.path.abspath(path)  # what the SVD cache lists this model's entries under
     return model

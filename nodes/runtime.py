@@ -4,7 +4,9 @@ One engine per (method, device) lives for the whole ComfyUI process, so re-runni
 moving a second adapter between the same two models, decomposes nothing: the latest factors are
 in the engine's memo (256 MiB), the rest in the on-disk cache the engines share under ComfyUI's
 user directory (``lorax-svd-cache``; see ``LORAX_SVD_CACHE`` / ``LORAX_SVD_CACHE_GB`` in the
-README), so a restart loses nothing either.
+README), so a restart loses nothing either. The environment is read when an engine is made, so
+turning the cache off or moving it takes a ComfyUI restart; every report ends with the cache's
+size, folder and what the run read (docs/cache.md).
 """
 
 from __future__ import annotations

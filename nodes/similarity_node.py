@@ -101,6 +101,7 @@ def run_similarity(source_model, target_model, *, rank: int, layer_set: str, thr
     if not 0.0 <= threshold <= 1.0:
         raise LoraxError(f"threshold must lie in [0, 1], got {threshold}")
     source, target = PatcherWeights(source_model), PatcherWeights(target_model)
+    cache_before = engine.cache_counters()
     pairs, lmap = compared_pairs(source, target, layer_set, engine, rank=rank, layer_map_mode=layer_map_mode,
                                  user_map=user_map)
     if not pairs:
@@ -112,5 +113,6 @@ def run_similarity(source_model, target_model, *, rank: int, layer_set: str, thr
             "skipped: similarity below threshold"
     title = f"Subspace similarity: {model_kind(source_model)} → {model_kind(target_model)}, rank {rank}"
     notes = [lmap.summary()] if lmap is not None and any(m.how != "name" for m in lmap.matches.values()) else []
+    notes.append(engine.cache_note(cache_before))
     text = text_report(rows, title=title, threshold=threshold, notes=notes)
     return rows, text, title

@@ -83,6 +83,7 @@ def run_transfer(source_model, target_model, adapter: AdapterHandle, settings: T
     modules lands on a layer fails with that sentence before any SVD is run.
     """
     check_distinct(source_model, target_model)
+    cache_before = engine.cache_counters()
     # Text-encoder modules are read only when there is a target CLIP to put them on; otherwise
     # they stay unmapped and are reported as skipped (a lone source_clip must not swallow them).
     deltas = adapter.deltas_for(source_model, engine, clip=(source_clip or clip) if clip is not None else None)
@@ -134,6 +135,7 @@ def run_transfer(source_model, target_model, adapter: AdapterHandle, settings: T
         notes.append(f"{len(other_unmapped)} adapter modules match no layer of the model (first: {other_unmapped[0]}).")
     if clip is not None and source_clip is None and te_part:
         notes.append("No source CLIP connected: text-encoder layers were compared with the target's own.")
+    notes.append(engine.cache_note(cache_before))
     title = (f"LoRA-X Transfer of {adapter.description}: {bridge.model_kind(source_model)} → "
              f"{bridge.model_kind(target_model)}, mode {settings.mode}")
     version, arch = bridge.base_model_names(target_model)

@@ -295,7 +295,10 @@ def test_server_sends_the_report_payload(comfy_server):
     (payload,) = ui["lorax_report"]
     assert payload["title"].startswith("Subspace similarity: SD15 → SD15, rank 32")
     assert payload == json.loads(json.dumps(report_payload(rows, threshold=threshold, title=payload["title"])))
-    assert ui["text"] == [text_report(rows, title=payload["title"], threshold=threshold)]
+    # The report's notes end with the SVD cache's line: the nodes' cache in ComfyUI's user folder.
+    (cache_line,) = [line for line in ui["text"][0].splitlines() if line.startswith("SVD cache: ")]
+    assert "lorax-svd-cache" in cache_line and "decomposed" in cache_line
+    assert ui["text"] == [text_report(rows, title=payload["title"], threshold=threshold, notes=[cache_line])]
     assert payload["summary"].startswith("76 of 84 layers pass the threshold")
     assert [b["name"] for b in payload["blocks"]] == BLOCKS
 

@@ -13,7 +13,8 @@ Weights are float8 (the models have ~1.3 B and ~0.9 B parameters, see ``tests/ch
 loaded with UNETLoader's ``fp8_e4m3fn`` option, so the pack also reads fp8 weights here.
 Tolerances: the patches are float32 factors from float32-stored singular vectors; near the cut
 k the power-law spectrum has relative gaps of ~0.25 %, which amplifies float32 rounding (~6e-8)
-to ~1e-5 in the projected delta, hence 1e-4 (gram route). The paired-rule check runs the
+to ~1e-5 in the projected delta; the engine rounds U and V to float16 (the SVD cache's precision,
+~4e-4), hence reference.HALF_FACTOR_TOL (gram route; 1e-4 before). The paired-rule check runs the
 ``exact`` float64 route, where only float32 patch storage remains: 1e-6.
 """
 
@@ -27,7 +28,7 @@ import torch
 
 import host
 import cheap_unets as unets
-from reference import lorax_ref, paired_ref, rel_err, top_svd
+from reference import HALF_FACTOR_TOL, lorax_ref, paired_ref, rel_err, top_svd
 
 KEPT = {"input_blocks.7.1": [0, 3, 6, 9], "input_blocks.8.1": [1, 4, 5, 8]}
 LAYERS = ("attn1.to_q", "attn2.to_k")
@@ -105,7 +106,7 @@ def test_sdxl_to_ssd1b_through_the_nodes_follows_the_kept_blocks(comfy_host, pac
                 k = moved[t_key].rank
                 Ut, _, Vt = top_svd(student[t_key[len("diffusion_model."):]].double().numpy(), k)
                 ref = lorax_ref((up.double() @ down.double()).numpy(), Ut, Vt)
-                assert rel_err(_patch_delta(model, t_key), ref) < 1e-4, t_key
+                assert rel_err(_patch_delta(model, t_key), ref) < HALF_FACTOR_TOL, t_key
     dropped = [layer for layer in handle.result.layers if layer.decision.value == "missing in target"]
     assert len(dropped) == (20 - 8) * len(LAYERS) and all("no target layer is mapped" in l.note for l in dropped)
     assert "16 by similarity" in handle.report and "layer map:" in handle.report

@@ -19,7 +19,7 @@ from lorax.layer_map import LayerMap, LayerMatch
 from lorax.report import block_of, family_of, family_sort_key, short_key, text_report
 from lorax.transfer import Decision, DictWeights, TransferSettings, transfer_deltas
 from lorax.verdict import Verdict, guess_architecture
-from reference import lorax_ref, perturbed, power_law_matrix, rel_err, t, top_svd
+from reference import HALF_FACTOR_TOL, lorax_ref, perturbed, power_law_matrix, rel_err, t, top_svd
 
 QKV = "diffusion_model.double_blocks.0.img_attn.qkv.weight"
 LINEAR1 = "diffusion_model.single_blocks.3.linear1.weight"
@@ -122,8 +122,8 @@ def _fused_pair(rng, h=48, n=40, strength=0.05):
 def test_transfer_on_slices_equals_float64_reference_on_each_slice(rng):
     """Each slice is decomposed and projected on its own: U, V of the target *slice* (float64 numpy
     SVD). The Gram route in float64 on these well-conditioned 48 × 40 slices is accurate to
-    ~1e-12, but the engine keeps factors and the result keeps deltas in float32, hence
-    float32-level agreement (~1e-7), checked at 1e-6."""
+    ~1e-12, but the engine rounds U and V to float16 (the SVD cache's precision; measured 2–5e-4
+    here), hence reference.HALF_FACTOR_TOL."""
     h, n, k = 48, 40, 8
     ws, wt = _fused_pair(rng, h, n)
     slices = [WeightSlice("qkv", 0, 0, h), WeightSlice("qkv", 0, 2 * h, h)]
@@ -135,7 +135,7 @@ def test_transfer_on_slices_equals_float64_reference_on_each_slice(rng):
     for s in slices:
         Ut, _, Vt = top_svd(wt[s.start:s.stop], k)
         ref = lorax_ref(deltas[s.name].matrix().numpy(), Ut, Vt)
-        assert rel_err(res.deltas[s.name].matrix(), ref) < 1e-6, s.name
+        assert rel_err(res.deltas[s.name].matrix(), ref) < HALF_FACTOR_TOL, s.name
         # Not the projection onto the whole fused weight's subspaces (that would be another answer).
         Uf, _, Vf = top_svd(wt, k)
         padded = np.zeros_like(wt)

@@ -3,7 +3,9 @@
 Reference values come from the pure library (or plain float64 algebra) applied to the same
 state dicts the graphs load from disk. Tolerances: patched weights are float32, so a patched
 weight minus the base weight carries rounding of ~6e-8·‖W‖; with ‖W‖/‖ΔW‖ ≈ 10–100 for these
-LoRAs that is ≤ ~1e-5 of ‖ΔW‖, hence 1e-4 relative on deltas and 1e-5 on whole weights.
+LoRAs that is ≤ ~1e-5 of ‖ΔW‖, hence 1e-4 relative on deltas and 1e-5 on whole weights. Deltas
+the nodes build from singular vectors (Gram route) against a float64 SVD also carry the engine's
+float16 rounding of U and V: reference.HALF_FACTOR_TOL (measured ~4e-4) instead of 1e-4.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from lorax.fingerprint import weight_sketch
 from lorax.lorax_adapter import LoraxAdapter, save_lorax
 from lorax.safetensors_io import read_metadata
 from lorax.transfer import DictWeights, TransferSettings, transfer_deltas
-from reference import rel_err
+from reference import HALF_FACTOR_TOL, rel_err
 
 ATTN = [f"input_blocks.1.1.transformer_blocks.0.{a}.{p}.weight" for a in ("attn1", "attn2") for p in ("to_q", "to_k", "to_v")]
 PROJ = "input_blocks.1.1.proj_in.weight"  # a 1×1 conv in SD1.5
@@ -110,7 +112,7 @@ def test_transfer_graph_runs_and_patches_target_with_projected_deltas(
     patched = comfy_host.patched_weights(model, list(ref_deltas))
     for key, delta in ref_deltas.items():
         base = target_sd[key[len("diffusion_model."):]]
-        assert rel_err(patched[key].double() - base.double(), delta.weight()) < 1e-4, key
+        assert rel_err(patched[key].double() - base.double(), delta.weight()) < HALF_FACTOR_TOL, key
     # Inputs untouched: no patches on the loaded models, weights equal to the files.
     assert not src_model.patches and not tgt_model.patches
     for key in LORA_KEYS:
@@ -224,7 +226,7 @@ def test_lorax_adapter_load_reproduces_source_delta_and_rejects_other_model(
     keys = ["diffusion_model." + k for k in ATTN]
     patched = comfy_host.patched_weights(out["m"]["value"][0], keys)
     for key in ATTN:
-        assert rel_err(patched["diffusion_model." + key].double() - mini_sd15[key].double(), refs[key]) < 1e-4
+        assert rel_err(patched["diffusion_model." + key].double() - mini_sd15[key].double(), refs[key]) < HALF_FACTOR_TOL
     with pytest.raises(AssertionError) as e:
         comfy_host.run_prompt({
             **_loaders(mini_sd15_unet_name, target_name),

@@ -18,8 +18,9 @@ about the delta can be checked through float16 weights. The precise check (i) th
 text encoder in float32, as ComfyUI does when started with ``--fp32-text-enc`` (its own flag,
 set for the duration of the test). Then the patched weight minus the target weight carries float32
 rounding of ~6e-8·|W_ij| per entry, ≤ ~1e-5 of ‖ΔW′‖ even for ‖W‖/‖ΔW′‖ ≈ 200, and the Gram route
-agrees with the exact SVD to ~1e-10: hence 1e-4 relative on the delta (as in test_nodes.py), with
-an order of magnitude of margin. The default float16 configuration is exercised by the Save check
+agrees with the exact SVD to ~1e-10 — but the engine rounds U and V to float16 (the SVD cache's
+precision, ~4e-4 on projected deltas): hence reference.HALF_FACTOR_TOL on the delta (as in
+test_nodes.py). The default float16 configuration is exercised by the Save check
 (iii), where the Transfer's CLIP and the stock LoraLoader's CLIP go through the same float32
 arithmetic and the same rounding, and by tests/test_example_workflows.py end to end.
 """
@@ -37,7 +38,7 @@ from lorax.delta import Delta
 from lorax.engine import SVDEngine
 from lorax.safetensors_io import read_metadata
 from lorax.transfer import DictWeights, TransferSettings, transfer_deltas
-from reference import rel_err
+from reference import HALF_FACTOR_TOL, rel_err
 
 UNET_KEYS = [f"input_blocks.1.1.transformer_blocks.0.{a}.{p}.weight" for a in ("attn1", "attn2")
              for p in ("to_q", "to_v")] + ["output_blocks.2.1.transformer_blocks.0.ff.net.2.weight"]
@@ -156,7 +157,7 @@ def test_transfer_with_clip_patches_text_encoder_and_save_loads_in_stock_loader(
         patched = comfy_host.patched_weights(clip_out.patcher, TE_KEYS)
         for k in TE_KEYS:
             err = rel_err(patched[k].double() - target_te[k], STRENGTH * ref.deltas[k].weight())
-            assert err < 1e-4, (name, k, err)
+            assert err < HALF_FACTOR_TOL, (name, k, err)
         if name == "t_own":  # source = target: Φ = 1 on every layer
             assert all(rows[k]["phi_hat"] > 0.999 for k in TE_KEYS)
     assert "No source CLIP connected" in v["t_own_handle"].report
