@@ -5,6 +5,9 @@ Every line of it that carries a figure (a digit: measurements, defaults, version
 numbers, table rows) must still be found, verbatim, in the README or in a page under ``docs/``;
 only link targets (``#fidelity`` became ``fidelity.md``) and heading levels may differ. Links in
 the README and the docs must point at files that exist.
+
+Figures changed on purpose since the split are listed in ``REVISED`` with the line that replaces
+them and why; the replacement must then be found verbatim instead.
 """
 
 from __future__ import annotations
@@ -15,6 +18,21 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 BEFORE = REPO / "tests" / "fixtures" / "README-before-docs-split.md"
 README_MAX_BYTES = 12 * 1024
+
+#: Lines of the old README whose figures a later change measured anew -> the line that replaces each.
+#: Issue 18 (float16 singular vectors, SVD cache version 2) halved the cache and changed the route's error.
+REVISED = {
+    59: "| SVD | Gram route, float64 | eigen-decomposition of the smaller Gram matrix: whole SD1.5/SDXL "
+        "transfers 2.8–3.0× faster than with a float32 SVD on a 2-core CPU, at 7e-7 error of the projected "
+        "deltas before the vectors are rounded to float16 (next row; see [Performance](performance.md)). "
+        "`exact` selects a full float64 SVD. |",
+    145: "  12 GB for the fp8 model itself. A LoRA on every layer of Flux.1 needs about 6.1 GB of SVD cache "
+         "(float16 vectors; 12.3 GB before) for its",
+    182: "disables it, `LORAX_SVD_CACHE_GB` bounds its size (default 16 — an SDXL checkpoint at k = 320 is "
+         "1.7 GB, a Flux.1 model 3.1 GB; least recently used entries go first).",
+    218: "inode, tensor header), so only the factors are read and checked (3.4 GB for SDXL with the float16 "
+         "vectors below; 6.8 GB before). The cold peak is the",
+}
 
 
 def _pages() -> list[Path]:
@@ -33,7 +51,8 @@ def test_readme_is_at_most_12_kb():
 
 def test_every_figure_that_moved_out_of_the_readme_is_unchanged():
     now = {_normal(line) for page in _pages() for line in page.read_text(encoding="utf-8").splitlines()}
-    figures = [line for line in BEFORE.read_text(encoding="utf-8").splitlines() if re.search(r"\d", line)]
+    lines = BEFORE.read_text(encoding="utf-8").splitlines()
+    figures = [REVISED.get(i, line) for i, line in enumerate(lines) if re.search(r"\d", line)]
     assert len(figures) > 100  # the check covers the old README's figures, not an empty file
     missing = [line for line in figures if _normal(line) not in now]
     assert not missing, f"{len(missing)} lines with figures are gone or changed:\n" + "\n".join(missing)
