@@ -298,6 +298,38 @@ def host_patched_clone(patcher, lora: Mapping[str, torch.Tensor], strength: floa
     return clone
 
 
+def adapter_layers(lora: Mapping[str, torch.Tensor], patcher, *, path: str | None = None, clip=None):
+    """The host's parse of an adapter file, mapped onto ``patcher`` (and ``clip``) layer by layer.
+
+    Returns an ``AdapterDeltas`` with only ``unmapped`` and ``unsupported`` filled, and an iterator
+    of ``(name, shape, weights, function, patch)`` for every matrix-shaped layer the adapter touches;
+    the caller fills ``deltas`` (a transfer materialises them, a scan only checks shapes).
+    """
+    patches, unmapped, modules = host_patches(lora, patcher, path=path, clip=clip)
+    result = AdapterDeltas(deltas={}, unmapped=unmapped, modules=modules)
+    unet = with_slices(PatcherWeights(patcher))
+    clip_weights = with_slices(PatcherWeights(clip.patcher)) if clip is not None else None
+
+    def layers():
+        for target, patch in patches.items():
+            key, offset, function = _host_target(target)
+            source = unet if unet.shape(key) is not None else clip_weights
+            if source is None or source.shape(key) is None:
+                result.unmapped.append(key)
+                continue
+            name = key if offset is None else WeightSlice(key, *offset).name
+            shape = source.shape(name)
+            if shape is None:
+                result.unsupported[name] = f"the slice lies outside the weight of shape {source.shape(key)}"
+                continue
+            if len(shape) < 2:
+                result.unsupported[name] = "bias or norm: no singular subspace"
+                continue
+            yield name, shape, source, function, patch
+
+    return result, layers()
+
+
 def ordinary_adapter_deltas(lora: Mapping[str, torch.Tensor], patcher, *, path: str | None = None,
                             clip=None) -> AdapterDeltas:
     """Deltas of an ordinary adapter file (any format the host loads) against ``patcher``'s weights.
@@ -305,24 +337,8 @@ def ordinary_adapter_deltas(lora: Mapping[str, torch.Tensor], patcher, *, path: 
     Keys for the text encoder are mapped when ``clip`` is given and come back with the host's
     ``clip``-side keys; without it they are listed in ``unmapped``.
     """
-    patches, unmapped, modules = host_patches(lora, patcher, path=path, clip=clip)
-    result = AdapterDeltas(deltas={}, unmapped=unmapped, modules=modules)
-    unet = with_slices(PatcherWeights(patcher))
-    clip_weights = with_slices(PatcherWeights(clip.patcher)) if clip is not None else None
-    for target, patch in patches.items():
-        key, offset, function = _host_target(target)
-        source = unet if unet.shape(key) is not None else clip_weights
-        if source is None or source.shape(key) is None:
-            result.unmapped.append(key)
-            continue
-        name = key if offset is None else WeightSlice(key, *offset).name
-        shape = source.shape(name)
-        if shape is None:
-            result.unsupported[name] = f"the slice lies outside the weight of shape {source.shape(key)}"
-            continue
-        if len(shape) < 2:
-            result.unsupported[name] = "bias or norm: no singular subspace"
-            continue
+    result, layers = adapter_layers(lora, patcher, path=path, clip=clip)
+    for name, _shape, source, function, patch in layers:
         weight = source.weight(name)
         try:
             delta = None

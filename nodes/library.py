@@ -86,24 +86,8 @@ class HeaderAdapter(AdapterHandle):
 
     def deltas_for(self, patcher, engine, clip=None) -> bridge.AdapterDeltas:
         # The mapping part of bridge.ordinary_adapter_deltas, on the same host parse.
-        patches, unmapped, modules = bridge.host_patches(self.content, patcher, path=self.path, clip=clip)
-        result = bridge.AdapterDeltas(deltas={}, unmapped=unmapped, modules=modules)
-        unet = with_slices(bridge.PatcherWeights(patcher))
-        clip_weights = with_slices(bridge.PatcherWeights(clip.patcher)) if clip is not None else None
-        for target, patch in patches.items():
-            key, offset, function = bridge._host_target(target)
-            source = unet if unet.shape(key) is not None else clip_weights
-            if source is None or source.shape(key) is None:
-                result.unmapped.append(key)
-                continue
-            name = key if offset is None else WeightSlice(key, *offset).name
-            shape = source.shape(name)
-            if shape is None:
-                result.unsupported[name] = f"the slice lies outside the weight of shape {source.shape(key)}"
-                continue
-            if len(shape) < 2:
-                result.unsupported[name] = "bias or norm: no singular subspace"
-                continue
+        result, layers = bridge.adapter_layers(self.content, patcher, path=self.path, clip=clip)
+        for name, shape, _source, function, patch in layers:
             if function is None and getattr(patch, "name", None) == "lora":
                 try:  # the factor-shape check a real transfer makes, on shapes only
                     bridge._lora_factors(patch, name, torch.empty(shape, device="meta"))
