@@ -39,9 +39,12 @@ layers and half of 64-wide ones, as 320 is on SD1.5's 320/640 layers) and an ord
 
 Arms per target: none; LoRA-X / LoRA trained on the target (GT); trained on the base and moved with
 the LoRA-X Transfer node's code (``run_transfer``, layer map by similarity, threshold 0.3, modes
-``lorax`` and ``prolora``, k = 32); copied by name the way the stock loader applies it.
+``lorax`` and ``prolora``, k = 32); copied by name the way the stock loader applies it. A Φ̂-threshold
+sweep (mode ``lorax``) re-judges an arm only where another threshold moves another set of layers.
+``--auto`` (an experiment, not a pack mode) adds per layer: copy the source delta where Φ̂ ≥ 0.9 and the
+target weight is within 25 % of the source weight's norm, else the shipped projection (prolora).
 
-Judges (trained here, on held-out-free training images of every domain, with and without the style):
+Judges (trained here on the training images of every domain, plain and styled; never on held-out ones):
 a digit classifier (scikit-learn MLP on the 64 pixels) — **class accuracy** of the samples against
 the class they were drawn for; a style probe (logistic regression, styled or not) — **style** =
 mean probability that a sample is styled; **kept** = (style_arm − style_none)/(style_GT − style_none),
@@ -50,8 +53,9 @@ the share of the ground truth's style gain an arm keeps (per adapter kind). Plus
 
 Usage::
 
-    .venv/bin/python bench/trained_fidelity.py            # 3 seeds, all targets (~25 min here)
-    .venv/bin/python bench/trained_fidelity.py --quick    # one seed, small budget (what the test runs)
+    .venv/bin/python bench/trained_fidelity.py            # 3 seeds, all targets (1592 s here, load 2.3-3)
+    .venv/bin/python bench/trained_fidelity.py --quick    # one seed, base + fine-tune (139 s; the test runs it)
+    .venv/bin/python bench/trained_fidelity.py --auto     # adds the experimental per-layer "auto" arms
     .venv/bin/python bench/trained_fidelity.py --json out.json --grid docs/images/trained_fidelity_grid.png
 """
 
@@ -86,6 +90,11 @@ LORAX_ARMS = ("LoRA-X GT", "LoRA-X → lorax", "LoRA-X → prolora", "LoRA-X cop
 LORA_ARMS = ("LoRA GT", "LoRA → lorax", "LoRA → prolora", "LoRA copied")
 ARMS = ("none",) + LORAX_ARMS + LORA_ARMS
 GT_OF = {a: ("LoRA-X GT" if a.startswith("LoRA-X") else "LoRA GT") for a in LORAX_ARMS + LORA_ARMS}
+AUTO_ARMS = ("LoRA-X → auto", "LoRA → auto")  # the --auto experiment
+
+
+def gt_of(arm: str) -> str:
+    return "LoRA-X GT" if arm.startswith("LoRA-X") else "LoRA GT"
 WIDTH = 32
 
 
@@ -112,6 +121,9 @@ class Config:
     sample_steps: int = 16
     n_eval: int = 64                          # held-out noisy inputs for the output distances
     sweep_thresholds: tuple[float, ...] = (0.9, 0.99)  # Φ̂ thresholds tried besides the shipped one (mode lorax)
+    auto: bool = False                        # the experimental per-layer "auto" arms (--auto)
+    auto_phi: float = 0.9                     # auto copies a layer with Φ̂ ≥ auto_phi ...
+    auto_rel: float = 0.25                    # ... whose weight moved by at most this share of its norm
 
 
 QUICK = Config(seeds=(0,), targets=("finetune",), base_steps=300, ft_steps=30, adapter_steps=30, per_class=5,
@@ -480,6 +492,28 @@ class Lab:
                 "phi_hat_min": round(min(phis), 3) if phis else None}
         return self.bridge.patched_clone(self.models[name], th.result.deltas, 1.0), info
 
+    def auto(self, handle, name: str):
+        """Experiment, not a pack mode: per layer, copy the source delta where the target layer is nearly
+        its source (Φ̂ ≥ auto_phi and ‖W_t − W_s‖ ≤ auto_rel·‖W_s‖, equal shapes), else the shipped
+        projection (prolora); both read from what the Transfer node's report measures."""
+        cfg = self.cfg
+        settings = TransferSettings(rank=cfg.rank, threshold=cfg.threshold, mode="prolora")
+        th = self.transfer_job.run_transfer(self.models["base"], self.models[name], handle, settings, self.engine,
+                                            layer_map_mode="similarity")
+        source = handle.deltas_for(self.models["base"], self.engine).deltas
+        ws, wt = self.bridge.PatcherWeights(self.models["base"]), self.bridge.PatcherWeights(self.models[name])
+        out, copied = {}, 0
+        for l in th.result.layers:
+            if l.delta is None:
+                continue
+            a, b = ws.weight(l.key).float(), wt.weight(l.target).float()
+            near = (l.similarity is not None and l.similarity.phi_hat_min >= cfg.auto_phi and a.shape == b.shape
+                    and float((b - a).norm() / a.norm()) <= cfg.auto_rel)
+            out[l.target] = source[l.key] if near else l.delta
+            copied += near
+        info = {"moved": len(out), "layers": len(th.result.layers), "copied": copied}
+        return self.bridge.patched_clone(self.models[name], out, 1.0), info
+
     def copied(self, handle, name: str):
         target = self.models[name]
         shapes = self.bridge.PatcherWeights(target)
@@ -583,10 +617,14 @@ def run_seed(comfy_host, seed: int, cfg: Config, data: Data, enc: ClassEncoder, 
             patched, info = lab.copied(src, name)
             judged[f"{kind} copied"] = lab.judge(name, patched, TARGET_DOMAIN[name])
             layers[f"{kind} copied"] = info
+            if cfg.auto:
+                patched, info = lab.auto(src, name)
+                judged[f"{kind} → auto"] = lab.judge(name, patched, TARGET_DOMAIN[name])
+                layers[f"{kind} → auto"] = info
         for arm, j in judged.items():
-            gt = judged[GT_OF[arm]]
+            gt = judged[GT_OF.get(arm) or f"{arm.split(' ')[0]} GT"]
             arms[arm] = {"acc": j["acc"], "style": j["style"],
-                         "cos": None if arm == GT_OF[arm] else cosine(j["eps"] - eps_none, gt["eps"] - eps_none)}
+                         "cos": None if j is gt else cosine(j["eps"] - eps_none, gt["eps"] - eps_none)}
             res["samples"][(name, arm)] = j["samples"]
         # Φ̂ threshold: arms re-judged only where another threshold moves another set of layers.
         sweep: dict[str, dict] = {}
@@ -662,14 +700,16 @@ def print_report(runs: list[dict], cfg: Config, judges_info: dict, out=print) ->
     out("\nArms (kept = share of the GT's style gain over the bare target; cos = output change vs the GT's on "
         "held-out noisy inputs):")
     out(f"  {'target':<10} {'arm':<18} {'class acc':>12} {'style':>12} {'kept':>12} {'cos vs GT':>12}  layers")
+    arm_list = ARMS + (AUTO_ARMS if cfg.auto else ())
     for name in cfg.targets:
-        for arm in ARMS:
+        for arm in arm_list:
             per = [r["targets"][name][arm] for r in runs]
-            ks = [kept(r["targets"][name][arm], r["targets"][name][GT_OF[arm]], r["targets"][name]["none"])
+            ks = [kept(r["targets"][name][arm], r["targets"][name][gt_of(arm)], r["targets"][name]["none"])
                   for r in runs] if arm != "none" else []
             lay = runs[0]["layers"][name].get(arm)
             lay_s = f"{lay['moved']}/{lay['layers']}" + (f" Φ̂ med {lay['phi_hat_median']}" if lay.get(
-                "phi_hat_median") is not None else "") if lay else ""
+                "phi_hat_median") is not None else "") + (f", {lay['copied']} copied" if "copied" in lay else
+                                                          "") if lay else ""
             out(f"  {name:<10} {arm:<18} {fmt([p['acc'] for p in per]):>12} {fmt([p['style'] for p in per]):>12} "
                 f"{fmt(ks):>12} {fmt([p.get('cos') for p in per]):>12}  {lay_s}")
 
@@ -765,6 +805,8 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--json", type=str, help="write every figure to this file")
     ap.add_argument("--grid", type=str, help="write a grid of samples (first seed) to this PNG")
+    ap.add_argument("--auto", action="store_true",
+                    help="experiment: add per-layer 'auto' arms (copy near layers, project the rest)")
     ap.add_argument("--samples", type=str, help="save every arm's samples (torch.save) to this file")
     ap.add_argument("--verbose", action="store_true")
     args = ap.parse_args(argv)
@@ -776,6 +818,8 @@ def main(argv=None) -> int:
         cfg = replace(cfg, seeds=tuple(int(s) for s in args.seeds.split(",")))
     if args.targets:
         cfg = replace(cfg, targets=tuple(t.strip() for t in args.targets.split(",")))
+    if args.auto:
+        cfg = replace(cfg, auto=True)
     t0, cpu0 = time.perf_counter(), time.process_time()
     print(f"trained-model fidelity: seeds {list(cfg.seeds)}, targets {list(cfg.targets)}, torch threads "
           f"{torch.get_num_threads()}, load average {load_average()}")

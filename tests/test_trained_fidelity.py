@@ -109,8 +109,8 @@ def test_every_arm_is_judged_and_reported(quick_run):
 
 def test_quick_variant_fits_its_budget(quick_run):
     *_, seconds = quick_run
-    # The budget is 3 min on the 2-core CPU (measured 125-140 s with the host already booted); a
-    # loaded machine slows it, so only a gross overrun fails.
+    # The budget is 3 min on the 2-core CPU (measured: 158 s as this fixture at load 2-3, 139 s as a
+    # command including the host's boot); a loaded machine slows it, so only a gross overrun fails.
     assert seconds < 360, seconds
 
 
