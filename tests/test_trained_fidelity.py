@@ -45,9 +45,9 @@ def one_thread():
 @pytest.fixture(scope="module")
 def quick_run(comfy_host, one_thread):
     lines: list[str] = []
-    t0 = time.perf_counter()
+    cpu0 = time.process_time()
     runs, info = tf.run(tf.QUICK, log=lines.append, comfy_host=comfy_host)
-    return runs, info, lines, time.perf_counter() - t0
+    return runs, info, lines, time.process_time() - cpu0
 
 
 def test_judges_read_real_held_out_images(quick_run):
@@ -108,10 +108,11 @@ def test_every_arm_is_judged_and_reported(quick_run):
 
 
 def test_quick_variant_fits_its_budget(quick_run):
-    *_, seconds = quick_run
-    # The budget is 3 min on the 2-core CPU (measured: 158 s as this fixture at load 2-3, 139 s as a
-    # command including the host's boot); a loaded machine slows it, so only a gross overrun fails.
-    assert seconds < 360, seconds
+    *_, cpu_seconds = quick_run
+    # The budget is 3 min on the 2-core CPU. The run uses one thread, so its CPU time is what it
+    # takes on a quiet machine, however loaded this one is (measured 135-147 s; 139 s wall as a command,
+    # 158 s as this fixture at load 2-3, 304 s at load 4).
+    assert cpu_seconds < 180, cpu_seconds
 
 
 def test_merged_batch_cond_stacks_rows_in_order(comfy_host):
