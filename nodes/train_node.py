@@ -214,29 +214,71 @@ def noise_scale(model_sampling, sigmas: torch.Tensor, dim: int) -> torch.Tensor:
     return s.reshape(-1, *([1] * (dim - 1)))
 
 
+def merged_batch_cond(conds: list) -> list:
+    """The conds of one training step as a single cond whose tensors are stacked along the batch.
+
+    ComfyUI's ``TrainSampler`` hands the step's conds over as a list, one per latent; its sampler
+    code applies every entry of such a list to the *whole* batch and averages the outputs, so with
+    ``batch_size`` b each latent is denoised under the mean of b conditionings, at b² forward passes.
+    Stacked into one cond, row i conditions latent i only. Returned unchanged (stock behaviour) when
+    the entries differ in anything but their tensors' values, or a tensor is not one row."""
+    if len(conds) < 2:
+        return conds
+    first = conds[0]
+    model_conds = first.get("model_conds") if isinstance(first, dict) else None
+    if not isinstance(model_conds, dict):
+        return conds
+    merged = {}
+    for key, value in model_conds.items():
+        values = [c.get("model_conds", {}).get(key) for c in conds]
+        if not all(type(v) is type(value) for v in values):
+            return conds
+        tensors = [getattr(v, "cond", None) for v in values]
+        if not all(isinstance(t, torch.Tensor) and t.shape[0] == 1 for t in tensors):
+            return conds
+        if not all(value.can_concat(v) for v in values[1:]):
+            return conds
+        merged[key] = value._copy_with(value.concat(values[1:]))
+    if any(set(c) != set(first) or set(c["model_conds"]) != set(model_conds) for c in conds):
+        return conds
+    out = dict(first)
+    out["model_conds"] = merged
+    return [out]
+
+
 @functools.lru_cache(maxsize=None)
 def sampler_class():
     """``TrainSampler`` with a teacher target (distillation) and a cancel check every step."""
     nodes_train, _ = _host_training()
 
     class LoraxTrainSampler(nodes_train.TrainSampler):
-        def __init__(self, *args, teacher: Teacher | None = None, **kwargs):
+        def __init__(self, *args, teacher: Teacher | None = None, merge_conds: bool = False, **kwargs):
             super().__init__(*args, **kwargs)
             self.teacher = teacher
+            self.merge_conds = merge_conds
 
         def fwd_bwd(self, model_wrap, batch_sigmas, batch_noise, batch_latent, cond, indicies, extra_args,
                     dataset_size, bwd=True):
             comfy.model_management.throw_exception_if_processing_interrupted()
-            if self.teacher is None:
+            step_conds = [cond[i] for i in indicies]
+            if self.merge_conds:
+                step_conds = merged_batch_cond(step_conds)
+            if self.teacher is None and len(step_conds) == len(indicies):
                 with warnings.catch_warnings():  # the stock step asks CPU autocast for fp32, which it ignores
                     warnings.filterwarnings("ignore", message="In CPU autocast, but the target dtype is not supported")
                     return super().fwd_bwd(model_wrap, batch_sigmas, batch_noise, batch_latent, cond, indicies,
                                            extra_args, dataset_size, bwd=bwd)
-            xt = model_wrap.inner_model.model_sampling.noise_scaling(batch_sigmas, batch_noise, batch_latent, False)
-            model_wrap.conds["positive"] = [cond[i] for i in indicies]
+            sampling = model_wrap.inner_model.model_sampling
+            xt = sampling.noise_scaling(batch_sigmas, batch_noise, batch_latent, False)
+            model_wrap.conds["positive"] = step_conds
             batch_extra_args = nodes_train.make_batch_extra_option_dict(extra_args, indicies, full_size=dataset_size)
-            target = self.teacher.predict(model_wrap, xt, batch_sigmas, batch_extra_args)
-            scale = noise_scale(model_wrap.inner_model.model_sampling, batch_sigmas, target.dim())
+            if self.teacher is not None:
+                target = self.teacher.predict(model_wrap, xt, batch_sigmas, batch_extra_args)
+                scale = noise_scale(sampling, batch_sigmas, target.dim())
+            else:  # the stock step's target (the clean latent), with the step's conds merged
+                target = sampling.noise_scaling(torch.zeros_like(batch_sigmas), torch.zeros_like(batch_noise),
+                                                batch_latent, False).float()
+                scale = 1.0
             autocast = self.training_dtype != torch.float32  # fp32: no autocast (and no CPU warning)
             with torch.autocast(xt.device.type, dtype=self.training_dtype, enabled=autocast):
                 x0_pred = model_wrap(xt.requires_grad_(True), batch_sigmas.requires_grad_(True), **batch_extra_args)
@@ -363,7 +405,7 @@ def _remove_wrappers(patcher, wrappers) -> None:
 
 
 def train_weight_wrappers(model, build, latents, positive, *, batch_size, steps, learning_rate, seed, dtype,
-                          gradient_checkpointing=True, teacher=None):
+                          gradient_checkpointing=True, teacher=None, merge_conds=False):
     """ComfyUI's own training loop over trainable weight wrappers on a clone of ``model``.
 
     ``build()`` is called with autograd enabled and the RNG seeded from ``seed`` (so random
@@ -374,6 +416,8 @@ def train_weight_wrappers(model, build, latents, positive, *, batch_size, steps,
     prediction, see :class:`Teacher`). Returns ``(extra, losses)``; the wrappers are taken off the
     modules again and their parameters frozen. ``model`` is never modified. LoRA-X Train is this
     loop with Δσ wrappers; ``bench/fidelity.py`` runs ordinary LoRAs through it too.
+    ``merge_conds``: stack each step's per-latent conds into one batched cond (see
+    :func:`merged_batch_cond`); off by default, which is the stock trainer's behaviour.
     """
     nodes_train, custom_sampler = _host_training()
     if steps < 1 or batch_size < 1:
@@ -400,7 +444,7 @@ def train_weight_wrappers(model, build, latents, positive, *, batch_size, steps,
         optimizer = torch.optim.Adam(list(parameters), lr=learning_rate)
         sampler = sampler_class()(torch.nn.MSELoss(), optimizer, loss_callback=losses.append,
                                   batch_size=batch_size, grad_acc=1, total_steps=steps, seed=seed,
-                                  training_dtype=dtype, real_dataset=None, teacher=guide)
+                                  training_dtype=dtype, real_dataset=None, teacher=guide, merge_conds=merge_conds)
         try:
             if gradient_checkpointing:
                 for m in nodes_train.find_all_highest_child_module_with_forward(mp.model.diffusion_model):
@@ -430,7 +474,8 @@ def train_weight_wrappers(model, build, latents, positive, *, batch_size, steps,
 
 
 def train_lorax(model, latents, positive, *, batch_size, steps, learning_rate, rank, family, seed,
-                dtype_choice="auto", gradient_checkpointing=True, save_name="", teacher=None, engine=None):
+                dtype_choice="auto", gradient_checkpointing=True, save_name="", teacher=None, engine=None,
+                merge_conds=False):
     """The node's work: ``(patched model, AdapterHandle, losses, report)``."""
     prefix = check_save_name(save_name)
     engine = engine or get_engine()
@@ -451,7 +496,8 @@ def train_lorax(model, latents, positive, *, batch_size, steps, learning_rate, r
 
     trained, losses = train_weight_wrappers(model, build, latents, positive, batch_size=batch_size, steps=steps,
                                             learning_rate=learning_rate, seed=seed, dtype=dtype,
-                                            gradient_checkpointing=gradient_checkpointing, teacher=teacher)
+                                            gradient_checkpointing=gradient_checkpointing, teacher=teacher,
+                                            merge_conds=merge_conds)
     n_latents = int(latents["samples"].shape[0])
     version, _ = bridge.base_model_names(model)
     with torch.inference_mode(False):

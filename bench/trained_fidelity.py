@@ -1,0 +1,843 @@
+#!/usr/bin/env python3
+"""Fidelity on trained models: diffusion models trained here on real images, judged on the images they draw.
+
+``bench/fidelity.py`` measures transfers on random weights with planted spectra; nothing there was
+trained the way checkpoints are, and nothing looks at images. Here every model is trained, on real
+images, through ComfyUI itself (the in-process host of ``tests/host.py``), and every arm is judged on
+images sampled with ComfyUI's KSampler.
+
+Data: scikit-learn's bundled handwritten digits (``sklearn.datasets.load_digits``: 1,797 8×8 grey
+images of 10 classes, shipped in the scikit-learn wheel), scaled to [-1, 1]; a fixed train/held-out
+split (the held-out images train nothing).
+
+Models (per seed; ComfyUI's own ``UNetModel`` at a reduced width, in a ``ModelPatcher``)
+-----------------------------------------------------------------------------------------
+A model configuration of ComfyUI's SD15 family (``DigitsUNet``: ``comfy.supported_models.SD15`` with
+a one-channel latent format of scale 1 and head width 16) with model_channels 32, channel_mult (1, 2)
+(widths 32 and 64), two res blocks with a transformer block each per level, context 64. The class
+reaches the model only through cross-attention: a frozen "text encoder" (a fixed random 4 × 64
+embedding per class, the same for every model). Training runs through the pack's
+``train_weight_wrappers`` (ComfyUI's ``TrainSampler`` + ``Guider_Basic``, the loop LoRA-X Train uses)
+with one trainable full-weight wrapper per tensor, the stock loss (x0), Adam.
+
+* **base**: from a fresh init on the digits.
+* **fine-tune**: the base trained further on *thicker strokes* (each image max-ed with itself shifted
+  one pixel right), ``ft_steps`` steps.
+* **far**: the base trained further, ``far_steps`` steps at a higher learning rate, on *slanted and
+  thick* digits (rows sheared by up to ±1 px, then thickened).
+* **distilled**: a student with one res block + transformer per level instead of two (BK-SDM's cut:
+  one block pair per stage removed, output stages 3 → 2), initialised from the base's kept blocks,
+  then trained only to reproduce the base's predictions (the LoRA-X Train node's teacher path:
+  output-level distillation, loss on the predicted noise).
+
+Adapters: the style no model has is *low contrast on a grey background* (x ↦ 0.75x + 0.25), learnt from
+styled base-domain training images with their classes. LoRA-X (LoRA-X Train, Δσ of the top r
+singular values, r = 32: the shipped 320 scaled with the width, so r is the full rank of 32-wide
+layers and half of 64-wide ones, as 320 is on SD1.5's 320/640 layers) and an ordinary rank-4 LoRA
+(the host's ``LoRAAdapter.create_train`` through the same loop), on the attention projections
+(to_q/k/v/out of every transformer block), trained on the base and, as ground truth, on each target.
+
+Arms per target: none; LoRA-X / LoRA trained on the target (GT); trained on the base and moved with
+the LoRA-X Transfer node's code (``run_transfer``, layer map by similarity, threshold 0.3, modes
+``lorax`` and ``prolora``, k = 32); copied by name the way the stock loader applies it. A Φ̂-threshold
+sweep (mode ``lorax``) re-judges an arm only where another threshold moves another set of layers.
+``--auto`` (an experiment, not a pack mode) adds per layer: copy the source delta where Φ̂ ≥ 0.9 and the
+target weight is within 25 % of the source weight's norm, else the shipped projection (prolora).
+
+Judges (trained here on the training images of every domain, plain and styled; never on held-out ones):
+a digit classifier (scikit-learn MLP on the 64 pixels) — **class accuracy** of the samples against
+the class they were drawn for; a style probe (logistic regression, styled or not) — **style** =
+mean probability that a sample is styled; **kept** = (style_arm − style_none)/(style_GT − style_none),
+the share of the ground truth's style gain an arm keeps (per adapter kind). Plus the output distances of
+``bench/fidelity.py`` on held-out noisy inputs: cosine of the arm's output change against its GT's.
+
+Usage::
+
+    .venv/bin/python bench/trained_fidelity.py            # 3 seeds, all targets (1592 s here, load 2.3-3)
+    .venv/bin/python bench/trained_fidelity.py --quick    # one seed, base + fine-tune (139 s; the test runs it)
+    .venv/bin/python bench/trained_fidelity.py --auto     # adds the experimental per-layer "auto" arms
+    .venv/bin/python bench/trained_fidelity.py --json out.json --grid docs/images/trained_fidelity_grid.png
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import os
+import statistics
+import sys
+import time
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any, Callable
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+for _p in (REPO_ROOT / "tests", REPO_ROOT):
+    if str(_p) not in sys.path:
+        sys.path.insert(0, str(_p))
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+import host  # noqa: E402  (the tests' in-process ComfyUI host)
+from lorax.training import FAMILIES, select_layers  # noqa: E402
+from lorax.transfer import DEFAULT_RANK, DEFAULT_THRESHOLD, TransferSettings  # noqa: E402
+
+TARGETS = ("finetune", "far", "distilled")
+LORAX_ARMS = ("LoRA-X GT", "LoRA-X → lorax", "LoRA-X → prolora", "LoRA-X copied")
+LORA_ARMS = ("LoRA GT", "LoRA → lorax", "LoRA → prolora", "LoRA copied")
+ARMS = ("none",) + LORAX_ARMS + LORA_ARMS
+GT_OF = {a: ("LoRA-X GT" if a.startswith("LoRA-X") else "LoRA GT") for a in LORAX_ARMS + LORA_ARMS}
+AUTO_ARMS = ("LoRA-X → auto", "LoRA → auto")  # the --auto experiment
+
+
+def gt_of(arm: str) -> str:
+    return "LoRA-X GT" if arm.startswith("LoRA-X") else "LoRA GT"
+WIDTH = 32
+
+
+@dataclass(frozen=True)
+class Config:
+    seeds: tuple[int, ...] = (0, 1, 2)
+    targets: tuple[str, ...] = TARGETS
+    batch_size: int = 32
+    base_steps: int = 400
+    base_lr: float = 2e-3
+    ft_steps: int = 100
+    ft_lr: float = 1e-3
+    far_steps: int = 250
+    far_lr: float = 2e-3
+    distill_steps: int = 250
+    distill_lr: float = 2e-3
+    adapter_steps: int = 80
+    lorax_lr: float = 0.1
+    lora_lr: float = 0.02
+    rank: int = DEFAULT_RANK * WIDTH // 320   # the shipped r and k, scaled with the width (320 → 32)
+    lora_rank: int = 4
+    threshold: float = DEFAULT_THRESHOLD
+    per_class: int = 10                       # samples per class and arm
+    sample_steps: int = 16
+    n_eval: int = 64                          # held-out noisy inputs for the output distances
+    sweep_thresholds: tuple[float, ...] = (0.9, 0.99)  # Φ̂ thresholds tried besides the shipped one (mode lorax)
+    auto: bool = False                        # the experimental per-layer "auto" arms (--auto)
+    auto_phi: float = 0.9                     # auto copies a layer with Φ̂ ≥ auto_phi ...
+    auto_rel: float = 0.25                    # ... whose weight moved by at most this share of its norm
+
+
+QUICK = Config(seeds=(0,), targets=("finetune",), base_steps=300, ft_steps=30, adapter_steps=30, per_class=5,
+               sample_steps=12, n_eval=32, sweep_thresholds=())
+
+
+# --------------------------------------------------------------------------------------
+# Data: the digits, their domains, the style
+# --------------------------------------------------------------------------------------
+
+
+def thick(x: torch.Tensor) -> torch.Tensor:
+    """Bolder strokes: each image max-ed with itself shifted one pixel right (images in [-1, 1])."""
+    shifted = torch.nn.functional.pad(x[..., :, :-1], (1, 0), value=-1.0)
+    return torch.maximum(x, shifted)
+
+
+def slant(x: torch.Tensor) -> torch.Tensor:
+    """Italic: row i shifted right by round((3.5 − i)·0.3) pixels (top right, bottom left)."""
+    out = torch.full_like(x, -1.0)
+    h = x.shape[-2]
+    for i in range(h):
+        s = int(round((h / 2 - 0.5 - i) * 0.3))
+        if s > 0:
+            out[..., i, s:] = x[..., i, :-s]
+        elif s < 0:
+            out[..., i, :s] = x[..., i, -s:]
+        else:
+            out[..., i, :] = x[..., i, :]
+    return out
+
+
+DOMAINS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
+    "base": lambda x: x, "finetune": thick, "far": lambda x: thick(slant(x))}
+TARGET_DOMAIN = {"base": "base", "finetune": "finetune", "far": "far", "distilled": "base"}
+
+
+def style(x: torch.Tensor) -> torch.Tensor:
+    """The adapters' style: low contrast on a grey background (background −1 → −0.5, strokes kept at +1).
+
+    Inverting the digits (bright background) was tried first: 60 adapter steps gave style 0.7–0.9 but
+    samples no classifier could read (class accuracy ≈ chance), for LoRA-X and LoRA alike, so no arm could
+    be compared on content."""
+    return 0.75 * x + 0.25
+
+
+@dataclass
+class Data:
+    train_x: torch.Tensor   # [n, 1, 8, 8] in [-1, 1]
+    train_y: torch.Tensor
+    test_x: torch.Tensor
+    test_y: torch.Tensor
+
+
+def load_data(n_test: int = 360) -> Data:
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    x = torch.tensor(d.images, dtype=torch.float32)[:, None] / 8.0 - 1.0
+    y = torch.tensor(d.target, dtype=torch.long)
+    perm = torch.randperm(len(y), generator=torch.Generator().manual_seed(1234))
+    test, train = perm[:n_test], perm[n_test:]
+    return Data(x[train], y[train], x[test], y[test])
+
+
+class ClassEncoder:
+    """The frozen "text encoder": a fixed random 4-token × 64 embedding per class, shared by all models."""
+
+    def __init__(self, tokens: int = 4, dim: int = 64):
+        g = torch.Generator().manual_seed(4321)
+        self.table = torch.randn(10, tokens, dim, generator=g)
+
+    def per_latent(self, y: torch.Tensor) -> list:
+        return [[self.table[int(c)][None].clone(), {}] for c in y]
+
+    def batched(self, y: torch.Tensor) -> list:
+        return [[self.table[y].clone(), {}]]
+
+
+# --------------------------------------------------------------------------------------
+# Judges: a digit classifier and a style probe, trained here on the training images
+# --------------------------------------------------------------------------------------
+
+
+class Judges:
+    def __init__(self, data: Data, seed: int = 0):
+        from sklearn.linear_model import LogisticRegression
+        from sklearn.neural_network import MLPClassifier
+
+        xs, ys, ss = [], [], []
+        for fn in DOMAINS.values():
+            for styled in (False, True):
+                x = fn(data.train_x)
+                xs.append(style(x) if styled else x)
+                ys.append(data.train_y)
+                ss.append(torch.full_like(data.train_y, int(styled)))
+        X = torch.cat(xs).reshape(-1, 64).numpy()
+        self.classifier = MLPClassifier(hidden_layer_sizes=(128,), max_iter=300, random_state=seed).fit(
+            X, torch.cat(ys).numpy())
+        self.probe = LogisticRegression(max_iter=1000).fit(X, torch.cat(ss).numpy())
+        self.held_out: dict[str, float] = {}
+        for name, fn in DOMAINS.items():
+            for styled in (False, True):
+                x = fn(data.test_x)
+                x = style(x) if styled else x
+                self.held_out[f"{name}{' styled' if styled else ''}"] = self.accuracy(x, data.test_y)
+        xt = torch.cat([fn(data.test_x) for fn in DOMAINS.values()])
+        self.probe_held_out = 0.5 * (float(self.style_score(style(xt)) + 1 - self.style_score(xt)))
+
+    def accuracy(self, x: torch.Tensor, y: torch.Tensor) -> float:
+        return float(self.classifier.score(x.clamp(-1, 1).reshape(len(x), -1).numpy(), y.numpy()))
+
+    def style_score(self, x: torch.Tensor) -> float:
+        return float(self.probe.predict_proba(x.clamp(-1, 1).reshape(len(x), -1).numpy())[:, 1].mean())
+
+
+# --------------------------------------------------------------------------------------
+# Models: ComfyUI's UNet at a reduced width, in ModelPatchers
+# --------------------------------------------------------------------------------------
+
+
+_CLASSES: dict[str, type] = {}
+
+
+def _model_classes():
+    """The latent format and the model configuration (made once, after the host has been booted)."""
+    if not _CLASSES:
+        import comfy.latent_formats
+        import comfy.supported_models
+
+        class DigitsLatent(comfy.latent_formats.LatentFormat):
+            latent_channels = 1
+            scale_factor = 1.0
+
+        class DigitsUNet(comfy.supported_models.SD15):
+            """SD1.5's model family at width 32 on one-channel 8×8 'latents' (the digits themselves)."""
+            unet_extra_config = {"num_heads": -1, "num_head_channels": 16}
+            latent_format = DigitsLatent
+
+        _CLASSES.update(latent=DigitsLatent, config=DigitsUNet)
+    return _CLASSES
+
+
+def unet_config(res_blocks: int) -> dict:
+    return {"use_checkpoint": False, "image_size": 8, "use_spatial_transformer": True, "legacy": False,
+            "adm_in_channels": None, "in_channels": 1, "out_channels": 1, "model_channels": WIDTH,
+            "num_res_blocks": [res_blocks] * 2, "transformer_depth": [1] * (2 * res_blocks),
+            "transformer_depth_output": [1] * (2 * (res_blocks + 1)), "channel_mult": [1, 2],
+            "transformer_depth_middle": 1, "use_linear_in_transformer": False, "context_dim": 64,
+            "use_temporal_resblock": False, "use_temporal_attention": False}
+
+
+def _sdpa(func, *args, **kwargs):
+    """PyTorch's attention for every attention call (ComfyUI's --use-pytorch-cross-attention, per model):
+    the CPU default, sub-quadratic attention, cannot be differentiated once it chunks."""
+    from comfy.ldm.modules.attention import attention_pytorch
+
+    return attention_pytorch(*args, **kwargs)
+
+
+def make_model(sd: dict | None, res_blocks: int = 2):
+    """A ModelPatcher on the CPU over ComfyUI's BaseModel/UNetModel, loaded as comfy.sd loads a UNet."""
+    import comfy.model_patcher
+
+    config = _model_classes()["config"](unet_config(res_blocks))
+    config.set_inference_dtype(torch.float32, None)
+    model = config.get_model({}, "")
+    if sd is not None:
+        model.load_model_weights(dict(sd), "")
+    cpu = torch.device("cpu")
+    patcher = comfy.model_patcher.ModelPatcher(model, load_device=cpu, offload_device=cpu)
+    patcher.model_options.setdefault("transformer_options", {})["optimized_attention_override"] = _sdpa
+    return patcher
+
+
+def init_weights(res_blocks: int, seed: int) -> dict:
+    """PyTorch's default init (U(±1/√fan_in)), norms 1/0, biases 0, and ldm's zero-initialised output layers."""
+    shapes = {k: v.shape for k, v in make_model(None, res_blocks).model.diffusion_model.state_dict().items()}
+    g = torch.Generator().manual_seed(seed)
+    out = {}
+    for k, shape in shapes.items():
+        if k.endswith("weight") and len(shape) >= 2:
+            if k.startswith("out.2.") or ".out_layers.3." in k or ".proj_out." in k:
+                out[k] = torch.zeros(shape)
+            else:
+                out[k] = (torch.rand(shape, generator=g) * 2 - 1) / math.sqrt(math.prod(shape[1:]))
+        elif k.endswith("weight") and ("norm" in k or k.startswith("out.0") or "layers.0" in k):
+            out[k] = torch.ones(shape)
+        else:
+            out[k] = torch.zeros(shape)
+    return out
+
+
+def weights(patcher) -> dict:
+    return {k: v.detach().clone() for k, v in patcher.model.diffusion_model.state_dict().items()}
+
+
+def student_key_map() -> dict[str, str]:
+    """Student block → teacher block (BK-SDM's cut: the first block pair of each input stage is kept, the
+    output stages keep their first and last block)."""
+    return {"input_blocks.0.": "input_blocks.0.", "input_blocks.1.": "input_blocks.1.",
+            "input_blocks.2.": "input_blocks.3.", "input_blocks.3.": "input_blocks.4.",
+            "output_blocks.0.": "output_blocks.0.", "output_blocks.1.": "output_blocks.2.",
+            "output_blocks.2.": "output_blocks.3.", "output_blocks.3.": "output_blocks.5."}
+
+
+def student_init(teacher_sd: dict, seed: int) -> tuple[dict, int, int]:
+    """The student's initial weights: the teacher's where a kept block has the same shape; fresh otherwise."""
+    fresh = init_weights(1, seed)
+    blocks = student_key_map()
+    out, copied = {}, 0
+    for k, w in fresh.items():
+        src = k
+        for s, t in blocks.items():
+            if k.startswith(s):
+                src = t + k[len(s):]
+                break
+        tw = teacher_sd.get(src)
+        if tw is not None and tw.shape == w.shape:
+            out[k], copied = tw.clone(), copied + 1
+        else:
+            out[k] = w
+    return out, copied, len(fresh)
+
+
+class FullWeight(torch.nn.Module):
+    """A trainable copy of one tensor: the weight wrapper of full training (the model computes with it)."""
+
+    def __init__(self, w: torch.Tensor):
+        super().__init__()
+        self.weight = torch.nn.Parameter(w.detach().clone().float())
+
+    def forward(self, w):
+        return self.weight.to(w.dtype)
+
+
+# --------------------------------------------------------------------------------------
+# The lab: one seed's models, adapters, samples
+# --------------------------------------------------------------------------------------
+
+
+class Lab:
+    def __init__(self, comfy_host, seed: int, cfg: Config, data: Data, encoder: ClassEncoder, judges: Judges,
+                 log: Callable[[str], None] = print):
+        pack = comfy_host.pack_module(host.REPO_ROOT)
+        self.host, self.seed, self.cfg, self.data, self.enc, self.judges = comfy_host, seed, cfg, data, encoder, judges
+        self.train_node, self.transfer_job = pack.nodes.train_node, pack.nodes.transfer_job
+        self.bridge, self.handles = pack.nodes.bridge, pack.nodes.handles
+        self.engine = pack.nodes.runtime.get_engine()
+        self.log = log
+        self.models: dict[str, Any] = {}
+        self.losses: dict[str, list[float]] = {}
+        self.seconds: dict[str, float] = {}
+        g = torch.Generator().manual_seed(seed * 7_919 + 17)
+        idx = torch.randperm(len(data.test_y), generator=g)[:cfg.n_eval]
+        sampling = make_model(None).model.model_sampling
+        sigma = torch.stack([sampling.percent_to_sigma((i + 0.5) / cfg.n_eval) * torch.ones(())
+                             for i in range(cfg.n_eval)]).float()
+        noise = torch.randn(cfg.n_eval, 1, 8, 8, generator=g)
+        self.eval_xt = sampling.noise_scaling(sigma, noise, data.test_x[idx], False).float()
+        self.eval_sigma, self.eval_ctx = sigma, encoder.table[data.test_y[idx]]
+        self.eps_none: dict[str, torch.Tensor] = {}
+
+    def _timed(self, label: str, fn, *a, **kw):
+        t0 = time.perf_counter()
+        out = fn(*a, **kw)
+        self.seconds[label] = round(time.perf_counter() - t0, 1)
+        return out
+
+    # -- full training through the host's loop ------------------------------------------------------
+    def train_full(self, model, x, y, *, steps, lr, seed, teacher=None):
+        def build():
+            mods = {"diffusion_model." + k: FullWeight(v) for k, v in
+                    model.model.diffusion_model.state_dict().items()}
+            return mods, [m.weight for m in mods.values()], mods
+
+        mods, losses = self.train_node.train_weight_wrappers(
+            model, build, {"samples": x}, self.enc.per_latent(y), batch_size=self.cfg.batch_size, steps=steps,
+            learning_rate=lr, seed=seed, dtype=torch.float32, gradient_checkpointing=False, teacher=teacher,
+            merge_conds=True)
+        self.host.unload_all()
+        return {k[len("diffusion_model."):]: m.weight.detach().clone() for k, m in mods.items()}, losses
+
+    def build_models(self) -> None:
+        cfg, d, s = self.cfg, self.data, self.seed * 100
+        base = make_model(init_weights(2, self.seed))
+        sd, self.losses["base"] = self._timed("base", self.train_full, base, d.train_x, d.train_y,
+                                              steps=cfg.base_steps, lr=cfg.base_lr, seed=s + 1)
+        self.models["base"] = make_model(sd)
+        base_sd = sd
+        if "finetune" in cfg.targets:
+            sd, self.losses["finetune"] = self._timed(
+                "finetune", self.train_full, self.models["base"], thick(d.train_x), d.train_y,
+                steps=cfg.ft_steps, lr=cfg.ft_lr, seed=s + 2)
+            self.models["finetune"] = make_model(sd)
+        if "far" in cfg.targets:
+            sd, self.losses["far"] = self._timed(
+                "far", self.train_full, self.models["base"], DOMAINS["far"](d.train_x), d.train_y,
+                steps=cfg.far_steps, lr=cfg.far_lr, seed=s + 3)
+            self.models["far"] = make_model(sd)
+        if "distilled" in cfg.targets:
+            init, copied, total = student_init(base_sd, self.seed + 50)
+            self.student_copied = (copied, total)
+            student = make_model(init, res_blocks=1)
+            sd, self.losses["distilled"] = self._timed(
+                "distilled", self.train_full, student, d.train_x, d.train_y, steps=cfg.distill_steps,
+                lr=cfg.distill_lr, seed=s + 4, teacher=self.models["base"])
+            self.models["distilled"] = make_model(sd, res_blocks=1)
+
+    # -- adapters --------------------------------------------------------------------------------------
+    def style_set(self):
+        return style(self.data.train_x), self.data.train_y
+
+    def train_lorax(self, name: str, seed: int):
+        x, y = self.style_set()
+        cfg = self.cfg
+        _, handle, losses, _ = self.train_node.train_lorax(
+            self.models[name], {"samples": x}, self.enc.per_latent(y), batch_size=cfg.batch_size,
+            steps=cfg.adapter_steps, learning_rate=cfg.lorax_lr, rank=cfg.rank, family=FAMILIES[0], seed=seed,
+            dtype_choice="fp32", gradient_checkpointing=False, save_name="", engine=self.engine, merge_conds=True)
+        self.host.unload_all()
+        return handle, losses
+
+    def train_lora(self, name: str, seed: int):
+        from comfy.weight_adapter import LoRAAdapter
+
+        x, y = self.style_set()
+        cfg, bridge, model = self.cfg, self.bridge, self.models[name]
+        w = bridge.PatcherWeights(model)
+        names = bridge.kohya_names(bridge.unet_key_map(model), internal=True)
+        keys = select_layers({k: w.shape(k) for k in w.keys() if k in names}, FAMILIES[0])
+
+        def build():
+            modules = {k: LoRAAdapter.create_train(w.weight(k), rank=cfg.lora_rank, alpha=1.0) for k in keys}
+            return modules, [p for m in modules.values() for p in m.parameters() if p.requires_grad], modules
+
+        modules, losses = self.train_node.train_weight_wrappers(
+            model, build, {"samples": x}, self.enc.per_latent(y), batch_size=cfg.batch_size, steps=cfg.adapter_steps,
+            learning_rate=cfg.lora_lr, seed=seed, dtype=torch.float32, gradient_checkpointing=False,
+            merge_conds=True)
+        self.host.unload_all()
+        lora = {}
+        for key, m in modules.items():
+            p = names[key]
+            lora[f"{p}.lora_up.weight"] = m.lora_up.weight.detach().clone()
+            lora[f"{p}.lora_down.weight"] = m.lora_down.weight.detach().clone()
+            lora[f"{p}.alpha"] = m.alpha.detach().clone()
+        return self.handles.AdapterHandle(name="benchmark LoRA", path="", kind="lora", content=lora), losses
+
+    # -- arms --------------------------------------------------------------------------------------
+    def patched(self, handle, name: str):
+        model = self.models[name]
+        if handle.kind == "lora":
+            return self.bridge.host_patched_clone(model, handle.content, 1.0)
+        return self.bridge.patched_clone(model, handle.deltas_for(model, self.engine).deltas, 1.0)
+
+    def transferred(self, handle, name: str, mode: str, threshold: float | None = None):
+        threshold = self.cfg.threshold if threshold is None else threshold
+        settings = TransferSettings(rank=self.cfg.rank, threshold=threshold, mode=mode)
+        th = self.transfer_job.run_transfer(self.models["base"], self.models[name], handle, settings, self.engine,
+                                            layer_map_mode="similarity")
+        rows = th.result.layers
+        phis = [l.similarity.phi_hat_min for l in rows if l.similarity is not None]
+        info = {"moved": len(th.result.deltas), "layers": len(rows), "moved_keys": sorted(th.result.deltas),
+                "phi_hat_median": round(statistics.median(phis), 3) if phis else None,
+                "phi_hat_min": round(min(phis), 3) if phis else None}
+        return self.bridge.patched_clone(self.models[name], th.result.deltas, 1.0), info
+
+    def auto(self, handle, name: str):
+        """Experiment, not a pack mode: per layer, copy the source delta where the target layer is nearly
+        its source (Φ̂ ≥ auto_phi and ‖W_t − W_s‖ ≤ auto_rel·‖W_s‖, equal shapes), else the shipped
+        projection (prolora); both read from what the Transfer node's report measures."""
+        cfg = self.cfg
+        settings = TransferSettings(rank=cfg.rank, threshold=cfg.threshold, mode="prolora")
+        th = self.transfer_job.run_transfer(self.models["base"], self.models[name], handle, settings, self.engine,
+                                            layer_map_mode="similarity")
+        source = handle.deltas_for(self.models["base"], self.engine).deltas
+        ws, wt = self.bridge.PatcherWeights(self.models["base"]), self.bridge.PatcherWeights(self.models[name])
+        out, copied = {}, 0
+        for l in th.result.layers:
+            if l.delta is None:
+                continue
+            a, b = ws.weight(l.key).float(), wt.weight(l.target).float()
+            near = (l.similarity is not None and l.similarity.phi_hat_min >= cfg.auto_phi and a.shape == b.shape
+                    and float((b - a).norm() / a.norm()) <= cfg.auto_rel)
+            out[l.target] = source[l.key] if near else l.delta
+            copied += near
+        info = {"moved": len(out), "layers": len(th.result.layers), "copied": copied}
+        return self.bridge.patched_clone(self.models[name], out, 1.0), info
+
+    def copied(self, handle, name: str):
+        target = self.models[name]
+        shapes = self.bridge.PatcherWeights(target)
+        deltas = handle.deltas_for(self.models["base"], self.engine).deltas
+        kept = {k: d for k, d in deltas.items() if shapes.shape(k) == tuple(d.shape)}
+        info = {"moved": len(kept), "layers": len(deltas)}
+        if handle.kind == "lora":  # what the stock LoraLoader applies: the host's own patches, by name
+            key_map = self.bridge.unet_key_map(target)
+            lora = {k: v for k, v in handle.content.items()
+                    if key_map.get(k.rsplit(".", 2)[0] if k.endswith(".weight") else k.rsplit(".", 1)[0]) in kept}
+            return self.bridge.host_patched_clone(target, lora, 1.0), info
+        return self.bridge.patched_clone(target, kept, 1.0), info
+
+    # -- judging -------------------------------------------------------------------------------------
+    def sample(self, patcher) -> tuple[torch.Tensor, torch.Tensor]:
+        """Images drawn with ComfyUI's KSampler (euler, normal schedule, cfg 1), ``per_class`` per class."""
+        import nodes
+
+        y = torch.arange(10).repeat_interleave(self.cfg.per_class)
+        latent = {"samples": torch.zeros(len(y), 1, 8, 8)}
+        cond = self.enc.batched(y)
+        t0 = time.perf_counter()
+        (out,) = nodes.KSampler().sample(patcher, self.seed + 99, self.cfg.sample_steps, 1.0, "euler", "normal",
+                                         cond, cond, latent)
+        self.host.unload_all()
+        self.seconds["sampling"] = self.seconds.get("sampling", 0.0) + time.perf_counter() - t0
+        return out["samples"].float().clamp(-1, 1), y
+
+    def predict_eps(self, patcher) -> torch.Tensor:
+        import comfy.model_management
+
+        self.host.unload_all()
+        comfy.model_management.load_models_gpu([patcher], force_full_load=True)
+        try:
+            with torch.no_grad():
+                x0 = patcher.model.apply_model(self.eval_xt, self.eval_sigma, c_crossattn=self.eval_ctx,
+                                               transformer_options=dict(patcher.model_options["transformer_options"]))
+        finally:
+            self.host.unload_all()
+        return ((self.eval_xt - x0.float()) / self.eval_sigma.reshape(-1, 1, 1, 1)).double()
+
+    def judge(self, name: str, patcher, domain: str) -> dict[str, Any]:
+        x, y = self.sample(patcher)
+        # Content is judged against the class drawn; the classifier knows every domain, styled or not.
+        out = {"acc": self.judges.accuracy(x, y), "style": self.judges.style_score(x),
+               "eps": self.predict_eps(patcher), "samples": x}
+        return out
+
+
+def cosine(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.flatten(), b.flatten()
+    return float(a @ b / (a.norm() * b.norm()).clamp_min(1e-300))
+
+
+def run_seed(comfy_host, seed: int, cfg: Config, data: Data, enc: ClassEncoder, judges: Judges,
+             log: Callable[[str], None] = print) -> dict[str, Any]:
+    t0 = time.perf_counter()
+    lab = Lab(comfy_host, seed, cfg, data, enc, judges, log)
+    lab.build_models()
+    log(f"  seed {seed}: models trained ({', '.join(f'{k} {v:.0f} s' for k, v in lab.seconds.items())})")
+    res: dict[str, Any] = {"seed": seed, "loss": {}, "models": {}, "targets": {}, "layers": {}, "samples": {}}
+    for k, v in lab.losses.items():
+        n = max(1, min(20, len(v) // 5))
+        res["loss"][k] = {"first": float(np.mean(v[:n])), "last": float(np.mean(v[-n:]))}
+    if hasattr(lab, "student_copied"):
+        res["student_copied"] = lab.student_copied
+    # Every model on its own: class accuracy and style of its samples.
+    none = {}
+    for name in ["base", *cfg.targets]:
+        j = lab.judge(name, lab.models[name], TARGET_DOMAIN[name])
+        none[name] = j
+        res["models"][name] = {"acc": j["acc"], "style": j["style"]}
+        res["samples"][(name, "none")] = j["samples"]
+        if name != "base":
+            res["models"][name]["distance"] = float((j["eps"] - none["base"]["eps"]).norm() /
+                                                    none["base"]["eps"].norm())
+    # Adapters on the base.
+    src_lx, l1 = lab._timed("LoRA-X on base", lab.train_lorax, "base", seed * 1000 + 1)
+    src_lr, l2 = lab._timed("LoRA on base", lab.train_lora, "base", seed * 1000 + 2)
+    res["loss"]["LoRA-X on base"] = {"first": float(np.mean(l1[:10])), "last": float(np.mean(l1[-10:]))}
+    res["loss"]["LoRA on base"] = {"first": float(np.mean(l2[:10])), "last": float(np.mean(l2[-10:]))}
+    on_base = {}
+    for arm, h in (("LoRA-X GT", src_lx), ("LoRA GT", src_lr)):
+        j = lab.judge("base", lab.patched(h, "base"), "base")
+        on_base[arm] = {"acc": j["acc"], "style": j["style"]}
+        res["samples"][("base", arm)] = j["samples"]
+    res["targets"]["base"] = on_base
+    for ti, name in enumerate(cfg.targets):
+        gt_lx, _ = lab._timed(f"LoRA-X GT on {name}", lab.train_lorax, name, seed * 1000 + 10 + 2 * ti)
+        gt_lr, _ = lab._timed(f"LoRA GT on {name}", lab.train_lora, name, seed * 1000 + 11 + 2 * ti)
+        arms: dict[str, dict] = {"none": dict(res["models"][name])}
+        eps_none = none[name]["eps"]
+        judged: dict[str, dict] = {}
+        layers = {}
+        for kind, src, gt in (("LoRA-X", src_lx, gt_lx), ("LoRA", src_lr, gt_lr)):
+            judged[f"{kind} GT"] = lab.judge(name, lab.patched(gt, name), TARGET_DOMAIN[name])
+            for mode in ("lorax", "prolora"):
+                patched, info = lab.transferred(src, name, mode)
+                judged[f"{kind} → {mode}"] = lab.judge(name, patched, TARGET_DOMAIN[name])
+                layers[f"{kind} → {mode}"] = info
+            patched, info = lab.copied(src, name)
+            judged[f"{kind} copied"] = lab.judge(name, patched, TARGET_DOMAIN[name])
+            layers[f"{kind} copied"] = info
+            if cfg.auto:
+                patched, info = lab.auto(src, name)
+                judged[f"{kind} → auto"] = lab.judge(name, patched, TARGET_DOMAIN[name])
+                layers[f"{kind} → auto"] = info
+        for arm, j in judged.items():
+            gt = judged[GT_OF.get(arm) or f"{arm.split(' ')[0]} GT"]
+            arms[arm] = {"acc": j["acc"], "style": j["style"],
+                         "cos": None if j is gt else cosine(j["eps"] - eps_none, gt["eps"] - eps_none)}
+            res["samples"][(name, arm)] = j["samples"]
+        # Φ̂ threshold: arms re-judged only where another threshold moves another set of layers.
+        sweep: dict[str, dict] = {}
+        for kind, src in (("LoRA-X", src_lx), ("LoRA", src_lr)):
+            shipped_keys = layers[f"{kind} → lorax"]["moved_keys"]
+            for t in cfg.sweep_thresholds:
+                patched, info = lab.transferred(src, name, "lorax", threshold=t)
+                entry = {"moved": info["moved"]}
+                if info["moved_keys"] == shipped_keys:
+                    entry.update(acc=arms[f"{kind} → lorax"]["acc"], style=arms[f"{kind} → lorax"]["style"])
+                elif info["moved"] == 0:
+                    entry.update(acc=arms["none"]["acc"], style=arms["none"]["style"])
+                else:
+                    j = lab.judge(name, patched, TARGET_DOMAIN[name])
+                    entry.update(acc=j["acc"], style=j["style"])
+                sweep[f"{kind} {t}"] = entry
+        for info in layers.values():
+            info.pop("moved_keys", None)
+        res["targets"][name] = arms
+        res["layers"][name] = layers
+        res.setdefault("threshold_sweep", {})[name] = sweep
+        log(f"  seed {seed} {name}: " + ", ".join(f"{a} acc {m['acc']:.2f} style {m['style']:.2f}"
+                                                 for a, m in arms.items()))
+    res["seconds"] = round(time.perf_counter() - t0, 1)
+    res["phase_seconds"] = dict(lab.seconds)
+    del lab
+    comfy_host.unload_all()
+    return res
+
+
+# --------------------------------------------------------------------------------------
+# Summary, table, grid
+# --------------------------------------------------------------------------------------
+
+
+def kept(arm: dict, gt: dict, none: dict) -> float | None:
+    gain = gt["style"] - none["style"]
+    return (arm["style"] - none["style"]) / gain if gain > 0.05 else None
+
+
+def mean_sd(values) -> tuple[float, float, int]:
+    v = [x for x in values if x is not None and math.isfinite(x)]
+    if not v:
+        return float("nan"), float("nan"), 0
+    return statistics.fmean(v), (statistics.stdev(v) if len(v) > 1 else 0.0), len(v)
+
+
+def fmt(values, digits: int = 2) -> str:
+    m, s, n = mean_sd(values)
+    if n == 0:
+        return "—"
+    return f"{m:.{digits}f} ± {s:.{digits}f}" if n > 1 else f"{m:.{digits}f}"
+
+
+def print_report(runs: list[dict], cfg: Config, judges_info: dict, out=print) -> None:
+    n = len(runs)
+    out(f"\nTrained models, {n} seed{'s' if n > 1 else ''} {[r['seed'] for r in runs]} (mean ± sd).")
+    out(f"Judges on held-out real images: classifier accuracy " + ", ".join(
+        f"{k} {v:.3f}" for k, v in judges_info["classifier"].items()) +
+        f"; style probe accuracy {judges_info['probe']:.3f}")
+    out("\nModels on their own (samples drawn with KSampler; class accuracy by the classifier; style = "
+        "P(styled)); training loss first → last; output distance from the base on held-out inputs:")
+    for name in ["base", *cfg.targets]:
+        ms = [r["models"][name] for r in runs]
+        loss = [r["loss"][name] for r in runs]
+        dist = f", distance {fmt([m.get('distance') for m in ms])}" if name != "base" else ""
+        out(f"  {name:<10} acc {fmt([m['acc'] for m in ms])}  style {fmt([m['style'] for m in ms])}  loss "
+            f"{fmt([l['first'] for l in loss], 3)} → {fmt([l['last'] for l in loss], 3)}{dist}")
+    b = [r["targets"]["base"] for r in runs]
+    out("  adapters on the base: " + ", ".join(
+        f"{arm} acc {fmt([x[arm]['acc'] for x in b])} style {fmt([x[arm]['style'] for x in b])}"
+        for arm in ("LoRA-X GT", "LoRA GT")))
+    out("\nArms (kept = share of the GT's style gain over the bare target; cos = output change vs the GT's on "
+        "held-out noisy inputs):")
+    out(f"  {'target':<10} {'arm':<18} {'class acc':>12} {'style':>12} {'kept':>12} {'cos vs GT':>12}  layers")
+    arm_list = ARMS + (AUTO_ARMS if cfg.auto else ())
+    for name in cfg.targets:
+        for arm in arm_list:
+            per = [r["targets"][name][arm] for r in runs]
+            ks = [kept(r["targets"][name][arm], r["targets"][name][gt_of(arm)], r["targets"][name]["none"])
+                  for r in runs] if arm != "none" else []
+            lay = runs[0]["layers"][name].get(arm)
+            lay_s = f"{lay['moved']}/{lay['layers']}" + (f" Φ̂ med {lay['phi_hat_median']}" if lay.get(
+                "phi_hat_median") is not None else "") + (f", {lay['copied']} copied" if "copied" in lay else
+                                                          "") if lay else ""
+            out(f"  {name:<10} {arm:<18} {fmt([p['acc'] for p in per]):>12} {fmt([p['style'] for p in per]):>12} "
+                f"{fmt(ks):>12} {fmt([p.get('cos') for p in per]):>12}  {lay_s}")
+
+
+def print_sweep(runs: list[dict], cfg: Config, out=print) -> None:
+    if not cfg.sweep_thresholds:
+        return
+    out(f"\nΦ̂ threshold (mode lorax; shipped {cfg.threshold}): style / class acc / kept, layers moved (seed "
+        f"{runs[0]['seed']})")
+    for name in cfg.targets:
+        for kind in ("LoRA-X", "LoRA"):
+            cells = []
+            for t in (cfg.threshold, *cfg.sweep_thresholds):
+                per = [r["targets"][name][f"{kind} → lorax"] if t == cfg.threshold else
+                       r["threshold_sweep"][name][f"{kind} {t}"] for r in runs]
+                ks = [kept(p, r["targets"][name][f"{kind} GT"], r["targets"][name]["none"]) for p, r in zip(per, runs)]
+                moved = (runs[0]["layers"][name][f"{kind} → lorax"]["moved"] if t == cfg.threshold
+                         else runs[0]["threshold_sweep"][name][f"{kind} {t}"]["moved"])
+                cells.append(f"{t}: {fmt([p['style'] for p in per])} / {fmt([p['acc'] for p in per])} / "
+                             f"{fmt(ks)} ({moved})")
+            out(f"  {name:<10} {kind:<7} " + "   ".join(cells))
+
+
+def save_grid(run: dict, cfg: Config, path: str, data: Data | None = None) -> None:
+    """One row per (model, arm): one sample per class, 8×8 pixels drawn at 4× (one seed)."""
+    from PIL import Image, ImageDraw
+
+    samples = dict(run["samples"])
+    rows = []
+    if data is not None:  # real held-out images, one per class, of each domain and styled
+        first = torch.stack([data.test_x[data.test_y == c][0] for c in range(10)])
+        spread = first.repeat_interleave(cfg.per_class, 0)
+        for dom in ("base", *[t for t in cfg.targets if t in DOMAINS]):
+            samples[("real", dom)] = DOMAINS[dom](spread)
+            rows.append(("real", dom))
+        samples[("real", "base styled")] = style(spread)
+        rows.append(("real", "base styled"))
+    rows += [("base", "none"), ("base", "LoRA-X GT"), ("base", "LoRA GT")]
+    rows += [(t, a) for t in cfg.targets for a in ARMS]
+    scale, label_w = 4, 190
+    cell = 8 * scale + 2
+    img = Image.new("L", (label_w + 10 * cell, len(rows) * cell), 255)
+    draw = ImageDraw.Draw(img)
+    for r, key in enumerate(rows):
+        x = samples[key]
+        draw.text((4, r * cell + cell // 2 - 6), f"{key[0]}: {key[1]}".replace("→", "->"), fill=0)
+        for c in range(10):
+            s = x[c * cfg.per_class]
+            arr = ((s[0].numpy() + 1) * 127.5).clip(0, 255).astype("uint8")
+            tile = Image.fromarray(arr).resize((8 * scale, 8 * scale), Image.NEAREST)
+            img.paste(tile, (label_w + c * cell + 1, r * cell + 1))
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    img.save(path)
+
+
+def load_average() -> str:
+    try:
+        return " ".join(f"{x:.2f}" for x in os.getloadavg())
+    except OSError:
+        return "n/a"
+
+
+def run(cfg: Config, log: Callable[[str], None] = print, comfy_host=None) -> tuple[list[dict], dict]:
+    comfy_host = comfy_host or host.get_comfy_host()
+    import comfy.utils
+
+    comfy_host.load_pack(host.REPO_ROOT)
+    bars, comfy.utils.PROGRESS_BAR_ENABLED = comfy.utils.PROGRESS_BAR_ENABLED, False
+    t0 = time.perf_counter()
+    data, enc = load_data(), ClassEncoder()
+    judges = Judges(data)
+    info = {"classifier": judges.held_out, "probe": judges.probe_held_out,
+            "seconds": round(time.perf_counter() - t0, 1)}
+    log(f"judges trained in {info['seconds']} s: classifier on held-out images " +
+        ", ".join(f"{k} {v:.3f}" for k, v in judges.held_out.items()) + f"; style probe {judges.probe_held_out:.3f}")
+    runs = []
+    try:
+        for seed in cfg.seeds:
+            with torch.inference_mode():
+                runs.append(run_seed(comfy_host, seed, cfg, data, enc, judges, log=log))
+            log(f"seed {seed}: {runs[-1]['seconds']:.0f} s (load average {load_average()})")
+    finally:
+        comfy.utils.PROGRESS_BAR_ENABLED = bars
+    info["data"] = data
+    return runs, info
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--quick", action="store_true", help="one seed, base + fine-tune, small budget")
+    ap.add_argument("--seeds", type=str, help="comma-separated seeds (default 0,1,2)")
+    ap.add_argument("--targets", type=str, help=f"comma-separated, from {','.join(TARGETS)}")
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--json", type=str, help="write every figure to this file")
+    ap.add_argument("--grid", type=str, help="write a grid of samples (first seed) to this PNG")
+    ap.add_argument("--auto", action="store_true",
+                    help="experiment: add per-layer 'auto' arms (copy near layers, project the rest)")
+    ap.add_argument("--samples", type=str, help="save every arm's samples (torch.save) to this file")
+    ap.add_argument("--verbose", action="store_true")
+    args = ap.parse_args(argv)
+    if not args.verbose:
+        logging.getLogger().setLevel(logging.ERROR)
+    torch.set_num_threads(args.threads)
+    cfg = QUICK if args.quick else Config()
+    if args.seeds:
+        cfg = replace(cfg, seeds=tuple(int(s) for s in args.seeds.split(",")))
+    if args.targets:
+        cfg = replace(cfg, targets=tuple(t.strip() for t in args.targets.split(",")))
+    if args.auto:
+        cfg = replace(cfg, auto=True)
+    t0, cpu0 = time.perf_counter(), time.process_time()
+    print(f"trained-model fidelity: seeds {list(cfg.seeds)}, targets {list(cfg.targets)}, torch threads "
+          f"{torch.get_num_threads()}, load average {load_average()}")
+    runs, info = run(cfg)
+    print_report(runs, cfg, info)
+    print_sweep(runs, cfg)
+    wall, cpu = time.perf_counter() - t0, time.process_time() - cpu0
+    print(f"\ntotal {wall:.0f} s wall, {cpu:.0f} s CPU; load average at the end {load_average()}")
+    if args.grid:
+        save_grid(runs[0], cfg, args.grid, info["data"])
+    if args.samples:
+        torch.save([{"seed": r["seed"], "samples": r["samples"]} for r in runs], args.samples)
+    if args.json:
+        slim = [{k: v for k, v in r.items() if k != "samples"} for r in runs]
+        with open(args.json, "w") as f:
+            json.dump({"config": asdict(cfg), "judges": {k: v for k, v in info.items() if k != "data"}, "runs": slim, "wall_s": wall}, f, indent=1, default=str)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
