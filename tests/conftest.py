@@ -94,6 +94,17 @@ def comfy_host() -> _host.ComfyHost:
     pytest.fail(message, pytrace=False)
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """One torch thread, as the benchmarks run (same floating-point order; faster on a shared 2-core CPU)."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture
 def run_prompt(comfy_host):
     return comfy_host.run_prompt

@@ -431,6 +431,16 @@ class ComfyHost:
 _HOST: ComfyHost | None = None
 
 
+def load_bench(filename: str):
+    """A script of ``bench/`` imported as a module (the benchmarks are scripts, not a package)."""
+    name = "lorax_bench_" + filename.removesuffix(".py")
+    spec = importlib.util.spec_from_file_location(name, REPO_ROOT / "bench" / filename)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # dataclasses look their module up while the class is being made
+    spec.loader.exec_module(module)
+    return module
+
+
 def node_inputs(cls) -> dict[str, Any]:
     """A node's inputs in V1 form, without the hidden ones. The V3 base class's ``INPUT_TYPES``
     takes ``include_hidden`` on 0.3.75 and no argument on 0.33 (which leaves hidden inputs in)."""

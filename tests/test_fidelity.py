@@ -21,9 +21,7 @@ full run) are in the docs/fidelity.md (moved from the README).
 
 from __future__ import annotations
 
-import importlib.util
 import io
-import sys
 from contextlib import redirect_stdout
 
 import pytest
@@ -31,19 +29,7 @@ import torch
 
 import host
 
-_SPEC = importlib.util.spec_from_file_location("lorax_bench_fidelity", host.REPO_ROOT / "bench" / "fidelity.py")
-fidelity = importlib.util.module_from_spec(_SPEC)
-sys.modules[_SPEC.name] = fidelity  # dataclasses look their module up while the class is being made
-_SPEC.loader.exec_module(fidelity)
-
-
-@pytest.fixture(scope="module")
-def one_thread():
-    """One torch thread, as the benchmark runs (same floating-point order; faster on a shared 2-core CPU)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+fidelity = host.load_bench("fidelity.py")
 
 
 @pytest.fixture(scope="module")

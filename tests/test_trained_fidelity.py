@@ -13,10 +13,8 @@ which each latent of a step would be denoised under the average of the step's co
 
 from __future__ import annotations
 
-import importlib.util
 import io
 import math
-import sys
 import time
 from contextlib import redirect_stdout
 
@@ -27,19 +25,7 @@ import host
 
 pytest.importorskip("sklearn", reason="the benchmark's data and judges come from scikit-learn")
 
-_SPEC = importlib.util.spec_from_file_location("lorax_bench_trained_fidelity",
-                                               host.REPO_ROOT / "bench" / "trained_fidelity.py")
-tf = importlib.util.module_from_spec(_SPEC)
-sys.modules[_SPEC.name] = tf  # dataclasses look their module up while the class is being made
-_SPEC.loader.exec_module(tf)
-
-
-@pytest.fixture(scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+tf = host.load_bench("trained_fidelity.py")
 
 
 @pytest.fixture(scope="module")
