@@ -38,6 +38,7 @@ import torch
 
 from .devices import float64_device
 from .fingerprint import weight_digest
+from .similarity import LayerSimilarity
 from .svd import Method, SVDFactors, truncated_svd_batch
 from .weight_formats import dense_weight
 
@@ -109,7 +110,7 @@ class SVDEngine:
         self._memo: OrderedDict[tuple[str, str], SVDFactors] = OrderedDict()
         self._memo_bytes = 0
         self._identities: dict[str, str] = {}
-        self._scores: dict[str, float] = {}
+        self._similarities: dict[str, tuple[float, ...]] = {}
         self._lock = threading.Lock()
 
     @property
@@ -207,27 +208,46 @@ class SVDEngine:
         if self.store is not None and hasattr(self.store, "remember_identity"):
             self.store.remember_identity(identity, digest)
 
-    def _score_key(self, name: str, digests: Sequence[str], k: int) -> str:
-        return ":".join([name, self.method, str(k), *digests])
+    def digest_of(self, weight: torch.Tensor | Callable[[], torch.Tensor],
+                  identity: str | None = None) -> tuple[str, torch.Tensor | Callable[[], torch.Tensor]]:
+        """The weight's content digest, and the weight to hand on: found through ``identity``
+        without reading anything when it was seen before (the loader is handed back unread),
+        otherwise read and hashed (the dense weight is handed back, so nothing is read twice)."""
+        digest = self.known_digest(identity)
+        if digest is not None:
+            return digest, weight
+        weight = dense_weight(weight() if callable(weight) else weight)
+        digest = weight_digest(weight)
+        self._remember_identity(identity, digest)
+        return digest, weight
 
-    def score_of(self, name: str, digests: Sequence[str], k: int) -> float | None:
-        """A score computed before from the rank-``k`` factors of the weights with these digests
-        (``name`` says which score), from this process or the store; None if there is none."""
-        key = self._score_key(name, digests, k)
-        value = self._scores.get(key)
-        if value is None and self.store is not None and hasattr(self.store, "score_of"):
-            value = self.store.score_of(key)
-            if value is not None:
-                self._scores[key] = value
-        return value
+    def _similarity_key(self, digests: Sequence[str], k: int) -> str:
+        return ":".join(["similarity", self.method, str(k), *digests])
 
-    def remember_score(self, name: str, digests: Sequence[str], k: int, value: float) -> None:
-        key = self._score_key(name, digests, k)
-        if self._scores.get(key) == value:
+    def similarity_of(self, digests: Sequence[str], k: int) -> LayerSimilarity | None:
+        """The similarity of the layers with these (source, target) digests at rank ``k``, computed
+        before from their factors — by this process or, through the store, by an earlier one — or
+        None. It is a function of the two factor sets alone, which the digests and the method fix,
+        so remembering it changes no result; it spares a transfer the ``(m + n)·k²`` products of Φ
+        and, when the projection needs only the target's factors, reading the source's."""
+        key = self._similarity_key(digests, k)
+        values = self._similarities.get(key)
+        if values is None and self.store is not None and hasattr(self.store, "scores_of"):
+            values = self.store.scores_of(key)
+            if values is not None:
+                self._similarities[key] = values
+        if values is None or len(values) != 4:  # a line of another layout: computed again
+            return None
+        return LayerSimilarity.from_scores(*values, k=k)
+
+    def remember_similarity(self, digests: Sequence[str], sim: LayerSimilarity) -> None:
+        key = self._similarity_key(digests, sim.k)
+        values = sim.scores()
+        if self._similarities.get(key) == values:
             return
-        self._scores[key] = value
-        if self.store is not None and hasattr(self.store, "remember_score"):
-            self.store.remember_score(key, value)
+        self._similarities[key] = values
+        if self.store is not None and hasattr(self.store, "remember_scores"):
+            self.store.remember_scores(key, values)
 
     @torch.no_grad()
     def factors_many(self, requests: Sequence[tuple[torch.Tensor | Callable[[], torch.Tensor], int]],
@@ -253,11 +273,7 @@ class SVDEngine:
         pending_bytes = 0
         for i, ((weight, k), digest, identity, origin) in enumerate(zip(requests, digests, identities, origins)):
             if digest is None:
-                digest = self.known_digest(identity)
-            if digest is None:
-                weight = dense_weight(weight() if callable(weight) else weight)
-                digest = weight_digest(weight)
-                self._remember_identity(identity, digest)
+                digest, weight = self.digest_of(weight, identity)
             hit = self._lookup(digest, k)
             if hit is not None:
                 out[i] = hit

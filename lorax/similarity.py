@@ -82,6 +82,16 @@ class LayerSimilarity:
     def as_dict(self) -> dict:
         return asdict(self)
 
+    def scores(self) -> tuple[float, float, float, float]:
+        """What determines the rest: ``(phi, phi_right, chance, chance_right)`` (see :meth:`from_scores`)."""
+        return (self.phi, self.phi_right, self.chance, self.chance_right)
+
+    @classmethod
+    def from_scores(cls, phi: float, phi_right: float, chance: float, chance_right: float, k: int) -> "LayerSimilarity":
+        """The similarity :meth:`scores` gave (the Φ̂ are derived exactly as when it was computed)."""
+        return cls(phi=phi, phi_right=phi_right, chance=chance, chance_right=chance_right,
+                   phi_hat=normalized_phi(phi, chance), phi_hat_right=normalized_phi(phi_right, chance_right), k=k)
+
 
 @torch.no_grad()
 def layer_similarity(source: SVDFactors, target: SVDFactors, k: int | None = None) -> LayerSimilarity:
@@ -93,8 +103,4 @@ def layer_similarity(source: SVDFactors, target: SVDFactors, k: int | None = Non
     m, n = source.shape
     left = phi(s.U, s.S, t.U, t.S)
     right = phi(s.V, s.S, t.V, t.S)
-    c_left = chance_phi(s.S, t.S, m)
-    c_right = chance_phi(s.S, t.S, n)
-    return LayerSimilarity(phi=left, phi_right=right, chance=c_left, chance_right=c_right,
-                           phi_hat=normalized_phi(left, c_left), phi_hat_right=normalized_phi(right, c_right),
-                           k=k)
+    return LayerSimilarity.from_scores(left, right, chance_phi(s.S, t.S, m), chance_phi(s.S, t.S, n), k=k)

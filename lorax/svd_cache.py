@@ -7,8 +7,8 @@ metadata it claims, shapes, finiteness, orthonormal columns): a corrupt, truncat
 entry is deleted and reported as a miss, so it is recomputed and never trusted. When the folder
 grows past ``max_bytes`` the least recently used entries (by modification time, which reads
 refresh) are removed. Three small append-only text indexes sit beside the entries —
-``identities.log`` (file identity → digest, to skip hashing), ``scores.log`` (Φ̂ of layer pairs
-by their digests, so a layer map is not rescored) and ``origins.log`` (digest → the model it was
+``identities.log`` (file identity → digest, to skip hashing), ``scores.log`` (the similarity of
+layer pairs by their digests, so neither a transfer nor a layer map recomputes it) and ``origins.log`` (digest → the model it was
 read from, for :meth:`SVDCache.models` and ``python -m lorax cache``) — all mere shortcuts or
 labels: a damaged or missing line costs a recomputation or an "unknown model", never a wrong result.
 
@@ -99,7 +99,7 @@ class SVDCache:
         self.write_error: str | None = None  # why the last write failed (shown once in reports)
         self._identities = _AppendLog(os.path.join(self.folder, "identities.log"), self._lock,
                                       lambda v: len(v) == 32)
-        self._scores = _AppendLog(os.path.join(self.folder, "scores.log"), self._lock, _is_number)
+        self._scores = _AppendLog(os.path.join(self.folder, "scores.log"), self._lock, _are_numbers)
         self._origins = _AppendLog(os.path.join(self.folder, "origins.log"), self._lock, bool)
 
     # The text indexes of the module docstring (see _AppendLog).
@@ -109,12 +109,12 @@ class SVDCache:
     def remember_identity(self, identity: str, digest: str) -> None:
         self._identities.put(identity, digest)
 
-    def score_of(self, key: str) -> float | None:
+    def scores_of(self, key: str) -> tuple[float, ...] | None:
         value = self._scores.get(key)
-        return None if value is None else float(value)
+        return None if value is None else tuple(float(v) for v in value.split(","))
 
-    def remember_score(self, key: str, value: float) -> None:
-        self._scores.put(key, repr(float(value)))
+    def remember_scores(self, key: str, values) -> None:
+        self._scores.put(key, ",".join(repr(float(v)) for v in values))
 
     def note_origin(self, digest: str, origin: str) -> None:
         """Record that the weight with ``digest`` belongs to the model ``origin`` (a file path or a
@@ -190,10 +190,10 @@ class SVDCache:
         for X in (U, V):
             if not bool(((_column_sq_norms(X) - 1).abs() <= tol * (2 + tol)).all()):
                 raise ValueError("singular vectors are not finite unit vectors")
-        cols = torch.unique(torch.linspace(0, k - 1, steps=min(k, 8)).round().long())
-        eye = torch.eye(len(cols), dtype=U.dtype)
-        if (U[:, cols].mT @ U[:, cols] - eye).abs().max() > tol or (V[:, cols].mT @ V[:, cols] - eye).abs().max() > tol:
-            raise ValueError("singular vectors are not orthonormal")
+        for X in (U, V):
+            spot = _spot_columns(X)
+            if (spot.mT @ spot - torch.eye(spot.shape[1], dtype=X.dtype)).abs().max() > tol:
+                raise ValueError("singular vectors are not orthonormal")
         if k > 1 and bool((S[1:] > S[:-1] * (1 + 1e-6)).any()):
             raise ValueError("singular values are not sorted")
         return SVDFactors(U, S, V), os.path.getsize(path)
@@ -339,6 +339,15 @@ def _column_sq_norms(X: torch.Tensor, rows: int = 1024) -> torch.Tensor:
     return out
 
 
+def _spot_columns(X: torch.Tensor, count: int = 8) -> torch.Tensor:
+    """About ``count`` evenly spaced columns of ``X``, the first and the last among them, taken as
+    strided slices: indexing a list of columns of a row-major ``m × k`` matrix gathers element by
+    element and cost 4× as much (0.8 ms for a 10240 × 320 entry, ~20 % of reading it)."""
+    k = X.shape[1]
+    step = max(1, -(-(k - 1) // (count - 1)))
+    return torch.cat([X[:, 0:k - 1:step], X[:, k - 1:]], dim=1)
+
+
 def _listdir(folder: str) -> list[str]:
     try:
         return os.listdir(folder)
@@ -397,9 +406,10 @@ class _AppendLog:
             items[key] = value
 
 
-def _is_number(text: str) -> bool:
+def _are_numbers(text: str) -> bool:
+    """Comma-separated finite numbers (a score line's value)."""
     try:
-        return math.isfinite(float(text))
+        return all(math.isfinite(float(v)) for v in text.split(","))
     except ValueError:
         return False
 

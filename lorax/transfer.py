@@ -56,7 +56,7 @@ from .layer_map import LayerMap
 from .projection import MODES, project_lorax, project_paired, project_prolora
 from .report import family_of
 from .similarity import LayerSimilarity, layer_similarity
-from .svd import max_rank
+from .svd import SVDFactors, max_rank
 from .weight_formats import dense_weight, logical_shape
 
 #: Default rank for ordinary LoRAs (the seed's "320 largest singular values" for SD). The fidelity
@@ -276,9 +276,12 @@ def transfer_deltas(deltas: Mapping[str, Delta], source: WeightSource, target: W
         for start in range(0, len(pairs), engine.pairs_per_call):
             chunk = pairs[start:start + engine.pairs_per_call]
             ks = [_rank_for_pair(settings, s_shape, t_shape, adapter_ranks.get(s_key)) for s_key, _ in chunk]
-            src, tgt = _factors_of_pairs(engine, source, target, chunk, ks)
-            for (s_key, t_key), k, fs, ft in zip(chunk, ks, src, tgt):
-                layer = _transfer_one(s_key, deltas[s_key], fs, ft, s_shape, t_shape, k, settings, engine,
+            # The lorax projection uses the target's bases alone (LoRA-X adapters always move with it).
+            needs_source = [settings.mode != "lorax" and s_key not in adapter_ranks for s_key, _ in chunk]
+            inputs = _inputs_of_pairs(engine, source, target, chunk, ks, scored=s_shape == t_shape,
+                                      threshold=settings.threshold, needs_source=needs_source)
+            for (s_key, t_key), k, pair in zip(chunk, ks, inputs):
+                layer = _transfer_one(s_key, deltas[s_key], pair, s_shape, t_shape, k, settings, engine,
                                       lorax_adapter=s_key in adapter_ranks)
                 layer.target_key = None if t_key == s_key else t_key
                 results[(s_key, t_key)] = layer
@@ -324,8 +327,12 @@ class SimilarityScorer:
     def _k(self, source_key: str) -> int:
         return self.settings.rank_for(self.source.shape(source_key))
 
-    def _score(self, source_key: str, fs, ft) -> float:
-        return layer_similarity(fs, ft, self._k(source_key)).phi_hat_min
+    def _score(self, source_key: str, target_key: str, fs, ft) -> float:
+        sim = layer_similarity(fs, ft, self._k(source_key))
+        digests = self._digests(source_key, target_key)  # known now, for weights with an identity
+        if digests is not None:
+            self.engine.remember_similarity(digests, sim)
+        return sim.phi_hat_min
 
     @torch.no_grad()
     def score_matrix(self, source_keys: Sequence[str], target_keys: Sequence[str]) -> list[list[float]]:
@@ -340,7 +347,7 @@ class SimilarityScorer:
             for j, fs in zip(chunk, self._fetch("s", [source_keys[j] for j in chunk])):
                 for i, ft in targets.items():
                     if scores[i][j] is None:
-                        scores[i][j] = self._score_and_remember(source_keys[j], target_keys[i], fs, ft)
+                        scores[i][j] = self._score(source_keys[j], target_keys[i], fs, ft)
         return scores  # type: ignore[return-value]
 
     def _digests(self, source_key: str, target_key: str) -> tuple[str, str] | None:
@@ -350,19 +357,13 @@ class SimilarityScorer:
 
     def _remembered(self, source_key: str, target_key: str) -> float | None:
         digests = self._digests(source_key, target_key)
-        return None if digests is None else self.engine.score_of("phi_hat_min", digests, self._k(source_key))
-
-    def _score_and_remember(self, source_key: str, target_key: str, fs, ft) -> float:
-        value = self._score(source_key, fs, ft)
-        digests = self._digests(source_key, target_key)  # known now, for weights with an identity
-        if digests is not None:
-            self.engine.remember_score("phi_hat_min", digests, self._k(source_key), value)
-        return value
+        sim = None if digests is None else self.engine.similarity_of(digests, self._k(source_key))
+        return None if sim is None else sim.phi_hat_min
 
     @torch.no_grad()
     def __call__(self, source_key: str, target_key: str) -> float:
         (fs,), (ft,) = self._fetch("s", [source_key]), self._fetch("t", [target_key])
-        return self._score(source_key, fs, ft)
+        return self._score(source_key, target_key, fs, ft)
 
 
 def similarity_scorer(source: WeightSource, target: WeightSource, engine: SVDEngine,
@@ -371,16 +372,64 @@ def similarity_scorer(source: WeightSource, target: WeightSource, engine: SVDEng
     return SimilarityScorer(source, target, engine, rank)
 
 
-def _factors_of_pairs(engine: SVDEngine, source: WeightSource, target: WeightSource,
-                      pairs: list[tuple[str, str]], ks: list[int]):
-    """Source and target factors of ``(source key, target key)`` pairs, asked for in one call so
-    the engine can run all of them side by side."""
-    requests = ([(_loader(source, s), k) for (s, _), k in zip(pairs, ks)]
-                + [(_loader(target, t), k) for (_, t), k in zip(pairs, ks)])
-    identities = [_identity(source, s) for s, _ in pairs] + [_identity(target, t) for _, t in pairs]
-    origins = [_origin(source)] * len(pairs) + [_origin(target)] * len(pairs)
-    factors = engine.factors_many(requests, identities=identities, origins=origins)
-    return factors[:len(pairs)], factors[len(pairs):]
+@dataclass
+class _PairInputs:
+    """What one layer pair needs: factors on the engine's device (None where not needed, see
+    :func:`_inputs_of_pairs`) and, for layers of one shape, their similarity."""
+
+    source: SVDFactors | None
+    target: SVDFactors | None
+    similarity: LayerSimilarity | None = None
+
+
+def _inputs_of_pairs(engine: SVDEngine, source: WeightSource, target: WeightSource, pairs: list[tuple[str, str]],
+                     ks: list[int], *, scored: bool = True, threshold: float | None = None,
+                     needs_source: Sequence[bool] | None = None) -> list[_PairInputs]:
+    """Factors and similarity of ``(source key, target key)`` pairs, the factors asked for in one
+    call so the engine can run all of them side by side.
+
+    For layers of one shape (``scored``) the similarity is computed from the factors and
+    remembered by the two weights' content digests (:meth:`SVDEngine.similarity_of`); a similarity
+    remembered by an earlier run is not computed again, and then only the factors the caller still
+    needs are read: none for a pair below ``threshold`` (or for every pair when there is no
+    threshold: a table of scores), the target's alone where ``needs_source`` is false. For a warm
+    SDXL transfer with the ``lorax`` projection that halves the factors read and drops the Φ
+    products, which took more than a third of the run (docs/performance.md).
+    """
+    needs_source = needs_source if needs_source is not None else [True] * len(pairs)
+    slots: list[tuple[int, str]] = []  # (pair index, "s" or "t") of each request
+    requests, digests, origins = [], [], []
+    found: list[tuple[str, str, LayerSimilarity | None]] = []
+    for i, ((s_key, t_key), k) in enumerate(zip(pairs, ks)):
+        ds, ws = engine.digest_of(_loader(source, s_key), _identity(source, s_key))
+        dt, wt = engine.digest_of(_loader(target, t_key), _identity(target, t_key))
+        sim = engine.similarity_of((ds, dt), k) if scored else None
+        found.append((ds, dt, sim))
+        if sim is None:
+            wanted = ("s", "t")
+        elif threshold is None or sim.phi_hat_min < threshold:
+            wanted = ()
+        else:
+            wanted = ("s", "t") if needs_source[i] else ("t",)
+        for side in wanted:
+            slots.append((i, side))
+            requests.append((ws if side == "s" else wt, k))
+            digests.append(ds if side == "s" else dt)
+            origins.append(_origin(source if side == "s" else target))
+        del ws, wt  # a weight read to hash it is kept only by a request that needs its factors
+    factors = engine.factors_many(requests, digests=digests, origins=origins)
+    out = [_PairInputs(None, None, sim) for _, _, sim in found]
+    for (i, side), f in zip(slots, factors):
+        f = f.to(device=engine.device)
+        if side == "s":
+            out[i].source = f
+        else:
+            out[i].target = f
+    for (ds, dt, known), pair, k in zip(found, out, ks):
+        if scored and known is None:
+            pair.similarity = layer_similarity(pair.source, pair.target, k)
+            engine.remember_similarity((ds, dt), pair.similarity)
+    return out
 
 
 def is_cross_attention_kv(key: str) -> bool:
@@ -419,15 +468,15 @@ def _check_explicit_rank(deltas: Mapping[str, Delta], source: WeightSource, sett
                          f"(the largest has rank {largest}); choose a rank of at most {largest}")
 
 
-def _transfer_one(key, delta, fs, ft, s_shape, t_shape, k, settings, engine, *, lorax_adapter: bool) -> LayerTransfer:
+def _transfer_one(key, delta, pair: _PairInputs, s_shape, t_shape, k, settings, engine, *,
+                  lorax_adapter: bool) -> LayerTransfer:
     dev = engine.device
-    fs, ft = fs.to(device=dev), ft.to(device=dev)
+    fs, ft, sim = pair.source, pair.target, pair.similarity
     if tuple(s_shape) != tuple(t_shape):
         moved = project_paired(delta, fs, ft, t_shape)
         result = LayerTransfer(key, Decision.TRANSFERRED, s_shape, t_shape, rank=min(fs.k, ft.k),
                                note="shapes differ: singular directions paired by index (seed's rule)")
     else:
-        sim = layer_similarity(fs, ft, k)
         if sim.phi_hat_min < settings.threshold:
             return LayerTransfer(key, Decision.LOW_SIMILARITY, s_shape, t_shape, rank=k, similarity=sim,
                                  note=f"Φ̂ {sim.phi_hat:.3f} / {sim.phi_hat_right:.3f} (left/right) "
@@ -468,9 +517,8 @@ def similarity_table(source: WeightSource, target: WeightSource, keys: Iterable[
         for start in range(0, len(pairs), engine.pairs_per_call):
             chunk = pairs[start:start + engine.pairs_per_call]
             k = settings.rank_for(shape)
-            src, tgt = _factors_of_pairs(engine, source, target, chunk, [k] * len(chunk))
-            for (s_key, t_key), fs, ft in zip(chunk, src, tgt):
-                sim = layer_similarity(fs, ft, k)
+            for (s_key, t_key), pair in zip(chunk, _inputs_of_pairs(engine, source, target, chunk, [k] * len(chunk))):
+                sim = pair.similarity
                 rows.append({"key": t_key, "source_key": s_key, "phi": sim.phi, "phi_right": sim.phi_right,
                              "chance": sim.chance, "chance_right": sim.chance_right, "phi_hat": sim.phi_hat,
                              "phi_hat_right": sim.phi_hat_right, "k": k,

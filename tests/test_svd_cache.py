@@ -132,6 +132,72 @@ def test_warm_run_over_files_neither_hashes_nor_decomposes(tmp_path, weights, mo
     assert again.stats.layers_decomposed == 0 and len(hashed) == 4  # target re-hashed, found by content
 
 
+@pytest.mark.parametrize("mode", ["lorax", "prolora"])
+def test_a_warm_transfer_reuses_similarities_and_reads_only_the_factors_it_projects_with(tmp_path, weights, mode,
+                                                                                          monkeypatch):
+    """Φ of a layer pair is remembered by the two weights' digests (scores.log): a second transfer
+    between the same files computes none, reads no factors for a pair below the threshold and, with
+    the lorax projection, only the target's; its layers are identical to the first run's and to a
+    run without any cache. A damaged score line costs one recomputation, never a wrong result."""
+    from safetensors.torch import save_file
+
+    from lorax import transfer as transfer_module
+    from lorax.delta import Delta
+    from lorax.safetensors_weights import SafetensorsWeights
+    from lorax.transfer import Decision, TransferSettings, similarity_table, transfer_deltas
+
+    rng = np.random.default_rng(fresh_seed())
+    sd = {f"diffusion_model.l{i}.weight": w for i, w in enumerate(weights)}
+    # Layers 0-2 fine-tuned (similar), layer 3 replaced by an unrelated matrix (below the threshold).
+    tuned = {k: w + 0.02 * w.norm() / w.numel() ** 0.5 * torch.randn(w.shape) for k, w in list(sd.items())[:3]}
+    tuned["diffusion_model.l3.weight"] = t(power_law_matrix(rng, 64, 40), torch.float32)
+    save_file(sd, str(tmp_path / "src.safetensors"))
+    save_file(tuned, str(tmp_path / "tgt.safetensors"))
+    deltas = {k: Delta.factored(v.shape, torch.randn(v.shape[0], 2), torch.randn(2, v.shape[1])) for k, v in sd.items()}
+    settings = TransferSettings(rank=8, mode=mode)
+    computed = []
+    real = transfer_module.layer_similarity
+    monkeypatch.setattr(transfer_module, "layer_similarity", lambda *a, **kw: computed.append(1) or real(*a, **kw))
+
+    def run(store=True):
+        engine = SVDEngine(store=SVDCache(tmp_path / "cache") if store else None)
+        computed.clear()
+        result = transfer_deltas(deltas, SafetensorsWeights(tmp_path / "src.safetensors"),
+                                 SafetensorsWeights(tmp_path / "tgt.safetensors"), settings, engine)
+        return result, engine
+
+    def same(a, b):
+        assert [l.row() for l in a.layers] == [l.row() for l in b.layers]
+        assert a.deltas.keys() == b.deltas.keys()
+        for key, d in a.deltas.items():
+            assert torch.equal(d.up, b.deltas[key].up) and torch.equal(d.down, b.deltas[key].down)
+
+    cold, engine = run()
+    assert engine.stats.layers_decomposed == 8 and len(computed) == 4
+    decisions = [l.decision for l in cold.layers]
+    assert decisions == [Decision.TRANSFERRED] * 3 + [Decision.LOW_SIMILARITY]
+    warm, engine = run()
+    assert engine.stats.layers_decomposed == 0 and computed == []
+    assert engine.stats.disk_hits == (3 if mode == "lorax" else 6)  # the passing pairs' factors only
+    same(warm, cold)
+    uncached, _ = run(store=False)
+    same(uncached, cold)
+    # A damaged line (here: one value instead of four) is ignored: that pair is scored again.
+    log = tmp_path / "cache" / "scores.log"
+    lines = log.read_text().splitlines()
+    key, value = lines[0].split("\t")
+    log.write_text("\n".join([f"{key}\t{value.split(',')[0]}"] + lines[1:]) + "\n")
+    again, engine = run()
+    assert len(computed) == 1 and engine.stats.disk_hits == (3 if mode == "lorax" else 6) + (mode == "lorax")
+    same(again, cold)
+    # A table of scores needs nothing but the remembered similarities.
+    engine = SVDEngine(store=SVDCache(tmp_path / "cache"))
+    rows = similarity_table(SafetensorsWeights(tmp_path / "src.safetensors"),
+                            SafetensorsWeights(tmp_path / "tgt.safetensors"), list(sd), engine, rank=8)
+    assert engine.stats.disk_hits == 0 and len(rows) == 4
+    assert {r["key"]: r["phi"] for r in rows} == {l.key: l.similarity.phi for l in cold.layers}
+
+
 def test_batches_are_bounded_in_bytes(weights):
     engine = SVDEngine(batch_size=8, max_batch_bytes=2 * 8 * weights[0].numel(), workers=1)
     engine.factors_many([(w, 8) for w in weights[:3]])
