@@ -980,6 +980,10 @@ def run_model(model: str, args, device: torch.device, folder: Path, log) -> tupl
             if "warm" in runs:
                 # Before (float32 entries) and now (float16), each from the disk and from the page cache.
                 as_float32_cache(gram_dir, cache_root / "gram-f32")
+                # Wait until the copy (6.8 GB for SDXL) is on the disk: its writeback would otherwise
+                # compete with the disk runs below (measured: a float16 disk run took 38-54 s right
+                # after the copy was written, 6.2-7.3 s on its own).
+                os.sync()
                 for where in ("disk", "page cache"):
                     for folder, label, kw in ((cache_root / "gram-f32", "gram warm f32", {"stored_dtype": torch.float32}),
                                               (gram_dir, "gram warm", {})):
