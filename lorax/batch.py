@@ -16,8 +16,10 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
+import signal
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -77,8 +79,44 @@ def _name(path: Path, root: str) -> str:
     return str(path.resolve().relative_to(Path(root).resolve()))
 
 
-def _file_progress(i: int, n: int, name: str):
+class _StopRequest:
+    """Ctrl-C during a batch stops it between two steps of a transfer, not inside one.
+
+    Python raises KeyboardInterrupt wherever the main thread happens to be, and inside torch or
+    safetensors calls it can come out as another exception (measured: a ``ValueError`` from a
+    tensor being built), which the batch then recorded as a failed file before going on with the
+    next, or which the SVD cache took for a damaged entry. So the first Ctrl-C only asks to stop;
+    the batch checks after every group of layers and every file (:meth:`check`) and raises
+    KeyboardInterrupt there. A second Ctrl-C stops at once, as usual.
+    """
+
+    def __init__(self):
+        self.requested = False
+        self._before = None
+
+    def __enter__(self) -> "_StopRequest":
+        if threading.current_thread() is threading.main_thread():
+            self._before = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def _handle(self, signum, frame) -> None:
+        self.requested = True
+        signal.signal(signal.SIGINT, self._before)
+        print("\nLoRA-X: stopping after the current layers (Ctrl-C again to stop at once)", file=sys.stderr, flush=True)
+
+    def check(self) -> None:
+        if self.requested:
+            raise KeyboardInterrupt
+
+    def __exit__(self, *exc) -> None:
+        if self._before is not None and signal.getsignal(signal.SIGINT) == self._handle:
+            signal.signal(signal.SIGINT, self._before)
+
+
+def _file_progress(i: int, n: int, name: str, stop: _StopRequest | None = None):
     def update(done: int, total: int) -> None:
+        if stop is not None:
+            stop.check()
         if sys.stderr.isatty():
             print(f"\r[{i}/{n}] {name}: {done}/{total} layers\033[K", end="", file=sys.stderr)
     return update
@@ -147,11 +185,12 @@ def run_local(jobs, args, settings, user_map):
     be = _cli()._backend()
     source, target = be.load_model(args.source), be.load_model(args.target)
     rows = []
-    with batch_engine(args.exact) as engine:
+    with batch_engine(args.exact) as engine, _StopRequest() as stop:
         for i, (name, path, out) in enumerate(jobs, 1):
             row = be.transfer_file(name, path, out, source, target, settings, engine, strength=args.strength,
                                    overwrite=args.overwrite, layer_map_mode=args.layer_map, user_map=user_map,
-                                   progress=_file_progress(i, len(jobs), name))
+                                   progress=_file_progress(i, len(jobs), name, stop))
+            stop.check()  # also when the file ended in an error the interruption caused
             if sys.stderr.isatty():
                 print(file=sys.stderr)
             print(f"[{i}/{len(jobs)}] {row.status}: {name}" + (f" -> {row.output}" if row.status == "written" else "")

@@ -305,7 +305,9 @@ def test_interrupted_batch_run_again_finishes_only_what_is_missing(cli_paths, mi
     """A real interruption (SIGINT as soon as the first file is reported written), then the same
     command again. The signal follows the report line at once, not a poll of the output folder:
     after the first file the rest reuse its factors and similarities and go fast, and a poll let a
-    whole batch finish before the signal came."""
+    whole batch finish before the signal came. Sent mid-file, a plain KeyboardInterrupt came out of
+    torch as a ValueError once, and the batch listed that file as failed and went on: the batch
+    stops between steps instead (lorax.batch._StopRequest)."""
     import signal
 
     source, target, _, work = cli_paths
@@ -321,11 +323,12 @@ def test_interrupted_batch_run_again_finishes_only_what_is_missing(cli_paths, mi
         while line and not line.startswith(f"[1/{len(files)}]"):
             line = proc.stdout.readline()
         proc.send_signal(signal.SIGINT)
-        proc.communicate(timeout=300)
+        rest, _ = proc.communicate(timeout=300)
         err_file.seek(0)
-        err = err_file.read()
-    assert line.startswith(f"[1/{len(files)}] written"), err[-2000:]
-    assert proc.returncode == -signal.SIGINT, err[-2000:]  # stopped mid-batch, not finished
+        err = line + rest[-1500:] + err_file.read()[-2000:]
+    assert line.startswith(f"[1/{len(files)}] written"), err
+    assert proc.returncode == -signal.SIGINT, err  # stopped mid-batch, not finished
+    assert "stopping after the current layers" in err and " failed" not in err, err
     done = sorted(out.glob("*-on-*.safetensors"))
     assert 1 <= len(done) < len(files)
     settings = {"rank": 320, "threshold": 0.3, "mode": "prolora", "strength_baked": 1.0}
