@@ -8,9 +8,10 @@ entry is deleted and reported as a miss, so it is recomputed and never trusted. 
 grows past ``max_bytes`` the least recently used entries (by modification time, which reads
 refresh) are removed. Three small append-only text indexes sit beside the entries —
 ``identities.log`` (file identity → digest, to skip hashing), ``scores.log`` (the similarity of
-layer pairs by their digests, so neither a transfer nor a layer map recomputes it) and ``origins.log`` (digest → the model it was
-read from, for :meth:`SVDCache.models` and ``python -m lorax cache``) — all mere shortcuts or
-labels: a damaged or missing line costs a recomputation or an "unknown model", never a wrong result.
+layer pairs by their digests, so neither a transfer nor a layer map recomputes it) and
+``origins.log`` (digest → the model it was read from, for :meth:`SVDCache.models` and
+``python -m lorax cache``) — all mere shortcuts or labels: a damaged or missing line costs a
+recomputation or an "unknown model", never a wrong result.
 
 Precision. The engine decides it (:attr:`lorax.engine.SVDEngine.stored_dtype`) and rounds its
 factors *before* using them, so a cold run and a warm run compute with the same numbers; the
