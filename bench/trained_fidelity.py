@@ -32,17 +32,18 @@ with one trainable full-weight wrapper per tensor, the stock loss (x0), Adam.
 
 Adapters: the style no model has is *low contrast on a grey background* (x ↦ 0.75x + 0.25), learnt from
 styled base-domain training images with their classes. LoRA-X (LoRA-X Train, Δσ of the top r
-singular values, r = 32: the shipped 320 scaled with the width, so r is the full rank of 32-wide
-layers and half of 64-wide ones, as 320 is on SD1.5's 320/640 layers) and an ordinary rank-4 LoRA
+singular values, r = 16: the shipped 320 scaled with the width, so r is half the rank of 32-wide
+layers and a quarter of 64-wide ones, as 320 is of SD1.5's 640- and SDXL's 1280-wide layers) and an ordinary rank-4 LoRA
 (the host's ``LoRAAdapter.create_train`` through the same loop), on the attention projections
 (to_q/k/v/out of every transformer block), trained on the base and, as ground truth, on each target.
 
 Arms per target: none; LoRA-X / LoRA trained on the target (GT); trained on the base and moved with
-the LoRA-X Transfer node's code (``run_transfer``, layer map by similarity, threshold 0.3, modes
-``lorax`` and ``prolora``, k = 32); copied by name the way the stock loader applies it. A Φ̂-threshold
-sweep (mode ``lorax``) re-judges an arm only where another threshold moves another set of layers.
-``--auto`` (an experiment, not a pack mode) adds per layer: copy the source delta where Φ̂ ≥ 0.9 and the
-target weight is within 25 % of the source weight's norm, else the shipped projection (prolora).
+the LoRA-X Transfer node's code (``run_transfer``, layer map by similarity, threshold 0.3, k = 16) in
+every mode of the pack (``auto``, the default: copy where the weight moved ≤ 50 %, transport the rest;
+``copy`` along the layer map; ``transport``; ``prolora_cross``; ``prolora``; ``lorax``), the copy with a
+per-layer strength correction (each delta × ‖W_t‖/‖W_s‖), and copied by name the way the stock loader
+applies it. A Φ̂-threshold sweep (mode ``lorax``) and a sweep of auto's bound re-judge an arm only where
+another value moves (or copies) another set of layers.
 
 Judges (trained here on the training images of every domain, plain and styled; never on held-out ones):
 a digit classifier (scikit-learn MLP on the 64 pixels) — **class accuracy** of the samples against
@@ -55,7 +56,6 @@ Usage::
 
     .venv/bin/python bench/trained_fidelity.py            # 3 seeds, all targets (1592 s here, load 2.3-3)
     .venv/bin/python bench/trained_fidelity.py --quick    # one seed, base + fine-tune (139 s; the test runs it)
-    .venv/bin/python bench/trained_fidelity.py --auto     # adds the experimental per-layer "auto" arms
     .venv/bin/python bench/trained_fidelity.py --json out.json --grid docs/images/trained_fidelity_grid.png
 """
 
@@ -83,14 +83,26 @@ import torch  # noqa: E402
 
 import host  # noqa: E402  (the tests' in-process ComfyUI host)
 from lorax.training import FAMILIES, select_layers  # noqa: E402
-from lorax.transfer import DEFAULT_RANK, DEFAULT_THRESHOLD, TransferSettings  # noqa: E402
+from lorax.transfer import DEFAULT_COPY_BELOW, DEFAULT_RANK, DEFAULT_THRESHOLD, TransferSettings  # noqa: E402
 
 TARGETS = ("finetune", "far", "distilled")
-LORAX_ARMS = ("LoRA-X GT", "LoRA-X → lorax", "LoRA-X → prolora", "LoRA-X copied")
-LORA_ARMS = ("LoRA GT", "LoRA → lorax", "LoRA → prolora", "LoRA copied")
-ARMS = ("none",) + LORAX_ARMS + LORA_ARMS
-GT_OF = {a: ("LoRA-X GT" if a.startswith("LoRA-X") else "LoRA GT") for a in LORAX_ARMS + LORA_ARMS}
-AUTO_ARMS = ("LoRA-X → auto", "LoRA → auto")  # the --auto experiment
+#: The pack's transfer modes an arm moves an adapter with (lorax.transfer.MODES); ``copy`` copies along the
+#: layer map, while the "copied" arms copy by name, as the stock loader does.
+BENCH_MODES = ("auto", "copy", "transport", "prolora_cross", "prolora")  # lorax: docs/fidelity.md, earlier runs
+KINDS = ("LoRA-X", "LoRA")
+
+
+def arms_of(modes=BENCH_MODES, scaled: bool = True) -> tuple[str, ...]:
+    """Every arm of a run: none, then per adapter kind its GT, each mode, the strength-corrected copy, copied."""
+    out = ["none"]
+    for kind in KINDS:
+        out += [f"{kind} GT", *(f"{kind} → {m}" for m in modes)]
+        out += [f"{kind} → copy ×‖W‖"] if scaled else []
+        out.append(f"{kind} copied")
+    return tuple(out)
+
+
+ARMS = arms_of()
 
 
 def gt_of(arm: str) -> str:
@@ -114,20 +126,25 @@ class Config:
     adapter_steps: int = 80
     lorax_lr: float = 0.1
     lora_lr: float = 0.02
-    rank: int = DEFAULT_RANK * WIDTH // 320   # the shipped r and k, scaled with the width (320 → 32)
+    rank: int = DEFAULT_RANK * WIDTH // 640   # k (and LoRA-X r) a quarter of the widest layers, as 320 is of 1280
     lora_rank: int = 4
     threshold: float = DEFAULT_THRESHOLD
     per_class: int = 10                       # samples per class and arm
     sample_steps: int = 16
     n_eval: int = 64                          # held-out noisy inputs for the output distances
-    sweep_thresholds: tuple[float, ...] = (0.9, 0.99)  # Φ̂ thresholds tried besides the shipped one (mode lorax)
-    auto: bool = False                        # the experimental per-layer "auto" arms (--auto)
-    auto_phi: float = 0.9                     # auto copies a layer with Φ̂ ≥ auto_phi ...
-    auto_rel: float = 0.25                    # ... whose weight moved by at most this share of its norm
+    sweep_thresholds: tuple[float, ...] = ()  # Φ̂ thresholds tried besides the shipped one (needs "lorax" in modes)
+    modes: tuple[str, ...] = BENCH_MODES      # the pack's modes judged as arms
+    scaled: bool = True                       # the strength-corrected copy arm
+    copy_below: tuple[float, ...] = (0.1, 0.25)  # auto's bound tried besides the shipped one (judged where it differs)
+
+    @property
+    def arms(self) -> tuple[str, ...]:
+        return arms_of(self.modes, self.scaled)
 
 
 QUICK = Config(seeds=(0,), targets=("finetune",), base_steps=300, ft_steps=30, adapter_steps=30, per_class=5,
-               sample_steps=12, n_eval=32, sweep_thresholds=())
+               sample_steps=12, n_eval=32, sweep_thresholds=(), modes=("auto", "prolora"), scaled=False,
+               copy_below=())
 
 
 # --------------------------------------------------------------------------------------
@@ -480,39 +497,32 @@ class Lab:
             return self.bridge.host_patched_clone(model, handle.content, 1.0)
         return self.bridge.patched_clone(model, handle.deltas_for(model, self.engine).deltas, 1.0)
 
-    def transferred(self, handle, name: str, mode: str, threshold: float | None = None):
+    def transferred(self, handle, name: str, mode: str, threshold: float | None = None,
+                    copy_below: float = DEFAULT_COPY_BELOW, scale_by_norm: bool = False):
         threshold = self.cfg.threshold if threshold is None else threshold
-        settings = TransferSettings(rank=self.cfg.rank, threshold=threshold, mode=mode)
+        settings = TransferSettings(rank=self.cfg.rank, threshold=threshold, mode=mode, copy_below=copy_below)
         th = self.transfer_job.run_transfer(self.models["base"], self.models[name], handle, settings, self.engine,
                                             layer_map_mode="similarity")
         rows = th.result.layers
         phis = [l.similarity.phi_hat_min for l in rows if l.similarity is not None]
+        changes = [l.weight_change for l in rows if l.weight_change is not None]
+        hows: dict[str, int] = {}
+        for l in rows:
+            if l.how:
+                hows[l.how] = hows.get(l.how, 0) + 1
         info = {"moved": len(th.result.deltas), "layers": len(rows), "moved_keys": sorted(th.result.deltas),
                 "phi_hat_median": round(statistics.median(phis), 3) if phis else None,
-                "phi_hat_min": round(min(phis), 3) if phis else None}
-        return self.bridge.patched_clone(self.models[name], th.result.deltas, 1.0), info
-
-    def auto(self, handle, name: str):
-        """Experiment, not a pack mode: per layer, copy the source delta where the target layer is nearly
-        its source (Φ̂ ≥ auto_phi and ‖W_t − W_s‖ ≤ auto_rel·‖W_s‖, equal shapes), else the shipped
-        projection (prolora); both read from what the Transfer node's report measures."""
-        cfg = self.cfg
-        settings = TransferSettings(rank=cfg.rank, threshold=cfg.threshold, mode="prolora")
-        th = self.transfer_job.run_transfer(self.models["base"], self.models[name], handle, settings, self.engine,
-                                            layer_map_mode="similarity")
-        source = handle.deltas_for(self.models["base"], self.engine).deltas
-        ws, wt = self.bridge.PatcherWeights(self.models["base"]), self.bridge.PatcherWeights(self.models[name])
-        out, copied = {}, 0
-        for l in th.result.layers:
-            if l.delta is None:
-                continue
-            a, b = ws.weight(l.key).float(), wt.weight(l.target).float()
-            near = (l.similarity is not None and l.similarity.phi_hat_min >= cfg.auto_phi and a.shape == b.shape
-                    and float((b - a).norm() / a.norm()) <= cfg.auto_rel)
-            out[l.target] = source[l.key] if near else l.delta
-            copied += near
-        info = {"moved": len(out), "layers": len(th.result.layers), "copied": copied}
-        return self.bridge.patched_clone(self.models[name], out, 1.0), info
+                "phi_hat_min": round(min(phis), 3) if phis else None, "how": hows,
+                "copied": hows.get("copied", 0), "copied_keys": sorted(l.target for l in rows if l.how == "copied"),
+                "change_median": round(statistics.median(changes), 4) if changes else None,
+                "change_range": [round(min(changes), 4), round(max(changes), 4)] if changes else None}
+        deltas = th.result.deltas
+        if scale_by_norm:  # a per-layer strength correction: the delta scaled as the target weight is
+            ws, wt = self.bridge.PatcherWeights(self.models["base"]), self.bridge.PatcherWeights(self.models[name])
+            deltas = {l.target: l.delta.scaled(float(wt.weight(l.target).float().norm() /
+                                                     ws.weight(l.key).float().norm()))
+                      for l in rows if l.delta is not None}
+        return self.bridge.patched_clone(self.models[name], deltas, 1.0), info
 
     def copied(self, handle, name: str):
         target = self.models[name]
@@ -610,25 +620,27 @@ def run_seed(comfy_host, seed: int, cfg: Config, data: Data, enc: ClassEncoder, 
         layers = {}
         for kind, src, gt in (("LoRA-X", src_lx, gt_lx), ("LoRA", src_lr, gt_lr)):
             judged[f"{kind} GT"] = lab.judge(name, lab.patched(gt, name), TARGET_DOMAIN[name])
-            for mode in ("lorax", "prolora"):
+            for mode in cfg.modes:
                 patched, info = lab.transferred(src, name, mode)
                 judged[f"{kind} → {mode}"] = lab.judge(name, patched, TARGET_DOMAIN[name])
                 layers[f"{kind} → {mode}"] = info
+            if cfg.scaled:
+                patched, info = lab.transferred(src, name, "copy", scale_by_norm=True)
+                judged[f"{kind} → copy ×‖W‖"] = lab.judge(name, patched, TARGET_DOMAIN[name])
+                layers[f"{kind} → copy ×‖W‖"] = info
             patched, info = lab.copied(src, name)
             judged[f"{kind} copied"] = lab.judge(name, patched, TARGET_DOMAIN[name])
             layers[f"{kind} copied"] = info
-            if cfg.auto:
-                patched, info = lab.auto(src, name)
-                judged[f"{kind} → auto"] = lab.judge(name, patched, TARGET_DOMAIN[name])
-                layers[f"{kind} → auto"] = info
         for arm, j in judged.items():
-            gt = judged[GT_OF.get(arm) or f"{arm.split(' ')[0]} GT"]
+            gt = judged[gt_of(arm)]
             arms[arm] = {"acc": j["acc"], "style": j["style"],
                          "cos": None if j is gt else cosine(j["eps"] - eps_none, gt["eps"] - eps_none)}
             res["samples"][(name, arm)] = j["samples"]
         # Φ̂ threshold: arms re-judged only where another threshold moves another set of layers.
         sweep: dict[str, dict] = {}
         for kind, src in (("LoRA-X", src_lx), ("LoRA", src_lr)):
+            if "lorax" not in cfg.modes:
+                break
             shipped_keys = layers[f"{kind} → lorax"]["moved_keys"]
             for t in cfg.sweep_thresholds:
                 patched, info = lab.transferred(src, name, "lorax", threshold=t)
@@ -641,8 +653,22 @@ def run_seed(comfy_host, seed: int, cfg: Config, data: Data, enc: ClassEncoder, 
                     j = lab.judge(name, patched, TARGET_DOMAIN[name])
                     entry.update(acc=j["acc"], style=j["style"])
                 sweep[f"{kind} {t}"] = entry
+        # auto's bound: re-judged only where another bound copies another set of layers.
+        for kind, src in (("LoRA-X", src_lx), ("LoRA", src_lr)):
+            if "auto" not in cfg.modes:
+                break
+            shipped = layers[f"{kind} → auto"]
+            for bound in cfg.copy_below:
+                patched, info = lab.transferred(src, name, "auto", copy_below=bound)
+                entry = {"copied": info["copied"], "moved": info["moved"]}
+                same = info["copied_keys"] == shipped["copied_keys"]
+                j = None if same else lab.judge(name, patched, TARGET_DOMAIN[name])
+                base_arm = arms[f"{kind} → auto"] if same else {"acc": j["acc"], "style": j["style"]}
+                entry.update(acc=base_arm["acc"], style=base_arm["style"])
+                sweep[f"{kind} auto {bound}"] = entry
         for info in layers.values():
             info.pop("moved_keys", None)
+            info.pop("copied_keys", None)
         res["targets"][name] = arms
         res["layers"][name] = layers
         res.setdefault("threshold_sweep", {})[name] = sweep
@@ -700,7 +726,7 @@ def print_report(runs: list[dict], cfg: Config, judges_info: dict, out=print) ->
     out("\nArms (kept = share of the GT's style gain over the bare target; cos = output change vs the GT's on "
         "held-out noisy inputs):")
     out(f"  {'target':<10} {'arm':<18} {'class acc':>12} {'style':>12} {'kept':>12} {'cos vs GT':>12}  layers")
-    arm_list = ARMS + (AUTO_ARMS if cfg.auto else ())
+    arm_list = cfg.arms
     for name in cfg.targets:
         for arm in arm_list:
             per = [r["targets"][name][arm] for r in runs]
@@ -708,15 +734,20 @@ def print_report(runs: list[dict], cfg: Config, judges_info: dict, out=print) ->
                   for r in runs] if arm != "none" else []
             lay = runs[0]["layers"][name].get(arm)
             lay_s = f"{lay['moved']}/{lay['layers']}" + (f" Φ̂ med {lay['phi_hat_median']}" if lay.get(
-                "phi_hat_median") is not None else "") + (f", {lay['copied']} copied" if "copied" in lay else
-                                                          "") if lay else ""
+                "phi_hat_median") is not None else "") + (f", {lay['copied']} copied" if lay.get("copied") else
+                                                          "") + (f", ΔW med {lay['change_median']}" if lay.get(
+                "change_median") is not None else "") if lay else ""
             out(f"  {name:<10} {arm:<18} {fmt([p['acc'] for p in per]):>12} {fmt([p['style'] for p in per]):>12} "
                 f"{fmt(ks):>12} {fmt([p.get('cos') for p in per]):>12}  {lay_s}")
 
 
 def print_sweep(runs: list[dict], cfg: Config, out=print) -> None:
-    if not cfg.sweep_thresholds:
-        return
+    if cfg.sweep_thresholds:
+        _print_threshold_sweep(runs, cfg, out)
+    _print_bound_sweep(runs, cfg, out)
+
+
+def _print_threshold_sweep(runs: list[dict], cfg: Config, out=print) -> None:
     out(f"\nΦ̂ threshold (mode lorax; shipped {cfg.threshold}): style / class acc / kept, layers moved (seed "
         f"{runs[0]['seed']})")
     for name in cfg.targets:
@@ -730,6 +761,25 @@ def print_sweep(runs: list[dict], cfg: Config, out=print) -> None:
                          else runs[0]["threshold_sweep"][name][f"{kind} {t}"]["moved"])
                 cells.append(f"{t}: {fmt([p['style'] for p in per])} / {fmt([p['acc'] for p in per])} / "
                              f"{fmt(ks)} ({moved})")
+            out(f"  {name:<10} {kind:<7} " + "   ".join(cells))
+
+
+def _print_bound_sweep(runs: list[dict], cfg: Config, out=print) -> None:
+    if "auto" not in cfg.modes or not cfg.copy_below:
+        return
+    out(f"\nauto's bound (copy where the weight moved ≤ bound; shipped {DEFAULT_COPY_BELOW}): style / class acc / "
+        f"kept (layers copied, seed {runs[0]['seed']})")
+    for name in cfg.targets:
+        for kind in ("LoRA-X", "LoRA"):
+            cells = []
+            for bound in sorted((DEFAULT_COPY_BELOW, *cfg.copy_below)):
+                per = [r["targets"][name][f"{kind} → auto"] if bound == DEFAULT_COPY_BELOW else
+                       r["threshold_sweep"][name][f"{kind} auto {bound}"] for r in runs]
+                ks = [kept(p, r["targets"][name][f"{kind} GT"], r["targets"][name]["none"]) for p, r in zip(per, runs)]
+                copied = (runs[0]["layers"][name][f"{kind} → auto"]["copied"] if bound == DEFAULT_COPY_BELOW
+                          else runs[0]["threshold_sweep"][name][f"{kind} auto {bound}"]["copied"])
+                cells.append(f"{bound}: {fmt([p['style'] for p in per])} / {fmt([p['acc'] for p in per])} / "
+                             f"{fmt(ks)} ({copied})")
             out(f"  {name:<10} {kind:<7} " + "   ".join(cells))
 
 
@@ -748,7 +798,7 @@ def save_grid(run: dict, cfg: Config, path: str, data: Data | None = None) -> No
         samples[("real", "base styled")] = style(spread)
         rows.append(("real", "base styled"))
     rows += [("base", "none"), ("base", "LoRA-X GT"), ("base", "LoRA GT")]
-    rows += [(t, a) for t in cfg.targets for a in ARMS]
+    rows += [(t, a) for t in cfg.targets for a in cfg.arms]
     scale, label_w = 4, 190
     cell = 8 * scale + 2
     img = Image.new("L", (label_w + 10 * cell, len(rows) * cell), 255)
@@ -805,8 +855,6 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--json", type=str, help="write every figure to this file")
     ap.add_argument("--grid", type=str, help="write a grid of samples (first seed) to this PNG")
-    ap.add_argument("--auto", action="store_true",
-                    help="experiment: add per-layer 'auto' arms (copy near layers, project the rest)")
     ap.add_argument("--samples", type=str, help="save every arm's samples (torch.save) to this file")
     ap.add_argument("--verbose", action="store_true")
     args = ap.parse_args(argv)
@@ -818,8 +866,6 @@ def main(argv=None) -> int:
         cfg = replace(cfg, seeds=tuple(int(s) for s in args.seeds.split(",")))
     if args.targets:
         cfg = replace(cfg, targets=tuple(t.strip() for t in args.targets.split(",")))
-    if args.auto:
-        cfg = replace(cfg, auto=True)
     t0, cpu0 = time.perf_counter(), time.process_time()
     print(f"trained-model fidelity: seeds {list(cfg.seeds)}, targets {list(cfg.targets)}, torch threads "
           f"{torch.get_num_threads()}, load average {load_average()}")

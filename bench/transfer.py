@@ -22,6 +22,12 @@ What it measures, per model (``--models sd15,sdxl``), on one device (``--device 
   and ``gram warm prolora`` the warm run with the nodes' default projection, which needs the
   source's factors too (its deltas differ from the ``lorax`` reference, so no error is shown).
 * ``randomized cold`` — the same as the first with ``method="randomized"`` and its own fresh cache.
+* ``prolora cold/warm`` and ``auto cold/warm`` (``--runs modes``) — the transfer modes of
+  :mod:`lorax.transfer` side by side, each cold on a fresh cache and then warm on it: ``prolora`` (the
+  default before 0.3.0) decomposes every layer; ``auto`` (the default since) copies the layers whose
+  target weight lies within 50 % of the source's norm without decomposing them — on the synthetic
+  5 % fine-tune, every layer — and transports the rest. Their deltas differ from the ``lorax``
+  reference, so no error is shown.
 * ``naive svd32`` — the straightforward implementation, as the baseline: for every layer a full
   ``torch.linalg.svd`` (float32, ``full_matrices=False``) of the source and of the target weight,
   no cache, then the same Φ̂ test and the same projection (:func:`lorax.projection.project_lorax`
@@ -1005,6 +1011,15 @@ def run_model(model: str, args, device: torch.device, folder: Path, log) -> tupl
                 rows.append(svd_run("gram", forgetful, warm=True, label="gram warm, Φ computed (page cache)"))
         if "randomized" in runs:
             rows.append(svd_run("randomized", cache_root / "randomized", warm=False))
+        if "modes" in runs:
+            # The default transfer of the day (auto: copy the layers that barely moved, with no SVD) against
+            # the default before it (prolora), cold then warm, each on a fresh cache of its own.
+            for mode in ("prolora", "auto"):
+                folder = cache_root / f"mode-{mode}"
+                mode_settings = replace(settings, mode=mode)
+                rows.append(svd_run("gram", folder, warm=False, label=f"{mode} cold", run_settings=mode_settings))
+                rows.append(svd_run("gram", folder, warm=True, label=f"{mode} warm (page cache)",
+                                    run_settings=mode_settings))
     finally:
         shutil.rmtree(cache_root, ignore_errors=True)
     if "baseline" in runs:
@@ -1296,7 +1311,8 @@ def main(argv=None) -> int:
     p.add_argument("--keep-files", action="store_true",
                    help="keep the synthetic models at exit (the SVD caches are always removed)")
     p.add_argument("--runs", default=None,
-                   help="which runs: read, gram, warm, randomized, baseline (default all; read,gram,warm for flux)")
+                   help="which runs: read, gram, warm, randomized, baseline, modes (default all but modes; "
+                        "read,gram,warm for flux)")
     p.add_argument("--cache-gb", type=float, default=None,
                    help="SVD cache size limit in GiB (default: the library's default, 16)")
     p.add_argument("--svd-cache-dir", default=None,
@@ -1333,7 +1349,7 @@ def main(argv=None) -> int:
         p.error(f"--flux-blocks must be D,S with 1 ≤ D ≤ {FLUX_BLOCKS[0]} and 1 ≤ S ≤ {FLUX_BLOCKS[1]}")
     if args.runs is not None:
         args.runs = {r.strip() for r in args.runs.split(",") if r.strip()}
-        bad = args.runs - {"read", "gram", "warm", "randomized", "baseline"}
+        bad = args.runs - {"read", "gram", "warm", "randomized", "baseline", "modes"}
         if bad:
             p.error(f"unknown runs {sorted(bad)}")
     device = torch.device(args.device)

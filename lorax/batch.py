@@ -26,8 +26,7 @@ from pathlib import Path
 from .errors import LoraxError
 from .library_scan import (adapter_files, batch_table, distinct_layers, output_path, scan_csv, scan_json,
                            scan_table)
-from .projection import MODES
-from .transfer import DEFAULT_MODE, DEFAULT_RANK, DEFAULT_THRESHOLD, TransferSettings
+from .transfer import DEFAULT_MODE, DEFAULT_RANK, DEFAULT_THRESHOLD, MODES, TransferSettings
 
 
 def _cli():

@@ -19,9 +19,8 @@ from pathlib import Path
 
 from .errors import LoraxError
 from .layer_map import MODES as LAYER_MAP_MODES, load_user_map
-from .projection import MODES
 from .skip_reasons import why_left_out
-from .transfer import DEFAULT_MODE, DEFAULT_RANK, DEFAULT_THRESHOLD, TransferSettings
+from .transfer import DEFAULT_MODE, DEFAULT_RANK, DEFAULT_THRESHOLD, MODES, TransferSettings
 
 PACK_ROOT = Path(__file__).resolve().parent.parent
 _PACK_NAME = "lorax_comfyui_pack"

@@ -96,6 +96,19 @@ class Delta:
             return float(gram.sum().clamp_min(0).sqrt())
         return float(torch.linalg.matrix_norm(self.dense))
 
+    def inner(self, other: "Delta") -> float:
+        """Frobenius inner product ``⟨self, other⟩``; for two factored deltas through ``r × r'`` products."""
+        if self.is_factored and other.is_factored:
+            other = other.to(device=self.up.device, dtype=self.up.dtype)
+            return float(((self.up.mT @ other.up) * (self.down @ other.down.mT)).sum())
+        a, b = self.matrix(), other.matrix().to(device=self.device, dtype=self.dtype)
+        return float((a * b).sum())
+
+    def cosine(self, other: "Delta") -> float:
+        """``⟨self, other⟩ / (‖self‖ ‖other‖)``: 1 for the same direction (0 when either is zero)."""
+        den = self.norm() * other.norm()
+        return self.inner(other) / den if den > 0 else 0.0
+
     def scaled(self, factor: float) -> "Delta":
         if self.is_factored:
             return Delta(self.shape, up=self.up * factor, down=self.down)

@@ -47,6 +47,24 @@ from .weight_formats import dense_weight
 DEFAULT_STORED_DTYPE = torch.float16
 
 
+def relative_change(source: torch.Tensor, target: torch.Tensor, block_bytes: int = 32 << 20) -> float:
+    """``‖target − source‖_F / ‖source‖_F`` in float64, a block of rows at a time (no float64 copy of a
+    whole layer); 0/0 counts as no change, x/0 as infinitely far."""
+    a, b = source.reshape(source.shape[0], -1), target.reshape(target.shape[0], -1)
+    if a.shape != b.shape:
+        raise ValueError(f"weight change needs weights of one shape, got {tuple(source.shape)} and "
+                         f"{tuple(target.shape)}")
+    step = max(1, block_bytes // (8 * max(1, a.shape[1])))
+    diff = base = 0.0
+    for i in range(0, a.shape[0], step):
+        x, y = a[i:i + step].double(), b[i:i + step].to(device=a.device).double()
+        diff += float(((y - x) ** 2).sum())
+        base += float((x ** 2).sum())
+    if base == 0.0:
+        return 0.0 if diff == 0.0 else float("inf")
+    return (diff / base) ** 0.5
+
+
 class FactorStore(Protocol):
     """What the engine needs of a persistent cache (the identity, score and origin methods are optional)."""
 
@@ -239,6 +257,32 @@ class SVDEngine:
         if values is None or len(values) != 4:  # a line of another layout: computed again
             return None
         return LayerSimilarity.from_scores(*values, k=k)
+
+    def weight_change(self, source: torch.Tensor | Callable[[], torch.Tensor],
+                      target: torch.Tensor | Callable[[], torch.Tensor],
+                      identities: tuple[str | None, str | None] = (None, None)) -> float:
+        """``‖W_t − W_s‖_F / ‖W_s‖_F`` of two weights of one shape (0 for identical contents).
+
+        Needs no decomposition, only the two weights, in float64 a block of rows at a time. Remembered
+        like a similarity, by the two content digests, so a warm run whose digests are known through
+        the weights' identities reads neither weight again."""
+        ds, ws = self.digest_of(source, identities[0])
+        dt, wt = self.digest_of(target, identities[1])
+        if ds == dt:
+            return 0.0
+        key = f"change:{ds}:{dt}"
+        known = self._similarities.get(key)
+        if known is None and self.store is not None and hasattr(self.store, "scores_of"):
+            known = self.store.scores_of(key)
+        if known is not None and len(known) == 1:
+            return float(known[0])
+        ws = dense_weight(ws() if callable(ws) else ws)
+        wt = dense_weight(wt() if callable(wt) else wt)
+        value = relative_change(ws, wt)
+        self._similarities[key] = (value,)
+        if self.store is not None and hasattr(self.store, "remember_scores"):
+            self.store.remember_scores(key, (value,))
+        return value
 
     def remember_similarity(self, digests: Sequence[str], sim: LayerSimilarity) -> None:
         key = self._similarity_key(digests, sim.k)

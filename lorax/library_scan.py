@@ -65,7 +65,7 @@ def output_path(adapter: str | os.PathLike, loras_dir: str | os.PathLike, out_di
 def provenance_settings(settings, strength: float) -> dict:
     """The settings a transfer's provenance records (``save_transfer``), for :func:`complete_output`."""
     return {"rank": settings.rank, "threshold": settings.threshold, "mode": settings.mode,
-            "strength_baked": strength}
+            "copy_below": settings.copy_below, "strength_baked": strength}
 
 
 def complete_output(path: str | os.PathLike, adapter_name: str, settings: Mapping) -> str | None:
@@ -104,7 +104,9 @@ class ScanRow:
 
     ``verdict`` is the line LoRA-X Transfer (with a source) or the key-map part of it (without
     one) prints for this file; ``phi_median``/``phi_min`` are over the min(left, right) Φ̂ of the
-    layers it touches that were compared, ``passed`` of ``compared`` cleared the threshold.
+    layers it touches that were scored, ``passed`` of ``compared`` were moved (copied layers count as
+    compared: they are moved without a score), ``moved`` says how and ``cos_kept`` how much of the
+    adapter's change the moved layers keep.
     """
 
     file: str
@@ -119,6 +121,8 @@ class ScanRow:
     phi_median: float | None = None
     phi_min: float | None = None
     error: str | None = None
+    moved: str = ""                     # how the passing layers were moved, e.g. "70 copied, 2 transported"
+    cos_kept: float | None = None       # median cosine of the written deltas against the adapter's own
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -126,16 +130,26 @@ class ScanRow:
 
 def phi_stats(rows: Iterable[Mapping]) -> tuple[float | None, float | None, int, int]:
     """(median Φ̂, lowest Φ̂, compared, passed) over a transfer's per-layer rows; Φ̂ of a layer is
-    the weaker of its left and right sides, as the threshold applies to both."""
-    phis, passed = [], 0
+    the weaker of its left and right sides, as the threshold applies to both. A layer copied as it
+    is (it barely moved) has no Φ̂ and counts as compared and passed."""
+    phis, compared, passed = [], 0, 0
     for r in rows:
-        if r.get("phi_hat") is None:
+        copied = r.get("how") == "copied" and r.get("decision") == "transferred"
+        if r.get("phi_hat") is None and not copied:
             continue
-        phis.append(min(r["phi_hat"], r["phi_hat_right"]))
+        if r.get("phi_hat") is not None:
+            phis.append(min(r["phi_hat"], r["phi_hat_right"]))
+        compared += 1
         passed += r.get("decision") == "transferred"
-    if not phis:
+    if not compared:
         return None, None, 0, 0
-    return statistics.median(phis), min(phis), len(phis), passed
+    return (statistics.median(phis) if phis else None), (min(phis) if phis else None), compared, passed
+
+
+def kept_cosine(rows: Iterable[Mapping]) -> float | None:
+    """Median cosine of the moved layers' written deltas against the adapter's own (None: none moved)."""
+    cos = [float(r["cos_kept"]) for r in rows if r.get("decision") == "transferred" and r.get("cos_kept") is not None]
+    return statistics.median(cos) if cos else None
 
 
 def _fmt(x: float | None) -> str:
@@ -148,12 +162,14 @@ def _count(a: int | None, b: int | None) -> str:
 
 def scan_table(rows: Sequence[ScanRow], *, title: str = "", with_phi: bool = True) -> str:
     """The terminal/node table: one line per file, then the verdict lines (they are long)."""
-    head = ["file", "made for", "verdict", "mapped"] + (["Φ̂ median", "Φ̂ min", "pass"] if with_phi else [])
+    head = ["file", "made for", "verdict", "mapped"] + (["Φ̂ median", "Φ̂ min", "pass", "kept (cos)", "moved"]
+                                                       if with_phi else [])
     body = []
     for r in rows:
         cells = [r.file, r.architecture or "?", r.level, _count(r.mapped, r.modules)]
         if with_phi:
-            cells += [_fmt(r.phi_median), _fmt(r.phi_min), _count(r.passed, r.compared)]
+            cells += [_fmt(r.phi_median), _fmt(r.phi_min), _count(r.passed, r.compared),
+                      "–" if r.cos_kept is None else f"{r.cos_kept:.2f}", r.moved or "–"]
         body.append(cells)
     widths = [max(len(str(c)) for c in col) for col in zip(head, *body)]
     lines = [title] if title else []

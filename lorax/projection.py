@@ -18,6 +18,21 @@ formed for a LoRA: for ``ΔW = B·A`` the projection ``P ΔW Q`` is ``(P B)(A Q)
   (inside the source's subspaces) it equals ``lorax``; for ordinary LoRAs ``bench/fidelity.py``
   measured it keeping more of the adapter's effect than ``lorax`` on fine-tunes (docs/fidelity.md).
 
+``prolora_cross`` — ProLoRA with the cross terms it drops: each side's operator becomes
+  ``T = P∥_t P∥_s + P⊥_t P⊥_s`` and the delta ``T_U ΔW T_Vᵀ``, which keeps all four blocks
+  ``P∥ΔWQ∥, P∥ΔWQ⊥, P⊥ΔWQ∥, P⊥ΔWQ⊥`` (each carried by its side's operators). Rank ≤ rank(ΔW_s):
+  the factored form is ``(T_U B)(A T_Vᵀ)``.
+
+``transport`` — rotate the delta instead of projecting it: ``R_U ΔW R_Vᵀ`` with ``R_U`` the direct
+  (minimal) rotation carrying the source's top-k left subspace onto the target's and the identity
+  on everything orthogonal to both (Davis & Kahan's direct rotation; principal angles from the
+  SVD ``U_sᵀU_t = Y cos Θ Zᵀ``), ``R_V`` the same on the right. Orthogonal, so the delta keeps its
+  norm and rank; the identity when the subspaces did not move; applied to the factors in thin
+  products (:func:`rotate_into`). A delta that lies in the source's subspaces lands in the
+  target's, like ``lorax``; the part outside both is left where it is.
+
+``copy`` — the delta as it is (what ComfyUI's stock loader applies), along the layer map.
+
 ``paired`` — the seed's dimension-mismatch rule for layers whose shapes differ. The paper writes
   ``Ũ_s = U_t U_sᵀ(U_sU_sᵀ)⁻¹U_s``; ``U_sU_sᵀ`` has rank k < m and is singular, and with the
   pseudo-inverse the rule reduces to pairing singular directions by index::
@@ -35,7 +50,6 @@ import torch
 from .delta import Delta
 from .svd import SVDFactors
 
-MODES: tuple[str, ...] = ("lorax", "prolora")
 
 
 def _on(delta: Delta, basis: SVDFactors) -> Delta:
@@ -97,3 +111,57 @@ def project_paired(delta: Delta, source: SVDFactors, target: SVDFactors, target_
         return Delta(tuple(target_shape), up=target.U @ (source.U.mT @ d.up), down=(d.down @ source.V) @ target.V.mT)
     core = source.U.mT @ d.dense @ source.V
     return Delta(tuple(target_shape), up=target.U @ core, down=target.V.mT.contiguous())
+
+
+def project_prolora_cross(delta: Delta, source: SVDFactors, target: SVDFactors) -> Delta:
+    """``T_U ΔW T_Vᵀ`` with ``T = P∥_t P∥_s + P⊥_t P⊥_s`` per side (shapes must match)."""
+    d = _on(delta, target)
+    source = source.to(device=target.U.device, dtype=target.U.dtype)
+    if d.is_factored:
+        return Delta(d.shape, up=_cross_side(d.up, source.U, target.U),
+                     down=_cross_side(d.down.mT, source.V, target.V).mT)
+    D = _cross_side(d.dense, source.U, target.U)
+    return Delta(d.shape, dense=_cross_side(D.mT, source.V, target.V).mT)
+
+
+def _cross_side(X: torch.Tensor, Us: torch.Tensor, Ut: torch.Tensor) -> torch.Tensor:
+    """``(P∥_t P∥_s + P⊥_t P⊥_s) X``: the two halves of :func:`_prolora_side` added."""
+    r = X.shape[1]
+    both = _prolora_side(X, Us, Ut)
+    return both[:, :r] + both[:, r:]
+
+
+def project_transport(delta: Delta, source: SVDFactors, target: SVDFactors) -> Delta:
+    """``R_U ΔW R_Vᵀ``, the direct rotations of the source's subspaces onto the target's (shapes must match)."""
+    d = _on(delta, target)
+    source = source.to(device=target.U.device, dtype=target.U.dtype)
+    if d.is_factored:
+        return Delta(d.shape, up=rotate_into(d.up, source.U, target.U),
+                     down=rotate_into(d.down.mT, source.V, target.V).mT)
+    D = rotate_into(d.dense, source.U, target.U)
+    return Delta(d.shape, dense=rotate_into(D.mT, source.V, target.V).mT)
+
+
+def rotate_into(X: torch.Tensor, Us: torch.Tensor, Ut: torch.Tensor) -> torch.Tensor:
+    """``R X`` for the direct rotation ``R`` that carries ``span(Us)`` onto ``span(Ut)`` (``m × k`` each,
+    orthonormal columns) and is the identity on the complement of ``span(Us) + span(Ut)``.
+
+    With ``UsᵀUt = Y diag(c) Zᵀ`` (c = cosines of the principal angles), principal vectors
+    ``P = UsY`` and ``W = UtZ − P diag(c)`` (``W ⊥ P``, ``‖w_i‖ = sin θ_i``), the rotation in each
+    plane ``(p_i, w_i)`` is::
+
+        R = I + P diag(c − 1) Pᵀ − W diag(1/(1 + c)) Wᵀ + W Pᵀ − P Wᵀ
+
+    which, written through ``a = PᵀX`` and ``b = WᵀX``, is
+    ``R X = X − Us Y (a + b/(1+c)) + Ut Z (a − b/(1+c))``: two ``m × k × r`` products each way
+    and one ``m × k × k`` for ``UsᵀUt``. No division by ``sin θ``, so a plane that did not turn
+    (``c = 1``) costs no precision. The ``k × k`` part runs in float64.
+    """
+    Y, c, Zh = torch.linalg.svd((Us.mT @ Ut).double())
+    c = c.clamp(max=1.0)
+    Z = Zh.mT
+    a = Y.mT @ (Us.mT @ X).double()
+    b = Z.mT @ (Ut.mT @ X).double() - c[:, None] * a
+    b = b / (1.0 + c)[:, None]
+    dtype = X.dtype
+    return X - Us @ (Y @ (a + b)).to(dtype) + Ut @ (Z @ (a - b)).to(dtype)

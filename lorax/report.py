@@ -205,8 +205,29 @@ def phi_needed(row: Mapping, threshold: float | None) -> float | None:
     return chance + threshold * (1.0 - chance)
 
 
+def how_counts(rows: Iterable[Mapping]) -> dict[str, int]:
+    """How the moved layers were moved (``copied``, ``transported``, ``projected (prolora)``…), most first."""
+    counts: dict[str, int] = {}
+    for r in rows:
+        if is_transferred(r) and r.get("how"):
+            counts[r["how"]] = counts.get(r["how"], 0) + 1
+    return dict(sorted(counts.items(), key=lambda x: -x[1]))
+
+
+def kept_phrase(rows: Iterable[Mapping]) -> str | None:
+    """How much of the adapter's change the written deltas keep: "kept 100 % of its norm, cosine 1.00"
+    (medians over the moved layers of equal shape), or None when no such layer was moved."""
+    moved = [r for r in rows if is_transferred(r) and r.get("cos_kept") is not None]
+    if not moved:
+        return None
+    cos = statistics.median(float(r["cos_kept"]) for r in moved)
+    norm = statistics.median(float(r["energy_kept"]) for r in moved if r.get("energy_kept") is not None)
+    return f"kept (median) {100 * norm:.0f} % of each delta's norm, cosine {cos:.2f}"
+
+
 def summary_line(rows: list[Mapping], threshold: float | None = None) -> str:
-    """E.g. "412 of 700 layers transferred, median Φ 0.93, lowest: output_blocks.5 attn2.to_k 0.41"."""
+    """E.g. "412 of 700 layers transferred (400 copied, 12 transported), kept (median) 100 % of each
+    delta's norm, cosine 0.99, median Φ 0.93, lowest: output_blocks.5 attn2.to_k 0.41"."""
     scored = [r for r in rows if r.get("phi") is not None]
     parts = []
     kind = report_kind(rows)
@@ -214,7 +235,12 @@ def summary_line(rows: list[Mapping], threshold: float | None = None) -> str:
     if kind == "similarity":
         parts.append(f"{done} of {len(rows)} layers pass the threshold")
     elif kind == "transfer":
-        parts.append(f"{done} of {len(rows)} layers transferred")
+        hows = how_counts(rows)
+        how = " (" + ", ".join(f"{n} {h}" for h, n in hows.items()) + ")" if hows else ""
+        parts.append(f"{done} of {len(rows)} layers transferred{how}")
+        kept = kept_phrase(rows)
+        if kept:
+            parts.append(kept)
     else:
         parts.append(f"{len(rows)} layers compared")
     if scored:
@@ -233,10 +259,14 @@ def text_report(rows: list[Mapping], *, title: str, threshold: float | None = No
     lines = [title] + ([verdict] if verdict else []) + [summary_line(rows, threshold)]
     lines.extend(notes)
     lines.append("Φ: subspace similarity (1 = same); Φ̂ = (Φ − chance)/(1 − chance), 0 = no better than chance.")
+    if any(r.get("how") for r in rows):
+        lines.append("moved: ‖W_t − W_s‖/‖W_s‖ of the layer; kept: norm of the written delta over the adapter's; "
+                     "cos: their cosine (1 = the adapter's own change).")
     lines.append("")
     wb = max([18] + [len(block_of(r["key"])) for r in rows])
     wf = max([16] + [len(family_of(r["key"])) for r in rows])
-    header = f"{'block':<{wb}} {'layer':<{wf}} {'Φ':>6} {'Φ̂ L':>6} {'Φ̂ R':>6} {'k':>4}  {'kept':>5}  decision"
+    header = (f"{'block':<{wb}} {'layer':<{wf}} {'Φ':>6} {'Φ̂ L':>6} {'Φ̂ R':>6} {'k':>4} {'moved':>6} {'kept':>5} "
+              f"{'cos':>5}  decision")
     lines.append(header)
     lines.append("-" * len(header))
     for r in ordered(rows):
@@ -245,8 +275,13 @@ def text_report(rows: list[Mapping], *, title: str, threshold: float | None = No
         hr = "" if r.get("phi_hat_right") is None else f"{r['phi_hat_right']:.3f}"
         k = r.get("rank", r.get("k"))
         kept = "" if r.get("energy_kept") is None else f"{100 * r['energy_kept']:.0f}%"
+        cos = "" if r.get("cos_kept") is None else f"{r['cos_kept']:.2f}"
+        moved = "" if r.get("weight_change") is None else f"{100 * r['weight_change']:.1f}%"
+        decision = r.get("decision", "")
+        if r.get("how") and is_transferred(r):
+            decision = f"{decision}: {r['how']}"
         lines.append(f"{block_of(r['key']):<{wb}} {family_of(r['key']):<{wf}} {phi:>6} {hl:>6} {hr:>6} "
-                     f"{'' if k is None else k:>4}  {kept:>5}  {r.get('decision', '')}")
+                     f"{'' if k is None else k:>4} {moved:>6} {kept:>5} {cos:>5}  {decision}")
     return "\n".join(lines)
 
 
@@ -260,8 +295,10 @@ UI_MAX_BYTES = 200_000
 #: What :func:`ui_payload` aims for, leaving room for ComfyUI's message envelope.
 UI_BUDGET_BYTES = 190_000
 PAYLOAD_VERSION = 1
-FAMILY_FIELDS = ("family", "phi_min", "phi_median", "n", "n_transferred", "n_skipped", "phi_needed")
-LAYER_FIELDS = ("name", "family", "phi", "phi_right", "phi_hat", "phi_hat_right", "decision", "k", "kept")
+FAMILY_FIELDS = ("family", "phi_min", "phi_median", "n", "n_transferred", "n_skipped", "phi_needed", "n_copied",
+                 "cos_median")
+LAYER_FIELDS = ("name", "family", "phi", "phi_right", "phi_hat", "phi_hat_right", "decision", "k", "kept", "how",
+                "cos", "moved")
 _TEXT_CAP = 60_000
 
 
@@ -279,7 +316,9 @@ def block_stats(rows: Sequence[Mapping], threshold: float | None = None) -> list
     "n_transferred", "n_skipped", "phi_needed", "rows"}]}`` (full precision; rows in order).
 
     ``phi_needed`` is the largest Φ (left side) any layer of the family needs to pass the
-    threshold (:func:`phi_needed`); ``None`` without a threshold or chance level.
+    threshold (:func:`phi_needed`); ``None`` without a threshold or chance level. ``n_copied``
+    counts layers moved as they are (no SVD, so no Φ), ``cos_median`` is the median cosine of the
+    written deltas against the adapter's own (None where nothing of equal shape was moved).
     """
     blocks: dict[str, dict[str, list[Mapping]]] = {}
     for r in ordered(rows):
@@ -291,10 +330,13 @@ def block_stats(rows: Sequence[Mapping], threshold: float | None = None) -> list
             rs = fams[fam]
             phis = [float(r["phi"]) for r in rs if r.get("phi") is not None]
             needs = [n for n in (phi_needed(r, threshold) for r in rs) if n is not None]
+            coss = [float(r["cos_kept"]) for r in rs if is_transferred(r) and r.get("cos_kept") is not None]
             fam_out.append({"family": fam, "phi_min": min(phis) if phis else None, "phi_median": _median(phis),
                             "n": len(rs), "n_transferred": sum(1 for r in rs if is_transferred(r)),
                             "n_skipped": sum(1 for r in rs if is_skipped(r)),
-                            "phi_needed": max(needs) if needs else None, "rows": rs})
+                            "phi_needed": max(needs) if needs else None,
+                            "n_copied": sum(1 for r in rs if is_transferred(r) and r.get("how") == "copied"),
+                            "cos_median": _median(coss), "rows": rs})
         all_rows = [r for f in fam_out for r in f["rows"]]
         phis = [float(r["phi"]) for r in all_rows if r.get("phi") is not None]
         out.append({"block": block, "label": block_label(block), "n": len(all_rows),
@@ -312,8 +354,9 @@ def report_payload(rows: Sequence[Mapping], *, threshold: float | None = None, t
     "n", "n_transferred", "n_skipped", "family_fields": [...], "layer_fields": [...],
     "decisions": [distinct decision strings], "blocks": [{"name", "label", "n", "n_transferred",
     "n_skipped", "phi_min", "phi_median", "families": [[family, phi_min, phi_median, n,
-    n_transferred, n_skipped, phi_needed], ...], "layers": [[name, family index, phi, phi_right,
-    phi_hat, phi_hat_right, decision index, k, kept], ...]}], "layers_omitted": 0}``.
+    n_transferred, n_skipped, phi_needed, n_copied, cos_median], ...], "layers": [[name, family index,
+    phi, phi_right, phi_hat, phi_hat_right, decision index, k, kept, how, cos, moved], ...]}],
+    "layers_omitted": 0}``.
 
     Blocks in model order, families in :func:`family_sort_key` order, layers grouped by family;
     Φ values rounded to 3 decimals (what the view prints). ``n_transferred`` counts layers
@@ -336,12 +379,13 @@ def report_payload(rows: Sequence[Mapping], *, threshold: float | None = None, t
         fams, layers = [], []
         for i, f in enumerate(b["families"]):
             fams.append([f["family"], _r3(f["phi_min"]), _r3(f["phi_median"]), f["n"], f["n_transferred"],
-                         f["n_skipped"], _r3(f["phi_needed"])])
+                         f["n_skipped"], _r3(f["phi_needed"]), f["n_copied"], _r3(f["cos_median"])])
             for r in f["rows"]:
                 kept = r.get("energy_kept")
                 layers.append([layer_name(r["key"]), i, _r3(r.get("phi")), _r3(r.get("phi_right")),
                                _r3(r.get("phi_hat")), _r3(r.get("phi_hat_right")), code(r.get("decision")),
-                               r.get("rank", r.get("k")), _r3(kept)])
+                               r.get("rank", r.get("k")), _r3(kept), r.get("how"), _r3(r.get("cos_kept")),
+                               _r3(r.get("weight_change"))])
         blocks.append({"name": b["block"], "label": b["label"], "n": b["n"], "n_transferred": b["n_transferred"],
                        "n_skipped": b["n_skipped"], "phi_min": _r3(b["phi_min"]),
                        "phi_median": _r3(b["phi_median"]), "families": fams, "layers": layers})

@@ -53,7 +53,8 @@ from .engine import SVDEngine
 from .errors import LoraxError
 from .fused import parse_slice_key, with_slices
 from .layer_map import LayerMap
-from .projection import MODES, project_lorax, project_paired, project_prolora
+from .projection import (project_lorax, project_paired, project_prolora, project_prolora_cross,
+                         project_transport)
 from .report import family_of
 from .similarity import LayerSimilarity, layer_similarity
 from .svd import SVDFactors, max_rank
@@ -67,8 +68,14 @@ DEFAULT_RANK = 320
 #: between 0 and 0.95 on fine-tunes (their layers' Φ̂ ≥ 0.977) and no threshold that rescues a far target.
 DEFAULT_THRESHOLD = 0.3
 SHAPE_RULES: tuple[str, ...] = ("skip", "paired")
-#: Default projection (see the module docstring).
-DEFAULT_MODE = "prolora"
+#: How a layer pair of equal shape is moved (see the module docstring and :mod:`lorax.projection`);
+#: ``auto`` decides per layer between ``copy`` and ``transport``.
+MODES: tuple[str, ...] = ("auto", "copy", "transport", "prolora", "prolora_cross", "lorax")
+#: Default mode (see the module docstring).
+DEFAULT_MODE = "auto"
+#: ``auto`` copies a layer whose target weight lies within this share of the source weight's norm
+#: (``‖W_t − W_s‖ / ‖W_s‖``), without decomposing either; farther layers are transported.
+DEFAULT_COPY_BELOW = 0.5
 #: Layer families that read the text encoder's features in a UNet (see the module docstring).
 CROSS_ATTENTION_KV: frozenset[str] = frozenset({"attn2.to_k", "attn2.to_v"})
 
@@ -113,6 +120,7 @@ class TransferSettings:
     mode: str = DEFAULT_MODE
     shape_rule: str = "skip"
     cross_attention_kv: bool = True
+    copy_below: float = DEFAULT_COPY_BELOW
 
     def __post_init__(self):
         if isinstance(self.rank, bool) or not isinstance(self.rank, int) or self.rank < 1:
@@ -122,6 +130,10 @@ class TransferSettings:
                              f"similarity Φ̂), got {self.threshold!r}")
         if self.mode not in MODES:
             raise LoraxError(f"unknown mode {self.mode!r}; expected one of {', '.join(MODES)}")
+        if not (isinstance(self.copy_below, (int, float)) and not isinstance(self.copy_below, bool)
+                and 0.0 <= float(self.copy_below) < float("inf")):
+            raise LoraxError(f"copy_below must be a share of the weight's norm of 0 or more (0.25: layers that "
+                             f"moved by at most 25 % are copied), got {self.copy_below!r}")
         if self.shape_rule not in SHAPE_RULES:
             raise LoraxError(f"unknown shape rule {self.shape_rule!r}; expected one of {', '.join(SHAPE_RULES)}")
 
@@ -150,6 +162,9 @@ class LayerTransfer:
     note: str = ""
     delta: Delta | None = field(default=None, repr=False)
     target_key: str | None = None
+    how: str | None = None                 # for a moved layer: "copied", "transported", "projected (…)", "paired"
+    weight_change: float | None = None     # ‖W_t − W_s‖ / ‖W_s‖ where it was measured
+    cosine: float | None = None            # cosine of the written delta against the adapter's own
 
     @property
     def target(self) -> str:
@@ -171,6 +186,9 @@ class LayerTransfer:
             "phi_hat_right": None if s is None else round(s.phi_hat_right, 6),
             "rank": self.rank,
             "energy_kept": None if self.energy_kept is None else round(self.energy_kept, 6),
+            "cos_kept": None if self.cosine is None else round(self.cosine, 6),
+            "how": self.how,
+            "weight_change": None if self.weight_change is None else round(self.weight_change, 6),
             "shape_source": list(self.shape_source) if self.shape_source else None,
             "shape_target": list(self.shape_target) if self.shape_target else None,
             "note": self.note,
@@ -203,10 +221,19 @@ class TransferResult:
         n = len(self.layers)
         done = sum(1 for l in self.layers if l.decision is Decision.TRANSFERRED)
         parts = [f"{done} of {n} layers transferred"]
+        hows: dict[str, int] = {}
+        for l in self.layers:
+            if l.how:
+                hows[l.how] = hows.get(l.how, 0) + 1
+        if hows:
+            parts[0] += " (" + ", ".join(f"{c} {h}" for h, c in sorted(hows.items(), key=lambda x: -x[1])) + ")"
         for name, c in sorted(self.counts().items()):
             if name != Decision.TRANSFERRED.value:
                 parts.append(f"{c} {name}")
-        parts.append(f"mode {self.settings.mode}, threshold Φ̂ ≥ {self.settings.threshold:g} on both sides")
+        mode = self.settings.mode
+        if mode == "auto":
+            mode += f" (copy where the weight moved ≤ {self.settings.copy_below:.0%}, else transport)"
+        parts.append(f"mode {mode}, threshold Φ̂ ≥ {self.settings.threshold:g} on both sides")
         parts.append(f"{self.seconds:.1f} s")
         return "; ".join(parts)
 
@@ -239,6 +266,7 @@ def transfer_deltas(deltas: Mapping[str, Delta], source: WeightSource, target: W
     results: dict[tuple[str, str | None], LayerTransfer] = {}
     order: list[tuple[str, str | None]] = []
     groups: dict[tuple, list[tuple[str, str]]] = {}
+    moving: dict[tuple[str, str], float] = {}  # pairs auto transports, with their measured weight change
     for key, delta in deltas.items():
         s_shape = source.shape(key) or tuple(delta.shape)
         t_keys = _target_keys(key, targets_of) if layer_map is not None else [key]
@@ -266,6 +294,14 @@ def transfer_deltas(deltas: Mapping[str, Delta], source: WeightSource, target: W
                 results[(key, t_key)] = LayerTransfer(
                     key, Decision.SHAPE_MISMATCH, s_shape, t_shape, target_key=moved_to,
                     note="shapes differ; the 'paired' shape rule would pair singular directions by index")
+            elif tuple(s_shape) == tuple(t_shape) and settings.mode in ("copy", "auto"):
+                change = engine.weight_change(_loader(source, key), _loader(target, t_key),
+                                              (_identity(source, key), _identity(target, t_key)))
+                if settings.mode == "copy" or change <= settings.copy_below:
+                    results[(key, t_key)] = _copied(key, delta, s_shape, change, moved_to)
+                else:
+                    moving[(key, t_key)] = change
+                    groups.setdefault((tuple(s_shape), tuple(t_shape)), []).append((key, t_key))
             else:
                 groups.setdefault((tuple(s_shape), tuple(t_shape)), []).append((key, t_key))
     total = len(order)
@@ -276,14 +312,14 @@ def transfer_deltas(deltas: Mapping[str, Delta], source: WeightSource, target: W
         for start in range(0, len(pairs), engine.pairs_per_call):
             chunk = pairs[start:start + engine.pairs_per_call]
             ks = [_rank_for_pair(settings, s_shape, t_shape, adapter_ranks.get(s_key)) for s_key, _ in chunk]
-            # The lorax projection uses the target's bases alone (LoRA-X adapters always move with it).
-            needs_source = [settings.mode != "lorax" and s_key not in adapter_ranks for s_key, _ in chunk]
+            needs_source = [_pair_rule(settings.mode, s_key in adapter_ranks) != "lorax" for s_key, _ in chunk]
             inputs = _inputs_of_pairs(engine, source, target, chunk, ks, scored=s_shape == t_shape,
                                       threshold=settings.threshold, needs_source=needs_source)
             for (s_key, t_key), k, pair in zip(chunk, ks, inputs):
                 layer = _transfer_one(s_key, deltas[s_key], pair, s_shape, t_shape, k, settings, engine,
                                       lorax_adapter=s_key in adapter_ranks)
                 layer.target_key = None if t_key == s_key else t_key
+                layer.weight_change = moving.get((s_key, t_key))
                 results[(s_key, t_key)] = layer
             done += len(chunk)
             if progress:
@@ -474,22 +510,53 @@ def _transfer_one(key, delta, pair: _PairInputs, s_shape, t_shape, k, settings, 
     fs, ft, sim = pair.source, pair.target, pair.similarity
     if tuple(s_shape) != tuple(t_shape):
         moved = project_paired(delta, fs, ft, t_shape)
-        result = LayerTransfer(key, Decision.TRANSFERRED, s_shape, t_shape, rank=min(fs.k, ft.k),
+        result = LayerTransfer(key, Decision.TRANSFERRED, s_shape, t_shape, rank=min(fs.k, ft.k), how="paired",
                                note="shapes differ: singular directions paired by index (seed's rule)")
     else:
         if sim.phi_hat_min < settings.threshold:
             return LayerTransfer(key, Decision.LOW_SIMILARITY, s_shape, t_shape, rank=k, similarity=sim,
                                  note=f"Φ̂ {sim.phi_hat:.3f} / {sim.phi_hat_right:.3f} (left/right) "
                                       f"< {settings.threshold:g}")
-        # A LoRA-X delta lies in the source's top-k subspaces, so prolora's null-space part is zero:
-        # the lorax projection gives the same delta without doubling its rank.
-        use_lorax = settings.mode == "lorax" or lorax_adapter
-        moved = project_lorax(delta, ft) if use_lorax else project_prolora(delta, fs, ft)
-        result = LayerTransfer(key, Decision.TRANSFERRED, s_shape, t_shape, rank=k, similarity=sim)
-    before = delta.to(device=dev, dtype=ft.U.dtype).norm()
+        rule = _pair_rule(settings.mode, lorax_adapter)
+        moved = _PAIR_RULES[rule](delta, fs, ft)
+        result = LayerTransfer(key, Decision.TRANSFERRED, s_shape, t_shape, rank=k, similarity=sim,
+                               how="transported" if rule == "transport" else f"projected ({rule})")
+    given = delta.to(device=dev, dtype=ft.U.dtype)
+    before = given.norm()
     result.energy_kept = moved.norm() / before if before > 0 else 0.0
+    if tuple(s_shape) == tuple(t_shape):
+        result.cosine = moved.cosine(given)
     result.delta = moved.to(device="cpu", dtype=torch.float32)
     return result
+
+
+def _pair_rule(mode: str, lorax_adapter: bool) -> str:
+    """The rule one layer pair of equal shape is moved with, once ``auto``'s copies are decided.
+
+    ``auto`` transports what it does not copy. A LoRA-X delta lies in the source's top-k subspaces,
+    so prolora's null-space part is zero: for it ``prolora`` is ``lorax`` without doubling the rank.
+    """
+    if mode in ("auto", "copy"):
+        return "transport"
+    if lorax_adapter and mode == "prolora":
+        return "lorax"
+    return mode
+
+
+_PAIR_RULES: dict[str, Callable[[Delta, SVDFactors, SVDFactors], Delta]] = {
+    "lorax": lambda d, fs, ft: project_lorax(d, ft),
+    "prolora": project_prolora,
+    "prolora_cross": project_prolora_cross,
+    "transport": project_transport,
+}
+
+
+def _copied(key: str, delta: Delta, shape, change: float, moved_to: str | None) -> LayerTransfer:
+    """A layer moved as it is: no decomposition, the whole delta kept."""
+    return LayerTransfer(key, Decision.TRANSFERRED, shape, shape, energy_kept=1.0, cosine=1.0, how="copied",
+                         weight_change=change, target_key=moved_to,
+                         delta=delta.to(device="cpu", dtype=torch.float32),
+                         note=f"target weight within {change:.1%} of the source's: copied as is")
 
 
 @torch.no_grad()

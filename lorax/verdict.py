@@ -62,6 +62,9 @@ class Verdict:
     unmapped_example: str | None = None
     architecture: str | None = None   # guess_architecture of the adapter, for the "does not fit" case
     text_encoder_skipped: int = 0
+    stock: "StockLoaderView | None" = None  # what ComfyUI's own loader would do with the same adapter
+    moved: str = ""                   # how the passing layers were moved, e.g. "70 copied, 2 transported"
+    kept: str = ""                    # how much of the adapter's change they keep (lorax.report.kept_phrase)
 
     @property
     def level(self) -> str:
@@ -102,13 +105,55 @@ class Verdict:
                     f"own architecture.{te}")
         if self.compared == 0:
             return (f"Verdict: {self.level} — {self._mapping()}, but none of them is a matrix layer that can be "
-                    f"compared (biases and norms only).{te}")
+                    f"compared (biases and norms only).{self._stock()}{te}")
         if self.passed == 0:
             return (f"Verdict: does not fit — {self._mapping()}, but none of the {self.compared} compared layers "
                     f"passes the similarity threshold{thr}: the target is no close relative of the source. "
-                    f"Nothing was transferred.{te}")
+                    f"Nothing was transferred.{self._stock()}{te}")
+        how = f" and are moved ({self.moved})" if self.moved else ""
+        kept = f"; {self.kept}" if self.kept else ""
         return (f"Verdict: {self.level} — {self._mapping()}; {self.passed} of {self.compared} mapped layers "
-                f"({_pct(self.passed, self.compared)}) pass the similarity threshold{thr}.{te}")
+                f"({_pct(self.passed, self.compared)}) pass the similarity threshold{thr}{how}{kept}.{self._stock()}{te}")
+
+    def _stock(self) -> str:
+        return f" {self.stock.sentence()}" if self.stock is not None else ""
+
+
+@dataclass(frozen=True)
+class StockLoaderView:
+    """What ComfyUI's stock LoRA loader would do with the adapter on the target: it applies a module by
+    name where the target has that layer with the delta's shape, and drops it otherwise (no layer,
+    or a layer of another shape). Read from names and shapes only."""
+
+    applies: int
+    missing: int
+    other_shape: int
+
+    @classmethod
+    def of(cls, shapes: Mapping[str, tuple[int, ...]], target_shape) -> "StockLoaderView":
+        """``shapes``: the adapter's deltas (by model key) and their shapes; ``target_shape(key)`` the
+        target's shape of that key or None."""
+        applies = missing = other = 0
+        for key, shape in shapes.items():
+            t = target_shape(key)
+            if t is None:
+                missing += 1
+            elif tuple(t) != tuple(shape):
+                other += 1
+            else:
+                applies += 1
+        return cls(applies, missing, other)
+
+    def sentence(self) -> str:
+        n = self.applies + self.missing + self.other_shape
+        if n == 0:
+            return ""
+        lost = [f"{c} {what}" for c, what in ((self.missing, "for want of a layer of that name"),
+                                              (self.other_shape, "for a layer of another shape")) if c]
+        if not lost:
+            return f"The stock LoRA loader would apply all {n} of these layers as they are."
+        return (f"The stock LoRA loader would apply {self.applies} of these {n} layers as they are and miss "
+                f"{' and '.join(lost)}.")
 
 
 def _pct(a: int, b: int) -> str:

@@ -28,8 +28,9 @@ import torch
 from lorax.delta import Delta
 from lorax.errors import LoraxError
 from lorax.fused import WeightSlice, with_slices
-from lorax.library_scan import (BatchRow, ScanRow, complete_output, phi_stats, provenance_settings,
+from lorax.library_scan import (BatchRow, ScanRow, complete_output, kept_cosine, phi_stats, provenance_settings,
                                 verdict_level)
+from lorax.report import how_counts
 from lorax.safetensors_io import check_safetensors_file, ensure_finite, open_safetensors
 from lorax.transfer import Decision, TransferSettings
 from lorax.verdict import Verdict, guess_architecture
@@ -195,6 +196,8 @@ def scan_file(name: str, path: str, target_model, *, source_model=None, settings
             row.verdict, row.level = transfer.verdict, verdict_level(transfer.verdict)
             row.modules, row.mapped = _counts_of(transfer.verdict)
             row.phi_median, row.phi_min, row.compared, row.passed = phi_stats(transfer.rows)
+            row.moved = ", ".join(f"{n} {h}" for h, n in how_counts(transfer.rows).items())
+            row.cos_kept = kept_cosine(transfer.rows)
     except LoraxError as e:
         if e.detail.startswith("Verdict: does not fit"):
             row.level, row.verdict = "does not fit", e.detail

@@ -9,7 +9,8 @@ when it has several layers. A short white tick on each bar is the Φ its layers 
 threshold (the threshold is on Φ̂, so in Φ it sits at ``chance + threshold·(1 − chance)``,
 different per layer width). Bars are green when every layer is transferred (or passes), red when
 none is, orange when some are, blue without decisions, grey without a score; a red mark under a
-bar means some of its layers were skipped.
+bar means some of its layers were skipped. A family whose layers were all copied as they are (they
+barely moved, so the transfer decomposed nothing and there is no Φ) is a full teal bar.
 
 :func:`layout` gives the geometry (bar and block spans in pixels) without drawing anything.
 """
@@ -33,7 +34,7 @@ MIN_SLOT = 4  # px per bar before the image grows wider (up to MAX_WIDTH)
 MARK_TOP, MARK_H = 4, 6  # the skipped mark under a bar: y1 + 4 … y1 + 9
 BACKGROUND = (24, 24, 28)
 COLORS = {"transferred": (64, 178, 96), "low": (214, 72, 72), "mixed": (232, 150, 40), "other": (140, 140, 140),
-          "compared": (80, 140, 220)}
+          "compared": (80, 140, 220), "copied": (70, 170, 200)}
 TICK = (255, 255, 255)
 MIN_LINE = (20, 20, 24)
 
@@ -50,9 +51,17 @@ class Bar:
     n: int
     n_transferred: int
     n_skipped: int
+    n_copied: int = 0
+
+    @property
+    def copied_only(self) -> bool:
+        """Every scored-or-not layer of the family was copied as is (no SVD, so no Φ): a full bar."""
+        return self.phi_median is None and self.n_copied > 0
 
     @property
     def color(self) -> tuple[int, int, int]:
+        if self.copied_only:
+            return COLORS["copied"] if self.n_copied == self.n_transferred == self.n else COLORS["mixed"]
         if self.phi_median is None:
             return COLORS["other"]
         if self.n_transferred + self.n_skipped == 0:
@@ -109,7 +118,7 @@ def layout(rows: Sequence[Mapping], threshold: float | None) -> Layout:
             left = round(x)
             right = max(left, round(x + slot) - 1 - gap)
             span.bars.append(Bar(b["block"], f["family"], left, right, f["phi_median"], f["phi_min"],
-                                 f["phi_needed"], f["n"], f["n_transferred"], f["n_skipped"]))
+                                 f["phi_needed"], f["n"], f["n_transferred"], f["n_skipped"], f["n_copied"]))
             x += slot
         span.x1 = max(span.x0, round(x) - 1 - gap)
         blocks.append(span)
@@ -153,7 +162,9 @@ def plot_rows(rows: Sequence[Mapping], threshold: float | None, title: str = "")
     last_label_end = -1e9
     for blk in lay.blocks:
         for bar in blk.bars:
-            if bar.phi_median is None:
+            if bar.copied_only:
+                draw.rectangle([bar.x0, y0, bar.x1, y1], fill=bar.color)
+            elif bar.phi_median is None:
                 draw.rectangle([bar.x0, y1 - 2, bar.x1, y1], fill=bar.color)
             else:
                 draw.rectangle([bar.x0, lay.y_of(bar.phi_median), bar.x1, y1], fill=bar.color)
@@ -177,6 +188,8 @@ def plot_rows(rows: Sequence[Mapping], threshold: float | None, title: str = "")
             last_label_end = left + w
     legend = ("bar: median phi of a layer family (dark line: lowest)   white tick: phi needed to pass   "
               "green: all pass   orange: some   red: none   red mark below: layers skipped   n/m: pass/layers")
+    if any(bar.n_copied for bar in lay.bars):
+        legend += "   teal full bar: copied as is (the layer barely moved: no SVD, no phi)"
     draw.text((x0, lay.height - 16), legend, fill=(190, 190, 190), font=small)
     arr = np.asarray(img, dtype=np.float32) / 255.0
     return torch.from_numpy(arr)[None]

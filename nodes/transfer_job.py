@@ -8,13 +8,13 @@ import os
 import torch
 
 from lorax.errors import LoraxError
-from lorax.fused import base_key, merge_slices, parse_slice_key
+from lorax.fused import base_key, merge_slices, parse_slice_key, with_slices
 from lorax.kohya_export import save_kohya_lora
-from lorax.report import family_of, text_report
+from lorax.report import family_of, how_counts, kept_phrase, text_report
 from lorax.layer_map import MODES as LAYER_MAP_MODES, LayerMap, build_layer_map, load_user_map, role_of
 from lorax.skip_reasons import why_left_out
 from lorax.transfer import Decision, TransferSettings, similarity_scorer, transfer_deltas
-from lorax.verdict import Verdict
+from lorax.verdict import StockLoaderView, Verdict
 
 from . import bridge
 from .api import io
@@ -105,8 +105,14 @@ def run_transfer(source_model, target_model, adapter: AdapterHandle, settings: T
                                       bridge.PatcherWeights(clip.patcher), settings, engine,
                                       adapter_ranks=deltas.adapter_ranks)
     layers = result.layers + (clip_result.layers if clip_result is not None else [])
+    stock = StockLoaderView.of({k: d.shape for k, d in unet_part.items()}, with_slices(target_w).shape)
+    if clip is not None and te_part:
+        te_stock = StockLoaderView.of({k: d.shape for k, d in te_part.items()},
+                                      with_slices(bridge.PatcherWeights(clip.patcher)).shape)
+        stock = StockLoaderView(stock.applies + te_stock.applies, stock.missing + te_stock.missing,
+                                stock.other_shape + te_stock.other_shape)
     verdict = compatibility(layers, deltas.modules - len(te_skipped), other_unmapped, len(te_skipped),
-                            bridge.model_kind(target_model), settings.threshold)
+                            bridge.model_kind(target_model), settings.threshold, stock=stock)
     rows = [layer.row() for layer in result.layers]
     if clip_result is not None:
         rows += [layer.row() for layer in clip_result.layers]
@@ -169,16 +175,19 @@ def quantized_formats(weights: bridge.PatcherWeights, keys) -> str:
 
 
 def compatibility(layers, modules: int, unmapped: list[str], te_skipped: int, target_kind: str,
-                  threshold: float) -> Verdict:
+                  threshold: float, stock: StockLoaderView | None = None) -> Verdict:
     """The verdict's counts: modules that reach a layer of the target, and of the mapped matrix
-    layers those that were compared and transferred."""
+    layers those that were compared and transferred, how they were moved and how much of the
+    adapter's change they keep; with what the stock loader would have done."""
     missing = [l for l in layers if l.decision is Decision.MISSING_IN_TARGET]
+    rows = [l.row() for l in layers]
     compared = [l for l in layers if l.decision in (Decision.TRANSFERRED, Decision.LOW_SIMILARITY,
                                                     Decision.SHAPE_MISMATCH)]
     example = unmapped[0] if unmapped else (missing[0].key if missing else None)
     return Verdict(target=target_kind, modules=modules, mapped=max(0, modules - len(unmapped) - len(missing)),
                    compared=len(compared), passed=sum(1 for l in compared if l.decision is Decision.TRANSFERRED),
-                   threshold=threshold, unmapped_example=example, text_encoder_skipped=te_skipped)
+                   threshold=threshold, unmapped_example=example, text_encoder_skipped=te_skipped, stock=stock,
+                   moved=", ".join(f"{n} {h}" for h, n in how_counts(rows).items()), kept=kept_phrase(rows) or "")
 
 
 def save_transfer(handle: TransferHandle, path: str | os.PathLike, *, bake_strength: bool = True) -> int:
@@ -196,8 +205,8 @@ def save_transfer(handle: TransferHandle, path: str | os.PathLike, *, bake_stren
     provenance = {
         "tool": "LoRA-X for ComfyUI", "source_adapter": handle.adapter.name, "adapter_kind": handle.adapter.kind,
         "target_model": handle.target_kind, "rank": settings.rank, "threshold": settings.threshold,
-        "mode": settings.mode, "strength_baked": scale, "layers": handle.result.counts(),
-        "text_encoder_skipped": len(handle.skipped_text_encoder),
+        "mode": settings.mode, "copy_below": settings.copy_below, "strength_baked": scale,
+        "layers": handle.result.counts(), "text_encoder_skipped": len(handle.skipped_text_encoder),
     }
     save_kohya_lora(path, deltas, base_model_version=handle.base_model_version, architecture=handle.architecture,
                     provenance=provenance)

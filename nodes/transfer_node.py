@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import json
 
-from lorax.projection import MODES
 from lorax.report import ui_payload
-from lorax.transfer import DEFAULT_MODE, DEFAULT_RANK, DEFAULT_THRESHOLD, SHAPE_RULES, TransferSettings
+from lorax.transfer import DEFAULT_MODE, MODES, DEFAULT_RANK, DEFAULT_THRESHOLD, SHAPE_RULES, TransferSettings
 
 from . import bridge
 from .api import CATEGORY, Adapter, Transfer, io, output

@@ -61,6 +61,29 @@ def prolora_ref(delta, Us, Vs, Ut, Vt):
     return Pt @ Ps @ delta @ Qs @ Qt + (Im - Pt) @ (Im - Ps) @ delta @ (In - Qs) @ (In - Qt)
 
 
+def prolora_cross_ref(delta, Us, Vs, Ut, Vt):
+    """ProLoRA with its cross terms: ``T_U ΔW T_Vᵀ``, ``T = P∥_t P∥_s + P⊥_t P⊥_s`` (explicit projectors)."""
+    return _cross_operator(Us, Ut) @ delta @ _cross_operator(Vs, Vt).T
+
+
+def _cross_operator(Us, Ut):
+    Ps, Pt = Us @ Us.T, Ut @ Ut.T
+    I = np.eye(Ps.shape[0])
+    return Pt @ Ps + (I - Pt) @ (I - Ps)
+
+
+def direct_rotation_ref(Us, Ut):
+    """Davis & Kahan's direct rotation from span(Us) to span(Ut), from projectors only: the orthogonal
+    polar factor of ``M = PtPs + (I − Pt)(I − Ps)`` (``MᵀM = I − (Pt − Ps)²``). No principal vectors, so
+    it shares nothing with the library's factored formula; defined while no principal angle is 90°."""
+    U, _, Vt = np.linalg.svd(_cross_operator(Us, Ut))
+    return U @ Vt
+
+
+def transport_ref(delta, Us, Vs, Ut, Vt):
+    return direct_rotation_ref(Us, Ut) @ delta @ direct_rotation_ref(Vs, Vt).T
+
+
 def paired_ref(delta, Us, Vs, Ut, Vt):
     return Ut @ (Us.T @ delta @ Vs) @ Vt.T
 

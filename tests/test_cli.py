@@ -103,6 +103,30 @@ def test_readme_transfer_example_matches_library(readme_run):
         assert best < HALF_FACTOR_TOL, key
 
 
+def test_default_transfer_writes_the_adapters_own_delta_on_a_near_fine_tune(readme_run):
+    """The demo target moved 5 % per layer: with the default settings each written module is the LoRA's own
+    delta (asked: cosine ≥ 0.98, norm ratio 0.95–1.05; a copy through float32 files gives 1 to ~1e-7), and
+    the command says it copied them."""
+    cwd, outputs = readme_run
+    demo = cwd / "demo"
+    assert "(8 copied)" in outputs[2], outputs[2]
+    lora, written = load_file(str(demo / "style_lora.safetensors")), load_file(str(demo / "style_on_target.safetensors"))
+
+    def delta(f, name):
+        up, down = f[f"{name}.lora_up.weight"].double(), f[f"{name}.lora_down.weight"].double()
+        return up.flatten(1) @ down.flatten(1) * float(f[f"{name}.alpha"]) / down.shape[0]
+
+    given = [delta(lora, k[:-len(".lora_up.weight")]) for k in lora if k.endswith(".lora_up.weight")]
+    # The written file names modules the kohya way of the target's key map (diffusers-style), the input
+    # ldm-style: pair each input delta with the written one it is closest to.
+    got = [delta(written, k[:-len(".lora_up.weight")]) for k in written if k.endswith(".lora_up.weight")]
+    assert len(given) == len(got) == 8
+    for g in given:
+        cos, best = max(((float((g * w).sum() / (g.norm() * w.norm())), w) for w in got if w.shape == g.shape),
+                        key=lambda x: x[0])
+        assert cos >= 0.98 and 0.95 <= float(best.norm() / g.norm()) <= 1.05, cos
+
+
 def test_readme_convert_example(readme_run):
     cwd, outputs = readme_run
     from lorax.lorax_adapter import load_lorax

@@ -206,8 +206,78 @@ def test_lorax_adapter_moves_with_the_lorax_projection_in_either_mode(rng):
     # An ordinary LoRA's delta, by contrast, keeps its null-space part in prolora (rank 2·rank).
     lora = Delta.factored((48, 32), t(rng.standard_normal((48, 3))), t(rng.standard_normal((3, 32))))
     res = transfer_deltas({"m": lora}, DictWeights({"m": t(ws)}), DictWeights({"m": t(wt)}),
-                          TransferSettings(rank=r, threshold=0.0), SVDEngine(method="exact"))
-    assert res.settings.mode == "prolora" and res.deltas["m"].rank == 6
+                          TransferSettings(rank=r, threshold=0.0, mode="prolora"), SVDEngine(method="exact"))
+    assert res.deltas["m"].rank == 6
+
+
+def test_auto_copies_layers_that_barely_moved_without_an_svd_and_transports_the_rest(rng):
+    """``auto`` (the default): a layer whose target weight lies within ``copy_below`` of the source's norm
+    gets the adapter's own delta and no decomposition; a farther one is transported (``R_U ΔW R_Vᵀ``, the
+    float64 reference of tests/reference.py). The measured change is ‖W_t − W_s‖/‖W_s‖ (float64, 1e-12)."""
+    from reference import transport_ref
+
+    ws = {n: power_law_matrix(rng, 48, 40) for n in ("near", "far", "same")}
+    wt = {"near": perturbed(rng, ws["near"], 0.05), "far": perturbed(rng, ws["far"], 0.6), "same": ws["same"]}
+    deltas = {n: Delta.factored((48, 40), t(rng.standard_normal((48, 3))), t(rng.standard_normal((3, 40))))
+              for n in ws}
+    engine = SVDEngine(method="exact")
+    res = transfer_deltas(deltas, DictWeights({n: t(w) for n, w in ws.items()}),
+                          DictWeights({n: t(w) for n, w in wt.items()}), TransferSettings(rank=8, threshold=0.0),
+                          engine)
+    assert res.settings.mode == "auto"
+    by = {l.key: l for l in res.layers}
+    assert {n: by[n].how for n in ws} == {"near": "copied", "far": "transported", "same": "copied"}
+    assert engine.stats.layers_decomposed == 2  # the far layer's source and target only
+    for n in ("near", "same"):
+        assert torch.equal(res.deltas[n].up, deltas[n].up.float()) and by[n].cosine == 1.0
+    for n in ("near", "far"):
+        change = np.linalg.norm(wt[n] - ws[n]) / np.linalg.norm(ws[n])
+        assert abs(by[n].weight_change - change) < 1e-12 * change, n
+    assert by["same"].weight_change == 0.0
+    Us, _, Vs = top_svd(ws["far"], 8)
+    Ut, _, Vt = top_svd(wt["far"], 8)
+    ref = transport_ref(deltas["far"].matrix().numpy(), Us, Vs, Ut, Vt)
+    assert rel_err(res.deltas["far"].matrix(), ref) < EXACT_TOL
+    assert abs(by["far"].energy_kept - 1) < EXACT_TOL  # a rotation keeps the norm
+    assert by["far"].cosine == pytest.approx(float(np.sum(ref * deltas["far"].matrix().numpy())) /
+                                             (np.linalg.norm(ref) * deltas["far"].norm()), rel=1e-9)
+    assert "(2 copied, 1 transported)" in res.summary()
+    # copy: everything as it is, nothing decomposed; copy_below 0: only identical layers are copied.
+    engine = SVDEngine(method="exact")
+    res = transfer_deltas(deltas, DictWeights({n: t(w) for n, w in ws.items()}),
+                          DictWeights({n: t(w) for n, w in wt.items()}), TransferSettings(mode="copy", rank=8), engine)
+    assert {l.how for l in res.layers} == {"copied"} and engine.stats.layers_decomposed == 0
+    res = transfer_deltas(deltas, DictWeights({n: t(w) for n, w in ws.items()}),
+                          DictWeights({n: t(w) for n, w in wt.items()}),
+                          TransferSettings(rank=8, threshold=0.0, copy_below=0.0), SVDEngine(method="exact"))
+    assert {l.key: l.how for l in res.layers} == {"near": "transported", "far": "transported", "same": "copied"}
+
+
+def test_transport_moves_a_lorax_delta_into_the_targets_subspaces_at_its_own_rank(rng):
+    """A LoRA-X delta ``U_s,r diag(δ) V_s,rᵀ`` transported lands in the target's top-r subspaces (as the
+    seed's projection would put it) with its norm whole, at rank r."""
+    from reference import transport_ref
+
+    ws = power_law_matrix(rng, 48, 32)
+    wt = perturbed(rng, ws, 0.5)
+    r = 6
+    U, _, V = top_svd(ws, r)
+    delta = Delta.factored((48, 32), t(U * rng.standard_normal(r)), t(V.T))
+    res = transfer_deltas({"m": delta}, DictWeights({"m": t(ws)}), DictWeights({"m": t(wt)}),
+                          TransferSettings(threshold=0.0, mode="transport"), SVDEngine(method="exact"),
+                          adapter_ranks={"m": r})
+    moved = res.deltas["m"]
+    Ut, _, Vt = top_svd(wt, r)
+    assert moved.rank == r and rel_err(moved.matrix(), transport_ref(delta.matrix().numpy(), U, V, Ut, Vt)) < EXACT_TOL
+    assert rel_err(lorax_ref(moved.matrix().numpy(), Ut, Vt), moved.matrix()) < EXACT_TOL  # inside the target's
+    assert abs(moved.norm() / delta.norm() - 1) < EXACT_TOL
+
+
+def test_copy_below_is_validated():
+    with pytest.raises(LoraxError, match="copy_below must be a share"):
+        TransferSettings(copy_below=-0.1)
+    with pytest.raises(LoraxError, match="unknown mode 'proj'; expected one of auto, copy, transport"):
+        TransferSettings(mode="proj")
 
 
 def test_kohya_export_round_trip(tmp_path, rng):

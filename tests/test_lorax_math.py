@@ -16,11 +16,12 @@ import pytest
 import torch
 
 from lorax.delta import Delta
-from lorax.projection import project_lorax, project_paired, project_prolora
+from lorax.projection import (project_lorax, project_paired, project_prolora, project_prolora_cross,
+                              project_transport, rotate_into)
 from lorax.similarity import chance_phi, layer_similarity, phi
 from lorax.svd import canonical_signs, truncated_svd, truncated_svd_batch
 from reference import (lorax_ref, orthonormal, paired_ref, perturbed, phi_ref, power_law_matrix,
-                       prolora_ref, rel_err, t, top_svd)
+                       prolora_cross_ref, prolora_ref, rel_err, t, top_svd, transport_ref)
 
 EXACT_TOL = 1e-6
 FAST_TOL = 1e-2
@@ -157,6 +158,42 @@ def test_projections_match_reference(rng, shape, k, form):
     assert rel_err(out.matrix(), prolora_ref(dW, Us, Vs, Ut, Vt)) < EXACT_TOL
     if form == "factored":
         assert out.is_factored and out.rank <= 2 * B.shape[1]
+
+    out = project_prolora_cross(delta, fs, ft)
+    assert rel_err(out.matrix(), prolora_cross_ref(dW, Us, Vs, Ut, Vt)) < EXACT_TOL
+    if form == "factored":
+        assert out.is_factored and out.rank <= B.shape[1]
+
+    out = project_transport(delta, fs, ft)
+    assert rel_err(out.matrix(), transport_ref(dW, Us, Vs, Ut, Vt)) < EXACT_TOL
+    if form == "factored":
+        assert out.is_factored and out.rank <= B.shape[1]
+    # A rotation: the delta keeps its norm (float64 round-off only).
+    assert abs(out.norm() / np.linalg.norm(dW) - 1) < EXACT_TOL
+
+
+def test_transport_is_the_identity_on_unmoved_subspaces_and_a_rotation_otherwise(rng):
+    """Unmoved subspaces: ``R = I`` to float64 round-off (no division by sin θ: planes that did not turn
+    cost no precision), whatever their basis (a rotated basis of the same span too). Moved ones: ``R`` is
+    orthogonal, carries span(Us) onto span(Ut) and leaves the complement of both alone."""
+    m, k, r = 60, 12, 5
+    Us = orthonormal(rng, m, k)
+    X = rng.standard_normal((m, r))
+    same_span = Us @ orthonormal(rng, k, k)
+    for Ut in (Us, same_span):
+        assert rel_err(rotate_into(t(X), t(Us), t(Ut)), X) < 1e-12
+    Ut = orthonormal(rng, m, k)
+    R = rotate_into(t(np.eye(m)), t(Us), t(Ut)).numpy()
+    assert np.abs(R.T @ R - np.eye(m)).max() < 1e-12
+    moved = R @ Us
+    assert rel_err(moved @ moved.T, Ut @ Ut.T) < 1e-12          # span(Us) lands on span(Ut)
+    both = np.linalg.qr(np.hstack([Us, Ut]))[0]
+    away = (np.eye(m) - both @ both.T) @ rng.standard_normal((m, 3))
+    assert rel_err(R @ away, away) < 1e-12                       # identity away from both
+    # Among all rotations carrying one span onto the other the direct one moves the least: it is
+    # the polar factor of PtPs + (I−Pt)(I−Ps); the reference computes it from projectors alone.
+    from reference import direct_rotation_ref
+    assert rel_err(R, direct_rotation_ref(Us, Ut)) < 1e-10
 
 
 @pytest.mark.parametrize("form", ["factored", "dense"])

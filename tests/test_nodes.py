@@ -123,6 +123,33 @@ def test_transfer_graph_runs_and_patches_target_with_projected_deltas(
     assert all(0.3 <= r["phi_hat"] <= 1.0 for r in rows)
 
 
+def test_default_mode_keeps_the_whole_delta_on_a_near_fine_tune(
+        comfy_host, pack, mini_sd15, mini_sd15_unet_name, target_sd, target_name, kohya_lora):
+    """Every layer of this target moved ≤ 5 %: the node's default writes the adapter's own delta (cosine ≥ 0.98,
+    norm ratio 0.95–1.05 asked; a copy gives 1 and 1 up to float32 patching), decomposes nothing, and says so."""
+    from lorax.transfer import DEFAULT_COPY_BELOW, DEFAULT_MODE
+
+    lora_name, factors = kohya_lora
+    engine = pack.nodes.runtime.get_engine(False)
+    decomposed = engine.stats.layers_decomposed
+    out = comfy_host.run_prompt(_transfer_prompt(mini_sd15_unet_name, target_name, lora_name, mode=DEFAULT_MODE))
+    assert engine.stats.layers_decomposed == decomposed  # copied layers need no SVD
+    model = out["cap_model"]["value"][0]
+    keys = ["diffusion_model." + k for k in LORA_KEYS]
+    patched = comfy_host.patched_weights(model, keys)
+    for key in LORA_KEYS:
+        up, down = factors[key]
+        given = (up.double() @ down.double().reshape(down.shape[0], -1)).reshape(target_sd[key].shape) * (2.0 / 4)
+        written = patched["diffusion_model." + key].double() - target_sd[key].double()
+        cos = float((written * given).sum() / (written.norm() * given.norm()))
+        assert cos >= 0.98 and 0.95 <= float(written.norm() / given.norm()) <= 1.05, (key, cos)
+    rows = json.loads(out["cap_json"]["value"][0])
+    assert {r["how"] for r in rows} == {"copied"}, rows
+    assert all(0.0 < r["weight_change"] <= min(0.06, DEFAULT_COPY_BELOW) and r["cos_kept"] == 1.0 for r in rows)
+    report = out["cap_handle"]["value"][0].report
+    assert f"{len(LORA_KEYS)} copied" in report, report
+
+
 def test_unrelated_target_skips_layers_and_report_says_so(comfy_host, pack, mini_sd15_unet_name, kohya_lora):
     other = comfy_host.save_unet(host.build_mini_sd15_unet(seed=99), "mini_sd15_unrelated.safetensors")
     out = comfy_host.run_prompt(_transfer_prompt(mini_sd15_unet_name, other, kohya_lora[0]))

@@ -113,7 +113,8 @@ def test_sdxl_payload_is_small_complete_and_aggregates_per_block(rng):
     assert p["n"] == 722 and p["n_transferred"] == sum(r["decision"] == PASSES for r in rows)
     assert p["n_skipped"] == 722 - p["n_transferred"] > 0
     assert [b["name"] for b in p["blocks"]] == [b for b, _ in SDXL_TRANSFORMERS]
-    assert p["family_fields"] == ["family", "phi_min", "phi_median", "n", "n_transferred", "n_skipped", "phi_needed"]
+    assert p["family_fields"] == ["family", "phi_min", "phi_median", "n", "n_transferred", "n_skipped", "phi_needed",
+                                  "n_copied", "cos_median"]
     fields = p["layer_fields"]
     by_key = {r["key"]: r for r in rows}
     seen = 0
@@ -125,7 +126,8 @@ def test_sdxl_payload_is_small_complete_and_aggregates_per_block(rng):
         assert b["phi_min"] == round(min(r["phi"] for r in mine), 3)
         assert b["phi_median"] == round(statistics.median(r["phi"] for r in mine), 3)
         assert [f[0] for f in b["families"]] == FAMILY_ORDER
-        for fam, lo, med, n, done, skipped, need in b["families"]:
+        for fam, lo, med, n, done, skipped, need, copied, cos in b["families"]:
+            assert copied == 0 and cos is None  # a similarity report moves nothing
             fr = [r for r in mine if ref_family(r["key"]) == fam]
             assert n == len(fr) and n > 0
             assert lo == round(min(r["phi"] for r in fr), 3)

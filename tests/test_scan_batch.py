@@ -27,7 +27,8 @@ import host
 import library_models as lm
 from lorax.errors import LoraxError
 from lorax.library_scan import (BatchRow, ScanRow, adapter_files, batch_table, complete_output, output_path,
-                                phi_stats, scan_csv, scan_table)
+                                kept_cosine, phi_stats, scan_csv, scan_table)
+from lorax.transfer import DEFAULT_MODE
 from lorax.verdict import Verdict
 
 FOLDER = "library14"
@@ -72,6 +73,11 @@ def test_scan_rows_stats_and_tables():
             {"phi_hat": None, "decision": "missing in target"}]
     assert phi_stats(rows) == (0.5, 0.2, 3, 2)  # min of left/right per layer
     assert phi_stats([]) == (None, None, 0, 0)
+    # A layer copied as it is has no Φ̂ and still counts as compared and moved.
+    copied = {"phi_hat": None, "decision": "transferred", "how": "copied", "cos_kept": 1.0}
+    assert phi_stats(rows + [copied]) == (0.5, 0.2, 4, 3)
+    assert phi_stats([copied]) == (None, None, 1, 1)
+    assert kept_cosine(rows + [copied]) == 1.0 and kept_cosine(rows) is None
     v = Verdict(target="SD15", modules=10, mapped=8, unmapped_example="lora_unet_x")
     assert v.names_line().startswith("Verdict: fits partly — 8 of 10 adapter modules (80 %) map")
     assert "similarity not scored" in v.names_line()
@@ -129,7 +135,7 @@ def _load_and_transfer(comfy_host, src, tgt, name):
             "load": {"class_type": "LoraxLoad", "inputs": {"model": ["src", 0], "adapter_name": name, "strength": 1.0}},
             "transfer": {"class_type": "LoraxTransfer", "inputs": {
                 "source_model": ["src", 0], "target_model": ["tgt", 0], "adapter": ["load", 1], "strength": 1.0,
-                "rank": 320, "threshold": 0.3, "mode": "prolora", "exact": False}},
+                "rank": 320, "threshold": 0.3, "mode": DEFAULT_MODE, "exact": False}},
             "cap": host.capture(["transfer", 2])})
     except AssertionError as e:
         return None, str(e)

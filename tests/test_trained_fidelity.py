@@ -76,7 +76,7 @@ def test_every_arm_is_judged_and_reported(quick_run):
     runs, info, lines, _ = quick_run
     (run,) = runs
     arms = run["targets"]["finetune"]
-    assert set(arms) == set(tf.ARMS)
+    assert set(arms) == set(tf.QUICK.arms)
     for arm, m in arms.items():
         assert 0.0 <= m["acc"] <= 1.0 and 0.0 <= m["style"] <= 1.0, (arm, m)
         if m.get("cos") is not None:
@@ -88,7 +88,7 @@ def test_every_arm_is_judged_and_reported(quick_run):
     with redirect_stdout(buf):
         tf.print_report(runs, tf.QUICK, info)
     text = buf.getvalue()
-    for arm in tf.ARMS:
+    for arm in tf.QUICK.arms:
         assert f" {arm} " in text, arm
     assert any("seed 0" in line for line in lines)
 

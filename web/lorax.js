@@ -5,7 +5,9 @@
 // in each block (height = median Φ, dark line = lowest Φ, white tick = Φ needed to pass the threshold,
 // green/orange/red = all/some/none of its layers transferred, red mark below = layers skipped), a
 // transfer's one-line verdict (does the adapter fit the target at all), the summary line, and on
-// hover or click a block's layers (Φ and Φ̂ left and right, k, decision). The text report stays available, read-only, under "Text report". LoRA-X Save, LoRA to LoRA-X and LoRA-X Train only
+// hover or click a block's layers (Φ and Φ̂ left and right, k, decision: copied / transported /
+// projected, and how much of the adapter's change the written delta keeps as a cosine). A family copied
+// as is (it barely moved: no SVD, no Φ) is a full teal bar. The text report stays available, read-only, under "Text report". LoRA-X Save, LoRA to LoRA-X and LoRA-X Train only
 // send text, shown the same read-only way.
 //
 // Plain ES module, no build step: ComfyUI serves this folder (WEB_DIRECTORY) as it is.
@@ -18,7 +20,7 @@ const WIDGET = "lorax_report";
 
 const COLORS = {
   transferred: "rgb(64,178,96)", low: "rgb(214,72,72)", mixed: "rgb(232,150,40)", other: "rgb(140,140,140)",
-  compared: "rgb(80,140,220)", tick: "#ffffff", minLine: "rgb(20,20,24)", grid: "rgb(60,60,66)",
+  compared: "rgb(80,140,220)", copied: "rgb(70,170,200)", tick: "#ffffff", minLine: "rgb(20,20,24)", grid: "rgb(60,60,66)",
   background: "rgb(24,24,28)", text: "rgb(210,210,210)", highlight: "rgba(255,255,255,0.10)",
 };
 // Geometry in CSS pixels, the same scheme as nodes/plot.py (the IMAGE output).
@@ -73,9 +75,13 @@ function el(tag, cls, text) {
 
 const fmt = (x) => (x === null || x === undefined ? "" : Number(x).toFixed(3));
 
+// A family all of whose moved layers were copied as they are (barely moved: no SVD, so no Φ).
+const copiedOnly = (f) => f[2] === null && (f[7] ?? 0) > 0;
+
 function barColor(f) {
-  // f: [family, phi_min, phi_median, n, n_transferred, n_skipped, phi_needed]
-  const [, , median, n, done, skipped] = f;
+  // f: [family, phi_min, phi_median, n, n_transferred, n_skipped, phi_needed, n_copied, cos_median]
+  const [, , median, n, done, skipped, , copied] = f;
+  if (copiedOnly(f)) return copied === n ? COLORS.copied : COLORS.mixed;
   if (median === null) return COLORS.other;
   if (done + skipped === 0) return COLORS.compared;
   if (done === n) return COLORS.transferred;
@@ -160,6 +166,8 @@ class ReportView {
     this.legend.replaceChildren(
       ...this.legendItem(COLORS.transferred, `all ${verb}`), ...this.legendItem(COLORS.mixed, "some"),
       ...this.legendItem(COLORS.low, "none"), ...this.legendItem(COLORS.tick, "Φ needed to pass"),
+      ...(p.blocks.some((b) => b.families.some(copiedOnly))
+        ? this.legendItem(COLORS.copied, "copied as is (barely moved, no SVD)") : []),
       document.createTextNode(" · bar: median Φ of a layer family, dark line: its lowest · hover or click a block"),
     );
     this.showBlock(-1);
@@ -238,7 +246,8 @@ class ReportView {
         const [, min, median, n, , skipped, need] = bar.f;
         const w = bar.x1 - bar.x0;
         ctx.fillStyle = barColor(bar.f);
-        if (median === null) ctx.fillRect(bar.x0, y1 - 3, w, 3);
+        if (copiedOnly(bar.f)) ctx.fillRect(bar.x0, y0, w, y1 - y0);
+        else if (median === null) ctx.fillRect(bar.x0, y1 - 3, w, 3);
         else ctx.fillRect(bar.x0, yOf(median), w, y1 - yOf(median));
         if (median !== null && n > 1 && min !== null && min < median - 0.004) {
           ctx.fillStyle = COLORS.minLine;
@@ -341,11 +350,13 @@ class ReportView {
     const tbody = el("tbody");
     table.append(thead, tbody);
     if (b.layers.length) {
-      thead.append(this.row("th", ["layer", "Φ L", "Φ R", "Φ̂ L", "Φ̂ R", "k", "decision"]));
+      thead.append(this.row("th", ["layer", "Φ L", "Φ R", "Φ̂ L", "Φ̂ R", "k", "decision", "kept (cos)"]));
       for (const l of b.layers) {
-        const [name, fi, phi, phiR, hat, hatR, code, k] = l;
+        const [name, fi, phi, phiR, hat, hatR, code, k, , how, cos] = l;
         const decision = code === null ? null : p.decisions[code];
-        const tr = this.row("td", [name, fmt(phi), fmt(phiR), fmt(hat), fmt(hatR), k ?? "", shortDecision(decision)]);
+        const said = how && decision === "transferred" ? how : shortDecision(decision);
+        const tr = this.row("td", [name, fmt(phi), fmt(phiR), fmt(hat), fmt(hatR), k ?? "", said,
+          cos === null || cos === undefined ? "" : Number(cos).toFixed(2)]);
         tr.dataset.layer = name;
         tr.dataset.family = b.families[fi][0];
         tr.dataset.decision = decision ?? "";
