@@ -128,6 +128,11 @@ def cmd_scan(args) -> int:
     if args.source and cli._same_file(args.source, args.target):
         raise LoraxError("source and target are the same file; the target must be a different checkpoint")
     files = _files(args.loras)
+    inputs = {"--target": args.target, "--source": args.source, "--layer-map-file": args.layer_map_file,
+              **{f"the LoRA {_name(p, args.loras)}": str(p) for p in files}}
+    for flag in ("--json", "--csv"):  # reports, rewritten on every run: only the inputs are protected
+        if getattr(args, flag[2:]):
+            cli._check_output(getattr(args, flag[2:]), inputs, overwrite=True, flag=flag)
     settings = TransferSettings(rank=args.rank, threshold=args.threshold)
     be = cli._backend()
     t0 = time.perf_counter()
@@ -164,6 +169,7 @@ def cmd_transfer_many(args) -> int:
         raise LoraxError("source and target are the same file; the target must be a different checkpoint")
     files = _files(args.loras)
     jobs = [(_name(p, args.loras), str(p), str(output_path(p, args.loras, args.out, args.target))) for p in files]
+    _check_outputs(jobs, {"--source": args.source, "--target": args.target, "--layer-map-file": args.layer_map_file})
     user_map = cli._user_map(args.layer_map_file)
     t0 = time.perf_counter()
     if args.ray is not None:
@@ -177,6 +183,28 @@ def cmd_transfer_many(args) -> int:
     done = sum(r.status == "written" for r in rows)
     print(f"{stats_line}; total {seconds:.1f} s, {60 * done / seconds:.1f} files written per minute")
     return 1 if any(r.status == "failed" for r in rows) else 0
+
+
+def _check_outputs(jobs, inputs: dict) -> None:
+    """No output of the batch may be one of its inputs — the checkpoints, the map, or a LoRA of the
+    folder (with ``--out`` inside ``--loras``, an earlier run's output is both) — whatever the flags.
+    The test is ``os.path.samefile``'s (device and inode, so hard links and symlinks count), with
+    each input stat'ed once: a library of n files costs 2n stats, not n²."""
+    named = {**inputs, **{f"the LoRA {name}": path for name, path, _ in jobs}}
+    identity = {}
+    for what, path in named.items():
+        if path and os.path.exists(path):
+            st = os.stat(path)
+            identity.setdefault((st.st_dev, st.st_ino), what)
+    for name, _, out in jobs:
+        if not os.path.exists(out):
+            continue
+        st = os.stat(out)
+        what = identity.get((st.st_dev, st.st_ino))
+        if what is not None:
+            raise LoraxError(f"the output for {name} would be the same file as {what}; nothing was written. "
+                             "The command line never writes over one of its inputs: give --out a folder "
+                             "outside --loras", path=out)
 
 
 def run_local(jobs, args, settings, user_map):

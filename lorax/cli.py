@@ -17,6 +17,7 @@ import time
 import types
 from pathlib import Path
 
+from .adapter_check import check_adapter_file
 from .errors import LoraxError
 from .layer_map import MODES as LAYER_MAP_MODES, load_user_map
 from .skip_reasons import why_left_out
@@ -84,10 +85,29 @@ def _check_inputs(*paths: str) -> None:
             raise LoraxError("file not found; check the path", path=path)
 
 
+def _check_output(out: str, inputs: dict[str, str | None], overwrite: bool = False, flag: str = "--out") -> None:
+    """Refuse to write ``out`` over one of the command's inputs (``{"--source": path, …}``), by
+    path or as the same file under another name (a hard link, a symlink), whatever the flags; and
+    over any other existing file unless ``overwrite``. Called before the work and again just
+    before the write, which then replaces ``out`` atomically (temporary file + rename)."""
+    for name, path in inputs.items():
+        if path and _same_file(out, path):
+            raise LoraxError(f"{flag} is the same file as {name}; nothing was written. The command line never "
+                             f"writes over one of its inputs: give {flag} a new file name", path=out)
+    if os.path.isdir(out):
+        raise LoraxError(f"{flag} is a folder; nothing was written. Give {flag} a file name (.safetensors)", path=out)
+    if os.path.lexists(out) and not overwrite:
+        raise LoraxError(f"{flag} already exists; nothing was written. Give {flag} a new file name, or add "
+                         "--overwrite to replace it", path=out)
+
+
 def cmd_similarity(args) -> int:
     _check_inputs(args.source, args.target)
     if _same_file(args.source, args.target):
         raise LoraxError("source and target are the same file; compare two different checkpoints")
+    inputs = {"--source": args.source, "--target": args.target, "--layer-map-file": args.layer_map_file}
+    if args.json:  # a report, rewritten on every run: only the inputs are protected
+        _check_output(args.json, inputs, overwrite=True, flag="--json")
     be = _backend()
     t0 = time.perf_counter()
     source, target = be.load_model(args.source), be.load_model(args.target)
@@ -111,6 +131,10 @@ def cmd_transfer(args) -> int:
     _check_inputs(args.source, args.target, args.adapter)
     if _same_file(args.source, args.target):
         raise LoraxError("source and target are the same file; the target must be a different checkpoint")
+    inputs = {"--source": args.source, "--target": args.target, "--adapter": args.adapter,
+              "--layer-map-file": args.layer_map_file}
+    _check_output(args.out, inputs, args.overwrite)
+    check_adapter_file(args.adapter)  # a damaged adapter fails before two checkpoints are loaded
     be = _backend()
     t0 = time.perf_counter()
     source, target = be.load_model(args.source), be.load_model(args.target)
@@ -125,6 +149,7 @@ def cmd_transfer(args) -> int:
         kept = "" if row.get("energy_kept") is None else f"  kept {100 * row['energy_kept']:.0f}%"
         moved = "" if row.get("source_key") in (None, row["key"]) else f"  (from {row['source_key']})"
         print(f"{row['decision']:<36} {row['key']}{moved}{phi}{kept}")
+    _check_output(args.out, inputs, args.overwrite)  # nothing appeared there meanwhile
     written = be.save_transfer(handle, args.out, bake_strength=True)
     print(f"summary: {handle.result.summary()}; wrote {written} layers to {args.out}; "
           f"total {time.perf_counter() - t0:.1f} s")
@@ -143,6 +168,9 @@ def _user_map(path: str | None):
 
 def cmd_convert(args) -> int:
     _check_inputs(args.source, args.adapter)
+    inputs = {"--source": args.source, "--adapter": args.adapter}
+    _check_output(args.out, inputs, args.overwrite)
+    check_adapter_file(args.adapter)
     be = _backend()
     from .lorax_adapter import save_lorax
 
@@ -152,6 +180,7 @@ def cmd_convert(args) -> int:
     converted, rows, summary = be.convert_adapter(source, adapter, args.rank, engine)
     for row in rows:
         print(f"kept {100 * row['kept']:5.1f}%  r {row['rank']:>4}  {row['module']}")
+    _check_output(args.out, inputs, args.overwrite)
     save_lorax(args.out, converted)
     print(f"summary: {summary}")
     print(f"wrote {len(converted.sigmas)} layers, {converted.parameter_count} parameters, "
@@ -240,7 +269,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--source", required=True, help="the checkpoint the adapter was trained on")
     t.add_argument("--target", required=True, help="the checkpoint to move it to")
     t.add_argument("--adapter", required=True, help="a LoRA-X file or any LoRA/LyCORIS file ComfyUI reads")
-    t.add_argument("--out", required=True, help="where to write the transferred kohya LoRA (.safetensors)")
+    t.add_argument("--out", required=True, help="where to write the transferred kohya LoRA (.safetensors); "
+                                                 "never one of the inputs, and no existing file unless --overwrite")
+    t.add_argument("--overwrite", action="store_true", help="replace an existing --out (never an input file)")
     t.add_argument("--rank", type=int, default=DEFAULT_RANK)
     t.add_argument("--threshold", type=float, default=DEFAULT_THRESHOLD)
     t.add_argument("--mode", choices=MODES, default=DEFAULT_MODE,
@@ -257,7 +288,9 @@ def build_parser() -> argparse.ArgumentParser:
     c = sub.add_parser("convert", help="turn an ordinary LoRA into a LoRA-X adapter on its source model")
     c.add_argument("--source", required=True, help="the checkpoint the LoRA was trained on")
     c.add_argument("--adapter", required=True, help="any LoRA/LyCORIS file ComfyUI reads")
-    c.add_argument("--out", required=True, help="where to write the LoRA-X file (.safetensors)")
+    c.add_argument("--out", required=True, help="where to write the LoRA-X file (.safetensors); never one of "
+                                                 "the inputs, and no existing file unless --overwrite")
+    c.add_argument("--overwrite", action="store_true", help="replace an existing --out (never an input file)")
     c.add_argument("--rank", type=int, default=DEFAULT_RANK, help="r per layer (capped at the layer's rank)")
     c.add_argument("--exact", action="store_true", help="full float64 SVD instead of the Gram route")
     _cache_argument(c)

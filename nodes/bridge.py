@@ -417,16 +417,24 @@ def split_by_owner(deltas: Mapping[str, Delta], patcher) -> tuple[dict[str, Delt
 
 
 def load_adapter_file(path: str):
-    """A LoRA-X adapter or an ordinary adapter's tensors, validated (kind, object)."""
+    """A LoRA-X adapter or an ordinary adapter's tensors, validated (kind, object): the container
+    and the factor pairs before any tensor is read (:mod:`lorax.adapter_check`), so a damaged file
+    gets one sentence naming it, never the loader's own exception."""
+    from lorax.adapter_check import check_adapter_file, check_lora_factors
     from lorax.lorax_adapter import is_lorax_file, load_lorax
-    from lorax.safetensors_io import check_safetensors_file, ensure_finite
+    from lorax.safetensors_io import ensure_finite, is_pickle_name
 
-    if str(path).endswith(".safetensors") or not str(path).endswith((".pt", ".ckpt", ".bin", ".pth")):
-        check_safetensors_file(path)
-        if is_lorax_file(path):
-            return "lorax", load_lorax(path)
-    tensors = comfy.utils.load_torch_file(path, safe_load=True)
+    check_adapter_file(path)
+    if not is_pickle_name(path) and is_lorax_file(path):
+        return "lorax", load_lorax(path)
+    try:
+        tensors = comfy.utils.load_torch_file(path, safe_load=True)
+    except Exception as e:  # torch's unpickler and the safetensors binding raise their own types
+        what = "a PyTorch file" if is_pickle_name(path) else "safetensors"
+        raise LoraxError(f"cannot be read as {what} ({type(e).__name__}: {e}); the file is damaged or of "
+                         "another kind, download or export it again", path=path) from None
     ensure_finite(tensors, path)
     if not tensors:
         raise LoraxError("the adapter file holds no tensors", path=path)
+    check_lora_factors({k: tuple(t.shape) for k, t in tensors.items()}, path)
     return "lora", tensors

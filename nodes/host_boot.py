@@ -68,8 +68,8 @@ def declare_torchvision_schemas() -> bool:
 
 def boot(pack_root: Path, *, cpu: bool | None = None) -> Path:
     """Put ComfyUI on ``sys.path`` and parse its arguments (``--cpu`` when asked or no GPU)."""
-    if "comfy.cli_args" in sys.modules:
-        return Path(sys.modules["comfy"].__file__).parent.parent
+    if "comfy.cli_args" in sys.modules:  # already booted (a test process, ComfyUI itself)
+        return Path(next(iter(sys.modules["comfy"].__path__))).parent  # comfy may be a namespace package
     tree = locate_comfyui(pack_root)
     if tree is None:
         raise RuntimeError("no ComfyUI found: set COMFYUI_PATH to your ComfyUI folder, install this pack into "

@@ -30,8 +30,9 @@ from lorax.errors import LoraxError
 from lorax.fused import WeightSlice, with_slices
 from lorax.library_scan import (BatchRow, ScanRow, complete_output, kept_cosine, phi_stats, provenance_settings,
                                 verdict_level)
+from lorax.adapter_check import check_adapter_header
 from lorax.report import how_counts
-from lorax.safetensors_io import check_safetensors_file, ensure_finite, open_safetensors
+from lorax.safetensors_io import check_safetensors_file, ensure_finite, open_safetensors, read_tensor
 from lorax.transfer import Decision, TransferSettings
 from lorax.verdict import Verdict, guess_architecture
 
@@ -54,12 +55,13 @@ def read_by_header(path: str) -> dict[str, torch.Tensor]:
     """A safetensors adapter as the host's parser needs it: scalars read, the rest as ``meta``
     tensors (shape and dtype only, no data)."""
     header = check_safetensors_file(path)
+    check_adapter_header(header, path)
     out: dict[str, torch.Tensor] = {}
     with open_safetensors(path) as f:
         for key in f.keys():
             info = header[key]
             if math.prod(info["shape"]) <= _READ_UP_TO:
-                out[key] = f.get_tensor(key)
+                out[key] = read_tensor(f, key, path)
             else:
                 out[key] = torch.empty(info["shape"], dtype=_DTYPES.get(info["dtype"], torch.float32), device="meta")
     ensure_finite({k: t for k, t in out.items() if t.device.type != "meta"}, path)

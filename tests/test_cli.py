@@ -201,3 +201,174 @@ def test_cache_command_lists_the_readme_models(readme_run):
     assert proc.returncode == 0 and "removed" in proc.stdout, proc.stderr
     proc = _run([sys.executable, "-m", "lorax", "cache"], cwd)
     assert "target.safetensors" not in proc.stdout and "source.safetensors" in proc.stdout
+
+
+# -- never destroy a user's file; no traceback from a damaged one (issue 23) --------------------------
+
+
+def _digest(path) -> str:
+    import hashlib
+
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "blake2b").hexdigest()
+
+
+def _main(capsys, monkeypatch, cwd, argv) -> tuple[int, str, str]:
+    """``python -m lorax …`` in this process (its ``main``, as ``__main__`` calls it)."""
+    from lorax.cli import main
+
+    monkeypatch.setenv("LORAX_SVD_CACHE", str(cwd / "svd-cache"))
+    capsys.readouterr()
+    code = main([str(a) for a in argv])
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def _one_error_line(err: str, path) -> str:
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"error: file '{path}'"), err
+    assert "Traceback" not in err
+    return lines[0]
+
+
+def test_cli_never_writes_over_one_of_its_inputs(readme_run, capsys, monkeypatch):
+    """``--out`` naming an input — by its path, a hard link or a symlink — is refused for transfer
+    and convert, with --overwrite too: one sentence naming the file, exit 2, the inputs unchanged."""
+    cwd, _ = readme_run
+    demo = cwd / "demo"
+    source, target, adapter = demo / "source.safetensors", demo / "target.safetensors", demo / "style_lora.safetensors"
+    hard, soft = demo / "target-hardlink.safetensors", demo / "adapter-symlink.safetensors"
+    for link in (hard, soft):
+        link.unlink(missing_ok=True)
+    os.link(target, hard)
+    soft.symlink_to(adapter)
+    before = {p: _digest(p) for p in (source, target, adapter)}
+    common = ["--source", source, "--target", target, "--adapter", adapter]
+    cases = [("transfer", out, flag, extra) for out, flag in
+             ((source, "--source"), (target, "--target"), (adapter, "--adapter"), (hard, "--target"), (soft, "--adapter"))
+             for extra in ([], ["--overwrite"])]
+    cases += [("convert", out, flag, ["--overwrite"]) for out, flag in
+              ((source, "--source"), (adapter, "--adapter"), (soft, "--adapter"))]
+    for command, out, flag, extra in cases:
+        args = common if command == "transfer" else ["--source", source, "--adapter", adapter]
+        code, stdout, err = _main(capsys, monkeypatch, cwd, [command, *args, "--out", out, *extra])
+        line = _one_error_line(err, out)
+        assert code == 2 and f"--out is the same file as {flag}; nothing was written" in line, (command, out, line)
+        assert stdout == ""
+    # The reports of similarity and scan (rewritten on every run) never go over an input either.
+    code, _, err = _main(capsys, monkeypatch, cwd, ["similarity", "--source", source, "--target", target,
+                                                    "--json", hard])
+    assert code == 2 and "--json is the same file as --target" in _one_error_line(err, hard)
+    code, _, err = _main(capsys, monkeypatch, cwd, ["scan", "--target", target, "--loras", demo, "--csv", soft])
+    assert code == 2 and "--csv is the same file as the LoRA style_lora.safetensors" in _one_error_line(err, soft)
+    # As a user runs it: a fresh process, exit status 2, one line, no traceback.
+    proc = _run([sys.executable, "-m", "lorax", "transfer", *map(str, common), "--out", str(hard), "--overwrite"], cwd)
+    assert proc.returncode == 2 and "is the same file as --target" in _one_error_line(proc.stderr, hard)
+    assert {p: _digest(p) for p in (source, target, adapter)} == before
+    assert hard.stat().st_ino == target.stat().st_ino and soft.resolve() == adapter.resolve()
+    assert not [p for p in os.listdir(demo) if p.endswith(".part")]
+
+
+def test_cli_refuses_an_existing_out_unless_overwrite(readme_run, capsys, monkeypatch):
+    cwd, _ = readme_run
+    demo = cwd / "demo"
+    source, target, adapter = demo / "source.safetensors", demo / "target.safetensors", demo / "style_lora.safetensors"
+    existing = demo / "existing.safetensors"
+    existing.write_bytes(b"a file the user keeps")
+    transfer = ["transfer", "--source", source, "--target", target, "--adapter", adapter, "--out", existing]
+    convert = ["convert", "--source", source, "--adapter", adapter, "--out", existing, "--rank", "64"]
+    proc = _run([sys.executable, "-m", "lorax", *map(str, transfer)], cwd)
+    line = _one_error_line(proc.stderr, existing)
+    assert proc.returncode == 2 and "--out already exists; nothing was written" in line and "--overwrite" in line
+    code, _, err = _main(capsys, monkeypatch, cwd, convert)
+    assert code == 2 and "--out already exists" in _one_error_line(err, existing)
+    folder = demo / "a-folder.safetensors"
+    folder.mkdir(exist_ok=True)
+    code, _, err = _main(capsys, monkeypatch, cwd, transfer[:-1] + [folder, "--overwrite"])
+    assert code == 2 and "--out is a folder" in _one_error_line(err, folder)
+    assert existing.read_bytes() == b"a file the user keeps"
+    # --overwrite replaces it, atomically: a new file (inode) in its place, complete, no leftovers.
+    inode = existing.stat().st_ino
+    code, stdout, err = _main(capsys, monkeypatch, cwd, transfer + ["--overwrite"])
+    assert code == 0, err
+    assert f"wrote 8 layers to {existing}" in stdout
+    written = load_file(str(existing))
+    assert len([k for k in written if k.endswith(".lora_down.weight")]) == 8
+    assert existing.stat().st_ino != inode
+    code, stdout, err = _main(capsys, monkeypatch, cwd, convert + ["--overwrite"])
+    assert code == 0 and "wrote 8 layers, 512 parameters" in stdout, err
+    from lorax.lorax_adapter import load_lorax
+
+    assert len(load_lorax(existing).sigmas) == 8
+    assert not [p for p in os.listdir(demo) if p.endswith(".part")]
+
+
+def test_transfer_many_never_writes_over_a_lora_of_its_folder(readme_run, capsys, monkeypatch):
+    """With --out inside --loras, an earlier run's output is also one of the LoRAs: refused, even
+    with --overwrite, before anything is loaded."""
+    cwd, _ = readme_run
+    demo = cwd / "demo"
+    loras = cwd / "library"
+    loras.mkdir(exist_ok=True)
+    (loras / "style.safetensors").write_bytes((demo / "style_lora.safetensors").read_bytes())
+    earlier = loras / "style-on-target.safetensors"
+    earlier.write_bytes((demo / "style_lora.safetensors").read_bytes())
+    before = _digest(earlier)
+    code, _, err = _main(capsys, monkeypatch, cwd, [
+        "transfer-many", "--source", demo / "source.safetensors", "--target", demo / "target.safetensors",
+        "--loras", loras, "--out", loras, "--overwrite"])
+    line = _one_error_line(err, earlier)
+    assert code == 2 and "the output for style.safetensors would be the same file as the LoRA " \
+                         "style-on-target.safetensors" in line
+    assert _digest(earlier) == before and sorted(os.listdir(loras)) == ["style-on-target.safetensors",
+                                                                        "style.safetensors"]
+
+
+def test_cli_refuses_every_damaged_adapter_in_one_sentence(readme_run, capsys, monkeypatch, tmp_path):
+    """tests/damage.py's damaged copies of the README's LoRA, each given to ``transfer`` (and the
+    container ones to ``convert``): exit 2, one ``error:`` line naming the file (and key) and what
+    is wrong, no traceback, nothing written. A random byte flip that leaves a working adapter may
+    transfer (exit 0, a complete file)."""
+    import damage
+
+    cwd, _ = readme_run
+    demo = cwd / "demo"
+    source, target = demo / "source.safetensors", demo / "target.safetensors"
+    refused = set()
+    mutations = damage.mutations((demo / "style_lora.safetensors").read_bytes())
+    for i, m in enumerate(mutations):
+        bad = tmp_path / f"damaged-{i}.safetensors"
+        bad.write_bytes(m.data)
+        out = tmp_path / f"out-{i}" / "moved.safetensors"
+        runs = [["transfer", "--source", source, "--target", target]]
+        if m.must_refuse and not m.kind.startswith(("infinite", "NaN")):  # convert refuses before loading too
+            runs.append(["convert", "--source", source, "--rank", "8"])
+        for argv in runs:
+            code, _, err = _main(capsys, monkeypatch, cwd, [*argv, "--adapter", bad, "--out", out])
+            assert code in ((2,) if m.must_refuse else (0, 2)), (m.kind, argv[0], err)
+            if code == 0:
+                assert load_file(str(out)), m.kind
+                out.unlink()
+                continue
+            line = _one_error_line(err, bad)
+            for needle in m.needles + ((f"key '{m.key}'",) if m.key else ()):
+                assert needle in line, (m.kind, line)
+            assert "another architecture" not in line, (m.kind, line)
+            assert not out.parent.exists() or not list(out.parent.iterdir()), m.kind
+            refused.add(m.kind)
+    rules = {m.kind for m in mutations if m.must_refuse and not m.kind.startswith("truncated to")}
+    assert len(rules) >= 11 and rules <= refused
+    assert refused - rules - {m.kind for m in mutations if m.kind.startswith("truncated to")}, \
+        "no random byte flip was refused: the flips did not reach the header's structure"
+    # As a user runs it, the three that ended in a raw SafetensorError before, and the damaged LoRA
+    # that was called foreign: a fresh process, exit status 2, one line, no traceback.
+    by_kind = {m.kind: m for m in mutations}
+    for kind in ("unknown dtype", "shape larger than its byte range", "reversed data offsets",
+                 "every up half missing"):
+        bad = tmp_path / "user.safetensors"
+        bad.write_bytes(by_kind[kind].data)
+        proc = _run([sys.executable, "-m", "lorax", "transfer", "--source", str(source), "--target", str(target),
+                     "--adapter", str(bad), "--out", str(tmp_path / "user-out.safetensors")], cwd)
+        line = _one_error_line(proc.stderr, bad)
+        assert proc.returncode == 2 and all(n in line for n in by_kind[kind].needles), (kind, proc.stderr)
+        assert not (tmp_path / "user-out.safetensors").exists()

@@ -344,3 +344,81 @@ def test_failed_write_leaves_nothing(tmp_path, rng):
     with pytest.raises(LoraxError):
         save_lorax(path, adapter)
     assert path.read_bytes() == b"old" and len(list(tmp_path.iterdir())) == 1
+
+
+def _loader_reads(path) -> bool:
+    """Whether the safetensors binding itself opens the file and reads every tensor."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            for key in f.keys():
+                f.get_tensor(key)
+        return True
+    except Exception:  # its own error types (SafetensorError, …)
+        return False
+
+
+def test_header_check_agrees_with_the_safetensors_loader(tmp_path):
+    """The container check refuses exactly the files the safetensors loader cannot read, over
+    tests/damage.py's mutations of a kohya LoRA (rules and random flips/truncations): no damaged
+    container reaches the loader, no readable file is refused. The LoRA-level damage (valid
+    containers) is then caught by the factor check, each with the file and key named."""
+    import damage
+    from lorax.adapter_check import check_adapter_file
+    from lorax.safetensors_io import check_safetensors_file
+
+    g = torch.Generator().manual_seed(3)
+    lora = {}
+    for i, (m, n) in enumerate([(32, 48), (64, 32), (16, 16)]):
+        lora[f"lora_unet_m{i}.lora_up.weight"] = torch.randn(m, 4, generator=g)
+        lora[f"lora_unet_m{i}.lora_down.weight"] = torch.randn(4, n, generator=g).half()
+        lora[f"lora_unet_m{i}.alpha"] = torch.tensor(2.0)
+    good = tmp_path / "good.safetensors"
+    save_file(lora, str(good), metadata={"ss_network_dim": "4"})
+    container_damage = factor_damage = 0
+    for i, m in enumerate(damage.mutations(good.read_bytes())):
+        path = tmp_path / f"m{i}.safetensors"
+        path.write_bytes(m.data)
+        try:
+            check_safetensors_file(path)
+            ours = True
+        except LoraxError as e:
+            ours = False
+            assert str(path) in str(e) and len(str(e).splitlines()) == 1, m.kind
+        assert ours == _loader_reads(path), (m.kind, ours)
+        if not ours:
+            container_damage += 1
+            continue
+        try:
+            check_adapter_file(path)
+            load_tensors(path)
+        except LoraxError as e:
+            assert all(n in str(e) for n in m.needles) and (m.key is None or m.key in str(e)), (m.kind, str(e))
+            factor_damage += 1
+        else:
+            assert not m.must_refuse, m.kind
+    assert container_damage >= 15 and factor_damage >= 5
+
+
+def test_header_check_accepts_every_valid_container(tmp_path):
+    """Every dtype torch and safetensors share, empty tensors, metadata, the PEFT and LoCon namings:
+    accepted by both checks (no false alarm on a file the loader reads)."""
+    from lorax.adapter_check import check_adapter_file
+    from lorax.safetensors_io import check_safetensors_file
+
+    dtypes = [torch.float64, torch.float32, torch.float16, torch.bfloat16, torch.int64, torch.int32, torch.int16,
+              torch.int8, torch.uint8, torch.bool, torch.float8_e4m3fn, torch.float8_e5m2]
+    tensors = {f"t{i}": torch.ones(3, 5).to(d) for i, d in enumerate(dtypes)}
+    tensors["empty"] = torch.zeros(0, 7)
+    tensors["scalar"] = torch.tensor(1.5)
+    tensors["peft.lora_A.weight"], tensors["peft.lora_B.weight"] = torch.ones(4, 9), torch.ones(6, 4)
+    tensors["locon.lora_down.weight"], tensors["locon.lora_up.weight"] = torch.ones(4, 8, 1, 1), torch.ones(5, 4, 1, 1)
+    tensors["locon.lora_mid.weight"] = torch.ones(4, 4, 3, 3)
+    path = tmp_path / "valid.safetensors"
+    save_file(tensors, str(path), metadata={"a": "b"})
+    assert _loader_reads(path)
+    header = check_safetensors_file(path)
+    check_adapter_file(path)
+    assert set(header) - {"__metadata__"} == set(tensors)
+    assert load_tensors(path)["empty"].shape == (0, 7)
