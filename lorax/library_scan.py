@@ -129,9 +129,10 @@ def phi_stats(rows: Iterable[Mapping]) -> tuple[float | None, float | None, int,
     the weaker of its left and right sides, as the threshold applies to both."""
     phis, passed = [], 0
     for r in rows:
-        if r.get("phi_hat") is None:
+        sides = [x for x in (r.get("phi_hat"), r.get("phi_hat_right")) if x is not None]
+        if not sides:  # not compared (or moved across shapes with no side in common)
             continue
-        phis.append(min(r["phi_hat"], r["phi_hat_right"]))
+        phis.append(min(sides))
         passed += r.get("decision") == "transferred"
     if not phis:
         return None, None, 0, 0

@@ -55,7 +55,7 @@ from .fused import parse_slice_key, with_slices
 from .layer_map import LayerMap
 from .projection import MODES, project_lorax, project_paired, project_prolora
 from .report import family_of
-from .similarity import LayerSimilarity, layer_similarity
+from .similarity import LayerSimilarity, layer_similarity, shared_sides
 from .svd import SVDFactors, max_rank
 from .weight_formats import dense_weight, logical_shape
 
@@ -150,6 +150,13 @@ class LayerTransfer:
     note: str = ""
     delta: Delta | None = field(default=None, repr=False)
     target_key: str | None = None
+    #: Φ̂ (left, right) of a pair the paired shape rule scored on the sides it shares (None: not shared).
+    paired_phi_hat: tuple[float | None, float | None] | None = None
+
+    @property
+    def unscored(self) -> bool:
+        """Moved across shapes with no Φ̂ on either side (the paired rule on layers sharing no side)."""
+        return self.paired_phi_hat is not None and self.paired_phi_hat == (None, None)
 
     @property
     def target(self) -> str:
@@ -167,8 +174,8 @@ class LayerTransfer:
             "phi_right": None if s is None else round(s.phi_right, 6),
             "chance": None if s is None else round(s.chance, 6),
             "chance_right": None if s is None else round(s.chance_right, 6),
-            "phi_hat": None if s is None else round(s.phi_hat, 6),
-            "phi_hat_right": None if s is None else round(s.phi_hat_right, 6),
+            "phi_hat": _rounded(s.phi_hat if s is not None else (self.paired_phi_hat or (None, None))[0]),
+            "phi_hat_right": _rounded(s.phi_hat_right if s is not None else (self.paired_phi_hat or (None, None))[1]),
             "rank": self.rank,
             "energy_kept": None if self.energy_kept is None else round(self.energy_kept, 6),
             "shape_source": list(self.shape_source) if self.shape_source else None,
@@ -180,6 +187,10 @@ class LayerTransfer:
             out["fused"] = part.key
             out["slice"] = part.describe()
         return out
+
+
+def _rounded(x: float | None) -> float | None:
+    return None if x is None else round(x, 6)
 
 
 @dataclass
@@ -473,9 +484,15 @@ def _transfer_one(key, delta, pair: _PairInputs, s_shape, t_shape, k, settings, 
     dev = engine.device
     fs, ft, sim = pair.source, pair.target, pair.similarity
     if tuple(s_shape) != tuple(t_shape):
+        scores = shared_sides(fs, ft, min(fs.k, ft.k))
+        shared = [x for x in scores if x is not None]
+        note = _paired_note(s_shape, t_shape, scores)
+        if shared and min(shared) < settings.threshold:
+            return LayerTransfer(key, Decision.LOW_SIMILARITY, s_shape, t_shape, rank=min(fs.k, ft.k),
+                                 paired_phi_hat=scores, note=f"{note}; below {settings.threshold:g}")
         moved = project_paired(delta, fs, ft, t_shape)
         result = LayerTransfer(key, Decision.TRANSFERRED, s_shape, t_shape, rank=min(fs.k, ft.k),
-                               note="shapes differ: singular directions paired by index (seed's rule)")
+                               paired_phi_hat=scores, note=note)
     else:
         if sim.phi_hat_min < settings.threshold:
             return LayerTransfer(key, Decision.LOW_SIMILARITY, s_shape, t_shape, rank=k, similarity=sim,
@@ -490,6 +507,21 @@ def _transfer_one(key, delta, pair: _PairInputs, s_shape, t_shape, k, settings, 
     result.energy_kept = moved.norm() / before if before > 0 else 0.0
     result.delta = moved.to(device="cpu", dtype=torch.float32)
     return result
+
+
+def _paired_note(s_shape, t_shape, scores: tuple[float | None, float | None]) -> str:
+    """What the paired rule did with a pair of different shapes and what could be scored."""
+    shapes = f"{'×'.join(map(str, s_shape))} → {'×'.join(map(str, t_shape))}"
+    left, right = scores
+    if left is None and right is None:
+        score = "unscored: the layers share no side, so Φ̂ (which compares subspaces of one space) is undefined"
+    elif right is None:
+        score = f"Φ̂ {left:.3f} on the output side they share ({s_shape[0]}); the input sides differ"
+    elif left is None:
+        score = f"Φ̂ {right:.3f} on the input side they share ({s_shape[1]}); the output sides differ"
+    else:  # equal shapes never come here
+        score = f"Φ̂ {left:.3f} / {right:.3f}"
+    return f"shapes differ ({shapes}): singular directions paired by index (seed's rule); {score}"
 
 
 @torch.no_grad()

@@ -14,7 +14,7 @@ from lorax.report import family_of, text_report
 from lorax.layer_map import MODES as LAYER_MAP_MODES, LayerMap, build_layer_map, load_user_map, role_of
 from lorax.skip_reasons import why_left_out
 from lorax.transfer import Decision, TransferSettings, similarity_scorer, transfer_deltas
-from lorax.verdict import Verdict
+from lorax.verdict import Verdict, common_widths
 
 from . import bridge
 from .api import io
@@ -132,7 +132,8 @@ def run_transfer(source_model, target_model, adapter: AdapterHandle, settings: T
     if te_skipped:
         notes.append(f"{len(te_skipped)} text-encoder modules skipped: connect the target's CLIP to transfer them.")
     if other_unmapped:
-        notes.append(f"{len(other_unmapped)} adapter modules match no layer of the model (first: {other_unmapped[0]}).")
+        named = ", ".join(other_unmapped[:4]) + (", …" if len(other_unmapped) > 4 else "")
+        notes.append(f"{len(other_unmapped)} adapter modules match no layer of the model: {named}.")
     if clip is not None and source_clip is None and te_part:
         notes.append("No source CLIP connected: text-encoder layers were compared with the target's own.")
     notes.append(engine.cache_note(cache_before))
@@ -173,12 +174,18 @@ def compatibility(layers, modules: int, unmapped: list[str], te_skipped: int, ta
     """The verdict's counts: modules that reach a layer of the target, and of the mapped matrix
     layers those that were compared and transferred."""
     missing = [l for l in layers if l.decision is Decision.MISSING_IN_TARGET]
-    compared = [l for l in layers if l.decision in (Decision.TRANSFERRED, Decision.LOW_SIMILARITY,
-                                                    Decision.SHAPE_MISMATCH)]
+    mismatched = [l for l in layers if l.decision is Decision.SHAPE_MISMATCH]
+    unscored = [l for l in layers if l.decision is Decision.TRANSFERRED and l.unscored]
+    compared = [l for l in layers if l.decision in (Decision.TRANSFERRED, Decision.LOW_SIMILARITY)
+                and not l.unscored]
+    paired = [l.energy_kept for l in layers if l.decision is Decision.TRANSFERRED and l.paired_phi_hat is not None]
     example = unmapped[0] if unmapped else (missing[0].key if missing else None)
     return Verdict(target=target_kind, modules=modules, mapped=max(0, modules - len(unmapped) - len(missing)),
                    compared=len(compared), passed=sum(1 for l in compared if l.decision is Decision.TRANSFERRED),
-                   threshold=threshold, unmapped_example=example, text_encoder_skipped=te_skipped)
+                   threshold=threshold, unmapped_example=example, text_encoder_skipped=te_skipped,
+                   mismatched=len(mismatched), unscored=len(unscored),
+                   widths=common_widths((l.shape_source, l.shape_target) for l in mismatched + unscored),
+                   paired_kept=(float(min(paired)), float(max(paired))) if paired else None)
 
 
 def save_transfer(handle: TransferHandle, path: str | os.PathLike, *, bake_strength: bool = True) -> int:
