@@ -484,15 +484,12 @@ def _transfer_one(key, delta, pair: _PairInputs, s_shape, t_shape, k, settings, 
     dev = engine.device
     fs, ft, sim = pair.source, pair.target, pair.similarity
     if tuple(s_shape) != tuple(t_shape):
+        # Scored where the pair shares a side, for the report and the verdict; the rule is the
+        # user's explicit choice for layers known to correspond, so the threshold does not gate it.
         scores = shared_sides(fs, ft, min(fs.k, ft.k))
-        shared = [x for x in scores if x is not None]
-        note = _paired_note(s_shape, t_shape, scores)
-        if shared and min(shared) < settings.threshold:
-            return LayerTransfer(key, Decision.LOW_SIMILARITY, s_shape, t_shape, rank=min(fs.k, ft.k),
-                                 paired_phi_hat=scores, note=f"{note}; below {settings.threshold:g}")
         moved = project_paired(delta, fs, ft, t_shape)
         result = LayerTransfer(key, Decision.TRANSFERRED, s_shape, t_shape, rank=min(fs.k, ft.k),
-                               paired_phi_hat=scores, note=note)
+                               paired_phi_hat=scores, note=_paired_note(s_shape, t_shape, scores))
     else:
         if sim.phi_hat_min < settings.threshold:
             return LayerTransfer(key, Decision.LOW_SIMILARITY, s_shape, t_shape, rank=k, similarity=sim,

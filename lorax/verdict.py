@@ -14,9 +14,9 @@ is transferred, and *does not fit* otherwise.
 
 Layers that match by name but differ in shape (Flux.1's 3072-wide layers in Flux.2's 6144-wide
 model) are neither compared nor passed: Φ̂ compares subspaces of one space. When they are all the
-adapter has, the verdict says so with the widths; those the ``paired`` shape rule moves anyway
-are counted apart, scored on the side the two layers share where they share one, with the share
-of each delta's energy that survives.
+adapter has, the verdict says so with the widths. Those the ``paired`` shape rule moves anyway
+are counted apart — never as passing, so such an adapter at best *fits partly* — with their Φ̂ on
+the side the two layers share where they share one, and the share of each delta's energy kept.
 """
 
 from __future__ import annotations
@@ -47,13 +47,16 @@ class Verdict:
     mismatched: int = 0         # mapped matrix layers left out because their shapes differ
     widths: tuple[int, int] | None = None   # (source, target) width of most layers whose shapes differ
     unscored: int = 0           # layers the paired shape rule moved without any Φ̂ (no side in common)
+    paired_scored: int = 0      # layers it moved with a Φ̂ on the side they share
+    paired_phi: tuple[float, float] | None = None    # lowest, highest of those Φ̂
     paired_kept: tuple[float, float] | None = None   # lowest, highest energy kept by the paired rule
 
     @property
     def level(self) -> str:
-        if self.mapped == 0 or (self.passed == 0 and self.unscored == 0 and (self.compared or self.mismatched)):
+        moved_paired = self.unscored + self.paired_scored
+        if self.mapped == 0 or (self.passed == 0 and moved_paired == 0 and (self.compared or self.mismatched)):
             return "does not fit"
-        matrices = self.compared + self.mismatched + self.unscored
+        matrices = self.compared + self.mismatched + moved_paired
         if self.mapped >= FITS_SHARE * self.modules and self.passed >= FITS_SHARE * matrices:
             return "fits"
         return "fits partly"
@@ -70,6 +73,11 @@ class Verdict:
         if self.mismatched:
             widths = f" ({self._widths()})" if self.widths else ""
             out += f"; {_layers(self.mismatched)} differ in shape{widths} and were left out"
+        if self.paired_scored:
+            lo, hi = self.paired_phi
+            phi = f"Φ̂ {lo:.2f}" if f"{lo:.2f}" == f"{hi:.2f}" else f"Φ̂ {lo:.2f}–{hi:.2f}"
+            out += (f"; {_layers(self.paired_scored)} were moved across shapes by the paired rule, scored only on "
+                    f"the side they share ({phi}; the threshold does not apply to the paired rule)")
         if self.unscored:
             widths = f"{self._widths()}: " if self.widths and not self.mismatched else ""
             out += (f"; {_layers(self.unscored)} were moved across shapes by the paired rule without a similarity "
@@ -109,15 +117,16 @@ class Verdict:
             return (f"Verdict: does not fit — {none} of this {self.target} model: it was made for another "
                     f"architecture{made_for}. Nothing was transferred; connect a source model of the adapter's "
                     f"own architecture.{te}")
-        if self.compared == 0 and self.unscored == 0 and self.mismatched:
+        moved_paired = self.unscored + self.paired_scored
+        if self.compared == 0 and moved_paired == 0 and self.mismatched:
             every = "it differs" if self.mismatched == 1 else f"all {self.mismatched} of them differ"
             widths = f": {self._widths()}" if self.widths else ""
             return (f"Verdict: does not fit — {self._mapping()} by name, but {every} in shape{widths}: this "
                     f"adapter cannot move onto this model by name. Nothing was transferred.{te}")
-        if self.compared == 0 and self.unscored == 0:
+        if self.compared == 0 and moved_paired == 0:
             return (f"Verdict: {self.level} — {self._mapping()}, but none of them is a matrix layer that can be "
                     f"compared (biases and norms only).{te}")
-        if self.passed == 0 and self.unscored == 0:
+        if self.passed == 0 and moved_paired == 0:
             return (f"Verdict: does not fit — {self._mapping()}, but none of the {self.compared} compared layers "
                     f"passes the similarity threshold{thr}: the target is no close relative of the source"
                     f"{self._shapes()}. Nothing was transferred.{te}")

@@ -175,17 +175,20 @@ def compatibility(layers, modules: int, unmapped: list[str], te_skipped: int, ta
     layers those that were compared and transferred."""
     missing = [l for l in layers if l.decision is Decision.MISSING_IN_TARGET]
     mismatched = [l for l in layers if l.decision is Decision.SHAPE_MISMATCH]
-    unscored = [l for l in layers if l.decision is Decision.TRANSFERRED and l.unscored]
     compared = [l for l in layers if l.decision in (Decision.TRANSFERRED, Decision.LOW_SIMILARITY)
-                and not l.unscored]
-    paired = [l.energy_kept for l in layers if l.decision is Decision.TRANSFERRED and l.paired_phi_hat is not None]
+                and l.paired_phi_hat is None]
+    paired = [l for l in layers if l.decision is Decision.TRANSFERRED and l.paired_phi_hat is not None]
+    unscored = [l for l in paired if l.unscored]
+    shared = [min(x for x in l.paired_phi_hat if x is not None) for l in paired if not l.unscored]
+    kept = [float(l.energy_kept) for l in paired]
     example = unmapped[0] if unmapped else (missing[0].key if missing else None)
     return Verdict(target=target_kind, modules=modules, mapped=max(0, modules - len(unmapped) - len(missing)),
                    compared=len(compared), passed=sum(1 for l in compared if l.decision is Decision.TRANSFERRED),
                    threshold=threshold, unmapped_example=example, text_encoder_skipped=te_skipped,
-                   mismatched=len(mismatched), unscored=len(unscored),
+                   mismatched=len(mismatched), unscored=len(unscored), paired_scored=len(shared),
+                   paired_phi=(float(min(shared)), float(max(shared))) if shared else None,
                    widths=common_widths((l.shape_source, l.shape_target) for l in mismatched + unscored),
-                   paired_kept=(float(min(paired)), float(max(paired))) if paired else None)
+                   paired_kept=(min(kept), max(kept)) if kept else None)
 
 
 def save_transfer(handle: TransferHandle, path: str | os.PathLike, *, bake_strength: bool = True) -> int:
