@@ -1,5 +1,8 @@
 """DiT models on the real host: Flux (dev → schnell) and SD3, fused weights and their slices,
-report families named by the models' own blocks, and the compatibility verdict.
+report families named by the models' own blocks, and the compatibility verdict; then the families
+people run now (tests/dit_families.py: Wan, HunyuanVideo, LTX-Video, Qwen-Image, Z-Image, Chroma),
+one parametrised test over them, and layers that match by name but differ in shape (Flux.1 →
+Flux.2, the paired rule across widths, the command line's exit 2).
 
 Models (tests/dit_models.py) are loaded with ComfyUI's UNETLoader, so its model detection decides
 what they are; LoRAs are written in the layouts trainers use (kohya-Flux: whole fused modules,
@@ -634,11 +637,12 @@ def test_paired_scores_the_side_two_layers_share_and_reports_the_energy_kept(com
     assert "on the output side they share (128)" in down["note"]
     kept = sorted(r["energy_kept"] for r in (up, down))
     assert 0 < kept[0] <= kept[1] <= 1
+    lo, hi = (f"{100 * x:.0f}" for x in kept)  # a range, or one figure when both round alike
     assert cap["cap_handle"].verdict == (
         "Verdict: fits partly — all 3 adapter modules map onto layers of this WAN21_T2V model; 1 of 1 mapped layers "
         "(100 %) pass the similarity threshold (Φ̂ ≥ 0.3); 2 layers were moved across shapes by the paired rule, "
         f"scored only on the side they share (Φ̂ {down['phi_hat']:.2f}–{up['phi_hat_right']:.2f}; the threshold does "
-        f"not apply to the paired rule); the paired rule kept {100 * kept[0]:.0f}–{100 * kept[1]:.0f} % of each "
+        f"not apply to the paired rule); the paired rule kept {lo if lo == hi else f'{lo}–{hi}'} % of each "
         "delta's energy.")
 
 
