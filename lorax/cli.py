@@ -145,10 +145,17 @@ def cmd_transfer(args) -> int:
                              user_map=_user_map(args.layer_map_file))
     print(handle.verdict)
     for row in handle.rows:
-        phi = "" if row.get("phi_hat") is None else f"  Φ̂ {row['phi_hat']:.3f}/{row['phi_hat_right']:.3f}"
+        phi = "" if row.get("phi_hat") is None and row.get("phi_hat_right") is None else \
+            f"  Φ̂ {_score(row.get('phi_hat'))}/{_score(row.get('phi_hat_right'))}"
         kept = "" if row.get("energy_kept") is None else f"  kept {100 * row['energy_kept']:.0f}%"
         moved = "" if row.get("source_key") in (None, row["key"]) else f"  (from {row['source_key']})"
         print(f"{row['decision']:<36} {row['key']}{moved}{phi}{kept}")
+    if not handle.result.deltas and (handle.clip_result is None or not handle.clip_result.deltas):
+        # The verdict above says why (e.g. every layer differs in shape); an empty file helps nobody.
+        print(f"summary: {handle.result.summary()}; nothing written to {args.out}")
+        for line in why_left_out(handle.result.layers):
+            print(f"  {line}")
+        return 2
     _check_output(args.out, inputs, args.overwrite)  # nothing appeared there meanwhile
     written = be.save_transfer(handle, args.out, bake_strength=True)
     print(f"summary: {handle.result.summary()}; wrote {written} layers to {args.out}; "
@@ -157,6 +164,10 @@ def cmd_transfer(args) -> int:
         print(f"  {line}")
     print(_cache_line(engine))
     return 0
+
+
+def _score(x: float | None) -> str:
+    return "–" if x is None else f"{x:.3f}"
 
 
 def _user_map(path: str | None):

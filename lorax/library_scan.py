@@ -135,10 +135,11 @@ def phi_stats(rows: Iterable[Mapping]) -> tuple[float | None, float | None, int,
     phis, compared, passed = [], 0, 0
     for r in rows:
         copied = r.get("how") == "copied" and r.get("decision") == "transferred"
-        if r.get("phi_hat") is None and not copied:
+        sides = [x for x in (r.get("phi_hat"), r.get("phi_hat_right")) if x is not None]
+        if not sides and not copied:  # not compared (or moved across shapes with no side in common)
             continue
-        if r.get("phi_hat") is not None:
-            phis.append(min(r["phi_hat"], r["phi_hat_right"]))
+        if sides:
+            phis.append(min(sides))
         compared += 1
         passed += r.get("decision") == "transferred"
     if not compared:

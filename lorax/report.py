@@ -2,7 +2,9 @@
 compact per-block payload the nodes' in-graph view draws (``web/lorax.js``).
 
 Layers are grouped the way users think of a model: UNet blocks in order (input, middle,
-output), or a DiT's own blocks (Flux's double and single blocks, SD3's joint blocks), and within
+output), or a DiT's own blocks (Flux's, HunyuanVideo's and Chroma's double and single blocks, SD3's
+joint blocks, Wan's ``blocks.N``, Qwen-Image's and LTX-Video's ``transformer_blocks.N``, Z-Image's
+``layers.N`` after its noise and context refiners, HiDream's double and single stream blocks), and within
 a block by layer family named after the model's own modules: ``attn1.to_q``, ``attn2.to_k``,
 ``ff.0``, ``proj_in`` in a UNet; ``img_attn.qkv``, ``txt_attn.proj``, ``img_mlp.0``, ``img_mod``
 (modulation), ``linear1``, ``linear2``, ``modulation`` in Flux; ``x_block.attn.qkv``,
@@ -25,16 +27,29 @@ PASSES = "passes threshold"
 TRANSFERRED = "transferred"
 LOW_SIMILARITY = "skipped: similarity below threshold"
 _BLOCK_ORDER = {"input_blocks": 0, "down_blocks": 0, "middle_block": 1, "mid_block": 1, "output_blocks": 2,
-                "up_blocks": 2, "double_blocks": 3, "joint_blocks": 3, "transformer_blocks": 3,
-                "single_blocks": 4, "single_transformer_blocks": 4}
+                "up_blocks": 2, "noise_refiner": 2.7, "context_refiner": 2.8, "double_blocks": 3, "joint_blocks": 3,
+                "transformer_blocks": 3, "blocks": 3, "layers": 3, "double_stream_blocks": 3, "single_blocks": 4,
+                "single_transformer_blocks": 4, "single_stream_blocks": 4}
 #: Weights of a DiT outside its blocks: the inputs go before the blocks, the output layer after.
 _DIT_INPUTS = ("img_in", "txt_in", "time_in", "vector_in", "guidance_in", "x_embedder", "context_embedder",
-               "t_embedder", "y_embedder", "pos_embed")
-_DIT_OUTPUTS = ("final_layer",)
+               "t_embedder", "y_embedder", "pos_embed", "distilled_guidance_layer", "double_stream_modulation_img",
+               "double_stream_modulation_txt", "single_stream_modulation", "patch_embedding", "text_embedding",
+               "time_embedding", "time_projection", "img_emb", "time_text_embed", "cap_embedder", "patchify_proj",
+               "adaln_single", "caption_projection", "p_embedder", "byt5_in", "vision_in", "cond_type_embedding")
+_DIT_OUTPUTS = ("final_layer", "head", "norm_out", "proj_out")
 #: SD3's two streams inside a joint block; families are named with the stream first.
 _STREAMS = ("x_block", "context_block")
-#: Modulation layers (adaLN): Flux's ``img_mod.lin`` / ``modulation.lin``, SD3's ``adaLN_modulation.1``.
-_MODULATIONS = ("img_mod", "txt_mod", "modulation", "adaLN_modulation")
+#: Modulation layers (adaLN): Flux's ``img_mod.lin`` / ``modulation.lin``, SD3's and Z-Image's
+#: ``adaLN_modulation.N``, Flux.2's shared ``double_stream_modulation_img``…
+_MODULATIONS = ("img_mod", "txt_mod", "modulation", "adaLN_modulation", "double_stream_modulation_img",
+                "double_stream_modulation_txt", "single_stream_modulation")
+#: Attention modules: UNets' ``attn1``, Flux's ``img_attn``, Wan's ``self_attn`` / ``cross_attn``,
+#: Z-Image's ``attention``, LTX-2's audio and cross-modal attentions.
+_ATTENTIONS = re.compile(r"attn\d?|img_attn|txt_attn|self_attn|cross_attn|attention|audio_attn\d"
+                         r"|audio_to_video_attn|video_to_audio_attn")
+#: Feed-forward modules: ``ff``, ``mlp``, Flux's ``img_mlp``, Wan's ``ffn``, Z-Image's ``feed_forward``,
+#: HiDream's image / text streams ``ff_i`` / ``ff_t`` (a mixture of experts), LTX-2's ``audio_ff``.
+_FEED_FORWARDS = ("ff", "mlp", "img_mlp", "txt_mlp", "feed_forward", "ffn", "ff_i", "ff_t", "audio_ff")
 _TEXT_ENCODERS = ("clip_l", "clip_g", "clip_h", "t5xxl", "t5xl", "t5", "te", "te1", "te2", "text_encoder",
                   "text_encoder_2", "llama", "qwen")
 _CONTAINERS = ("layers", "resblocks", "blocks", "block", "h")
@@ -68,7 +83,7 @@ def block_of(key: str) -> str:
     if parts[0] in ("middle_block", "mid_block"):
         return parts[0]
     if len(parts) >= 2 and parts[1].isdigit() and (parts[0] in _BLOCK_ORDER or
-                                                   parts[0].endswith(("blocks", "block", "layers"))):
+                                                   parts[0].endswith(("blocks", "block", "layers", "refiner"))):
         return f"{parts[0]}.{parts[1]}"
     for i in range(1, len(parts) - 1):
         if parts[i] in _CONTAINERS and parts[i + 1].isdigit():
@@ -94,9 +109,9 @@ def family_of(key: str) -> str:
     for i, p in enumerate(parts):
         if p in _MODULATIONS:
             return stream + p
-        if re.fullmatch(r"attn\d?|attn|img_attn|txt_attn|self_attn|cross_attn", p) and i + 1 < len(parts):
+        if _ATTENTIONS.fullmatch(p) and i + 1 < len(parts):
             return f"{stream}{p}.{parts[i + 1]}"
-        if p in ("ff", "mlp", "img_mlp", "txt_mlp", "feed_forward"):
+        if p in _FEED_FORWARDS:
             rest = [q for q in parts[i + 1:] if q not in ("net", "proj")]
             return stream + ".".join([p] + rest)
     return parts[-1] if not parts[-1].isdigit() else ".".join(parts[-2:])
@@ -120,9 +135,10 @@ def block_sort_key(block: str):
     return (rank, head, rest.rpartition(".")[0], int(num) if num.isdigit() else -1)
 
 
-_FAMILY_GROUPS = ("attn1", "attn", "attn2", "self_attn", "cross_attn", "img_attn", "img_mlp", "img_mod", "txt_attn",
-                  "txt_mlp", "txt_mod", "linear1", "linear2", "modulation", "ff", "mlp", "feed_forward",
-                  "adaLN_modulation", "proj_in", "proj_out")
+_FAMILY_GROUPS = ("attn1", "attn", "attn2", "self_attn", "cross_attn", "attention", "audio_attn1", "audio_attn2",
+                  "audio_to_video_attn", "video_to_audio_attn", "img_attn", "img_mlp", "img_mod", "txt_attn",
+                  "txt_mlp", "txt_mod", "linear1", "linear2", "modulation", "ff", "ff_i", "ff_t", "ffn", "mlp",
+                  "feed_forward", "audio_ff", "adaLN_modulation", "proj_in", "proj_out")
 _FAMILY_MEMBERS = {"to_q": 0, "q_proj": 0, "q": 0, "qkv": 0, "to_k": 1, "k_proj": 1, "k": 1, "to_v": 2,
                    "v_proj": 2, "v": 2, "to_out": 3, "out_proj": 3, "o": 3, "proj": 4}
 _SLICE_PARTS = {"q": 0, "k": 1, "v": 2, "mlp": 3}
@@ -145,7 +161,9 @@ def family_sort_key(family: str):
 
 _BLOCK_LABELS = {"input_blocks": "in", "output_blocks": "out", "middle_block": "mid", "down_blocks": "down",
                  "mid_block": "mid", "up_blocks": "up", "double_blocks": "dbl", "single_blocks": "sgl",
-                 "joint_blocks": "joint", "transformer_blocks": "tb", "single_transformer_blocks": "stb"}
+                 "joint_blocks": "joint", "transformer_blocks": "tb", "single_transformer_blocks": "stb",
+                 "blocks": "blk", "layers": "layer", "double_stream_blocks": "dbl", "single_stream_blocks": "sgl",
+                 "noise_refiner": "noise", "context_refiner": "ctx"}
 
 
 def block_label(block: str) -> str:

@@ -104,3 +104,16 @@ def layer_similarity(source: SVDFactors, target: SVDFactors, k: int | None = Non
     left = phi(s.U, s.S, t.U, t.S)
     right = phi(s.V, s.S, t.V, t.S)
     return LayerSimilarity.from_scores(left, right, chance_phi(s.S, t.S, m), chance_phi(s.S, t.S, n), k=k)
+
+
+@torch.no_grad()
+def shared_sides(source: SVDFactors, target: SVDFactors, k: int) -> tuple[float | None, float | None]:
+    """Φ̂ ``(left, right)`` at rank ``k`` of two layers of *different* shapes, on each side whose
+    dimension they share, None on a side they do not: what the ``paired`` shape rule can score.
+    Subspaces of a 3072- and a 6144-dimensional space have no overlap to measure, so layers that
+    differ on both sides (Flux.1 → Flux.2) get no score at all."""
+    s, t = source.top(k), target.top(k)
+    (ms, ns), (mt, nt) = source.shape, target.shape
+    left = normalized_phi(phi(s.U, s.S, t.U, t.S), chance_phi(s.S, t.S, ms)) if ms == mt else None
+    right = normalized_phi(phi(s.V, s.S, t.V, t.S), chance_phi(s.S, t.S, ns)) if ns == nt else None
+    return left, right

@@ -56,7 +56,7 @@ from .layer_map import LayerMap
 from .projection import (project_lorax, project_paired, project_prolora, project_prolora_cross,
                          project_transport)
 from .report import family_of
-from .similarity import LayerSimilarity, layer_similarity
+from .similarity import LayerSimilarity, layer_similarity, shared_sides
 from .svd import SVDFactors, max_rank
 from .weight_formats import dense_weight, logical_shape
 
@@ -165,6 +165,13 @@ class LayerTransfer:
     how: str | None = None                 # for a moved layer: "copied", "transported", "projected (…)", "paired"
     weight_change: float | None = None     # ‖W_t − W_s‖ / ‖W_s‖ where it was measured
     cosine: float | None = None            # cosine of the written delta against the adapter's own
+    #: Φ̂ (left, right) of a pair the paired shape rule scored on the sides it shares (None: not shared).
+    paired_phi_hat: tuple[float | None, float | None] | None = None
+
+    @property
+    def unscored(self) -> bool:
+        """Moved across shapes with no Φ̂ on either side (the paired rule on layers sharing no side)."""
+        return self.paired_phi_hat is not None and self.paired_phi_hat == (None, None)
 
     @property
     def target(self) -> str:
@@ -182,8 +189,8 @@ class LayerTransfer:
             "phi_right": None if s is None else round(s.phi_right, 6),
             "chance": None if s is None else round(s.chance, 6),
             "chance_right": None if s is None else round(s.chance_right, 6),
-            "phi_hat": None if s is None else round(s.phi_hat, 6),
-            "phi_hat_right": None if s is None else round(s.phi_hat_right, 6),
+            "phi_hat": _rounded(s.phi_hat if s is not None else (self.paired_phi_hat or (None, None))[0]),
+            "phi_hat_right": _rounded(s.phi_hat_right if s is not None else (self.paired_phi_hat or (None, None))[1]),
             "rank": self.rank,
             "energy_kept": None if self.energy_kept is None else round(self.energy_kept, 6),
             "cos_kept": None if self.cosine is None else round(self.cosine, 6),
@@ -198,6 +205,10 @@ class LayerTransfer:
             out["fused"] = part.key
             out["slice"] = part.describe()
         return out
+
+
+def _rounded(x: float | None) -> float | None:
+    return None if x is None else round(x, 6)
 
 
 @dataclass
@@ -509,9 +520,12 @@ def _transfer_one(key, delta, pair: _PairInputs, s_shape, t_shape, k, settings, 
     dev = engine.device
     fs, ft, sim = pair.source, pair.target, pair.similarity
     if tuple(s_shape) != tuple(t_shape):
+        # Scored where the pair shares a side, for the report and the verdict; the rule is the
+        # user's explicit choice for layers known to correspond, so the threshold does not gate it.
+        scores = shared_sides(fs, ft, min(fs.k, ft.k))
         moved = project_paired(delta, fs, ft, t_shape)
         result = LayerTransfer(key, Decision.TRANSFERRED, s_shape, t_shape, rank=min(fs.k, ft.k), how="paired",
-                               note="shapes differ: singular directions paired by index (seed's rule)")
+                               paired_phi_hat=scores, note=_paired_note(s_shape, t_shape, scores))
     else:
         if sim.phi_hat_min < settings.threshold:
             return LayerTransfer(key, Decision.LOW_SIMILARITY, s_shape, t_shape, rank=k, similarity=sim,
@@ -557,6 +571,21 @@ def _copied(key: str, delta: Delta, shape, change: float, moved_to: str | None) 
                          weight_change=change, target_key=moved_to,
                          delta=delta.to(device="cpu", dtype=torch.float32),
                          note=f"target weight within {change:.1%} of the source's: copied as is")
+
+
+def _paired_note(s_shape, t_shape, scores: tuple[float | None, float | None]) -> str:
+    """What the paired rule did with a pair of different shapes and what could be scored."""
+    shapes = f"{'×'.join(map(str, s_shape))} → {'×'.join(map(str, t_shape))}"
+    left, right = scores
+    if left is None and right is None:
+        score = "unscored: the layers share no side, so Φ̂ (which compares subspaces of one space) is undefined"
+    elif right is None:
+        score = f"Φ̂ {left:.3f} on the output side they share ({s_shape[0]}); the input sides differ"
+    elif left is None:
+        score = f"Φ̂ {right:.3f} on the input side they share ({s_shape[1]}); the output sides differ"
+    else:  # equal shapes never come here
+        score = f"Φ̂ {left:.3f} / {right:.3f}"
+    return f"shapes differ ({shapes}): singular directions paired by index (seed's rule); {score}"
 
 
 @torch.no_grad()

@@ -11,42 +11,24 @@ Two shares decide it, in the order the work happens:
 
 An adapter *fits* when at least :data:`FITS_SHARE` of both are met, *fits partly* when something
 is transferred, and *does not fit* otherwise.
+
+Layers that match by name but differ in shape (Flux.1's 3072-wide layers in Flux.2's 6144-wide
+model) are neither compared nor passed: Φ̂ compares subspaces of one space. When they are all the
+adapter has, the verdict says so with the widths. Those the ``paired`` shape rule moves anyway
+are counted apart — never as passing, so such an adapter at best *fits partly* — with their Φ̂ on
+the side the two layers share where they share one, and the share of each delta's energy kept.
 """
 
 from __future__ import annotations
 
-import re
+from collections import Counter
 from dataclasses import dataclass
-from typing import Mapping
+from typing import Iterable, Sequence
 
-import torch
+from .families import guess_architecture  # noqa: F401  (the verdict's "made for"; nodes import it from here)
 
 #: Share of modules mapped and of mapped layers passing above which the adapter simply "fits".
 FITS_SHARE = 0.9
-
-#: Cross-attention context width (the input of attn2's key projection) of each UNet family.
-_UNET_CONTEXT = {768: "SD1.x", 1024: "SD2.x", 2048: "SDXL"}
-_SOME_UNET = "SD1.x, SD2.x or SDXL"
-_UNET_NAMES = re.compile(r"(input_blocks|output_blocks|middle_block|down_blocks|up_blocks|mid_block)")
-_FLUX_NAMES = re.compile(r"(double_blocks|single_blocks|single_transformer_blocks)")
-_SD3_NAMES = re.compile(r"(joint_blocks|context_block|x_block)")
-_DOWN_SUFFIXES = (".lora_down.weight", ".lora_A.weight", "_lora.down.weight", ".lora.down.weight")
-
-
-def guess_architecture(tensors: Mapping[str, torch.Tensor]) -> str | None:
-    """What an adapter's module names (and, for UNets, the cross-attention width) say it was made
-    for: ``"Flux"``, ``"SD3"``, ``"SD1.x"``, ``"SDXL"``…, or None when they say nothing clear."""
-    names = list(tensors)
-    if any(_FLUX_NAMES.search(n) for n in names):
-        return "Flux"
-    if any(_SD3_NAMES.search(n) for n in names):
-        return "SD3"
-    if any(_UNET_NAMES.search(n) for n in names):
-        for name, t in tensors.items():
-            if re.search(r"attn2[._]to_k", name) and name.endswith(_DOWN_SUFFIXES) and t.dim() >= 2:
-                return _UNET_CONTEXT.get(int(t.shape[1]), _SOME_UNET)
-        return _SOME_UNET
-    return None
 
 
 @dataclass(frozen=True)
@@ -65,14 +47,49 @@ class Verdict:
     stock: "StockLoaderView | None" = None  # what ComfyUI's own loader would do with the same adapter
     moved: str = ""                   # how the passing layers were moved, e.g. "70 copied, 2 transported"
     kept: str = ""                    # how much of the adapter's change they keep (lorax.report.kept_phrase)
+    mismatched: int = 0         # mapped matrix layers left out because their shapes differ
+    widths: tuple[int, int] | None = None   # (source, target) width of most layers whose shapes differ
+    unscored: int = 0           # layers the paired shape rule moved without any Φ̂ (no side in common)
+    paired_scored: int = 0      # layers it moved with a Φ̂ on the side they share
+    paired_phi: tuple[float, float] | None = None    # lowest, highest of those Φ̂
+    paired_kept: tuple[float, float] | None = None   # lowest, highest energy kept by the paired rule
 
     @property
     def level(self) -> str:
-        if self.mapped == 0 or (self.compared and self.passed == 0):
+        moved_paired = self.unscored + self.paired_scored
+        if self.mapped == 0 or (self.passed == 0 and moved_paired == 0 and (self.compared or self.mismatched)):
             return "does not fit"
-        if self.mapped >= FITS_SHARE * self.modules and self.passed >= FITS_SHARE * self.compared:
+        matrices = self.compared + self.mismatched + moved_paired
+        if self.mapped >= FITS_SHARE * self.modules and self.passed >= FITS_SHARE * matrices:
             return "fits"
         return "fits partly"
+
+    def _widths(self) -> str:
+        if self.widths is None:
+            return ""
+        source, target = self.widths
+        return f"the target's layers are {target} wide, the source's {source}"
+
+    def _shapes(self) -> str:
+        """The clauses on layers whose shapes differ (left out, or moved by the paired rule)."""
+        out = ""
+        if self.mismatched:
+            widths = f" ({self._widths()})" if self.widths else ""
+            out += f"; {_layers(self.mismatched)} differ in shape{widths} and were left out"
+        if self.paired_scored:
+            lo, hi = self.paired_phi
+            phi = f"Φ̂ {lo:.2f}" if f"{lo:.2f}" == f"{hi:.2f}" else f"Φ̂ {lo:.2f}–{hi:.2f}"
+            out += (f"; {_layers(self.paired_scored)} were moved across shapes by the paired rule, scored only on "
+                    f"the side they share ({phi}; the threshold does not apply to the paired rule)")
+        if self.unscored:
+            widths = f"{self._widths()}: " if self.widths and not self.mismatched else ""
+            out += (f"; {_layers(self.unscored)} were moved across shapes by the paired rule without a similarity "
+                    f"score ({widths}Φ̂ compares subspaces of one space, and these layers share no side)")
+        if self.paired_kept is not None:
+            lo, hi = (f"{100 * x:.0f}" for x in self.paired_kept)
+            out += (f"; the paired rule kept {lo} % of each delta's energy" if lo == hi else
+                    f"; the paired rule kept {lo}–{hi} % of each delta's energy")
+        return out
 
     def _mapping(self) -> str:
         where = f"layers of this {self.target} model"
@@ -103,20 +120,31 @@ class Verdict:
             return (f"Verdict: does not fit — {none} of this {self.target} model: it was made for another "
                     f"architecture{made_for}. Nothing was transferred; connect a source model of the adapter's "
                     f"own architecture.{te}")
-        if self.compared == 0:
+        moved_paired = self.unscored + self.paired_scored
+        if self.compared == 0 and moved_paired == 0 and self.mismatched:
+            every = "it differs" if self.mismatched == 1 else f"all {self.mismatched} of them differ"
+            widths = f": {self._widths()}" if self.widths else ""
+            return (f"Verdict: does not fit — {self._mapping()} by name, but {every} in shape{widths}: this "
+                    f"adapter cannot move onto this model by name. Nothing was transferred.{te}")
+        if self.compared == 0 and moved_paired == 0:
             return (f"Verdict: {self.level} — {self._mapping()}, but none of them is a matrix layer that can be "
                     f"compared (biases and norms only).{self._stock()}{te}")
-        if self.passed == 0:
+        if self.passed == 0 and moved_paired == 0:
             return (f"Verdict: does not fit — {self._mapping()}, but none of the {self.compared} compared layers "
-                    f"passes the similarity threshold{thr}: the target is no close relative of the source. "
-                    f"Nothing was transferred.{self._stock()}{te}")
-        how = f" and are moved ({self.moved})" if self.moved else ""
+                    f"passes the similarity threshold{thr}: the target is no close relative of the source"
+                    f"{self._shapes()}. Nothing was transferred.{self._stock()}{te}")
+        scored = (f"; {self.passed} of {self.compared} mapped layers ({_pct(self.passed, self.compared)}) pass the "
+                  f"similarity threshold{thr}" if self.compared else "")
+        how = f" and are moved ({self.moved})" if self.moved and self.compared else ""
         kept = f"; {self.kept}" if self.kept else ""
-        return (f"Verdict: {self.level} — {self._mapping()}; {self.passed} of {self.compared} mapped layers "
-                f"({_pct(self.passed, self.compared)}) pass the similarity threshold{thr}{how}{kept}.{self._stock()}{te}")
+        return f"Verdict: {self.level} — {self._mapping()}{scored}{how}{kept}{self._shapes()}.{self._stock()}{te}"
 
     def _stock(self) -> str:
         return f" {self.stock.sentence()}" if self.stock is not None else ""
+
+
+def _layers(n: int) -> str:
+    return "1 layer" if n == 1 else f"{n} layers"
 
 
 @dataclass(frozen=True)
@@ -158,3 +186,11 @@ class StockLoaderView:
 
 def _pct(a: int, b: int) -> str:
     return f"{100 * a / b:.0f} %" if b else "–"
+
+
+def common_widths(shape_pairs: Iterable[tuple[Sequence[int], Sequence[int]]]) -> tuple[int, int] | None:
+    """``(source, target)`` width most of these layer pairs have: the smaller side of a layer is
+    the model's hidden size for attention, MLP and modulation weights alike (3072 for every
+    layer of Flux.1's blocks, 6144 for Flux.2's)."""
+    counts = Counter((min(s), min(t)) for s, t in shape_pairs if len(s) >= 2 and len(t) >= 2)
+    return counts.most_common(1)[0][0] if counts else None

@@ -14,7 +14,7 @@ from lorax.report import family_of, how_counts, kept_phrase, text_report
 from lorax.layer_map import MODES as LAYER_MAP_MODES, LayerMap, build_layer_map, load_user_map, role_of
 from lorax.skip_reasons import why_left_out
 from lorax.transfer import Decision, TransferSettings, similarity_scorer, transfer_deltas
-from lorax.verdict import StockLoaderView, Verdict
+from lorax.verdict import StockLoaderView, Verdict, common_widths
 
 from . import bridge
 from .api import io
@@ -138,7 +138,8 @@ def run_transfer(source_model, target_model, adapter: AdapterHandle, settings: T
     if te_skipped:
         notes.append(f"{len(te_skipped)} text-encoder modules skipped: connect the target's CLIP to transfer them.")
     if other_unmapped:
-        notes.append(f"{len(other_unmapped)} adapter modules match no layer of the model (first: {other_unmapped[0]}).")
+        named = ", ".join(other_unmapped[:4]) + (", …" if len(other_unmapped) > 4 else "")
+        notes.append(f"{len(other_unmapped)} adapter modules match no layer of the model: {named}.")
     if clip is not None and source_clip is None and te_part:
         notes.append("No source CLIP connected: text-encoder layers were compared with the target's own.")
     notes.append(engine.cache_note(cache_before))
@@ -180,14 +181,24 @@ def compatibility(layers, modules: int, unmapped: list[str], te_skipped: int, ta
     layers those that were compared and transferred, how they were moved and how much of the
     adapter's change they keep; with what the stock loader would have done."""
     missing = [l for l in layers if l.decision is Decision.MISSING_IN_TARGET]
-    rows = [l.row() for l in layers]
-    compared = [l for l in layers if l.decision in (Decision.TRANSFERRED, Decision.LOW_SIMILARITY,
-                                                    Decision.SHAPE_MISMATCH)]
+    rows = [l.row() for l in layers if l.paired_phi_hat is None]
+    mismatched = [l for l in layers if l.decision is Decision.SHAPE_MISMATCH]
+    compared = [l for l in layers if l.decision in (Decision.TRANSFERRED, Decision.LOW_SIMILARITY)
+                and l.paired_phi_hat is None]
+    paired = [l for l in layers if l.decision is Decision.TRANSFERRED and l.paired_phi_hat is not None]
+    unscored = [l for l in paired if l.unscored]
+    shared = [min(x for x in l.paired_phi_hat if x is not None) for l in paired if not l.unscored]
+    kept = [float(l.energy_kept) for l in paired]
     example = unmapped[0] if unmapped else (missing[0].key if missing else None)
     return Verdict(target=target_kind, modules=modules, mapped=max(0, modules - len(unmapped) - len(missing)),
                    compared=len(compared), passed=sum(1 for l in compared if l.decision is Decision.TRANSFERRED),
-                   threshold=threshold, unmapped_example=example, text_encoder_skipped=te_skipped, stock=stock,
-                   moved=", ".join(f"{n} {h}" for h, n in how_counts(rows).items()), kept=kept_phrase(rows) or "")
+                   threshold=threshold, unmapped_example=example, text_encoder_skipped=te_skipped,
+                   mismatched=len(mismatched), unscored=len(unscored), paired_scored=len(shared),
+                   paired_phi=(float(min(shared)), float(max(shared))) if shared else None,
+                   widths=common_widths((l.shape_source, l.shape_target) for l in mismatched + unscored),
+                   paired_kept=(min(kept), max(kept)) if kept else None, stock=stock,
+                   moved=", ".join(f"{n} {h}" for h, n in how_counts(rows).items()),
+                   kept=kept_phrase(rows) or "")
 
 
 def save_transfer(handle: TransferHandle, path: str | os.PathLike, *, bake_strength: bool = True) -> int:

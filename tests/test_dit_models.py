@@ -1,5 +1,8 @@
 """DiT models on the real host: Flux (dev → schnell) and SD3, fused weights and their slices,
-report families named by the models' own blocks, and the compatibility verdict.
+report families named by the models' own blocks, and the compatibility verdict; then the families
+people run now (tests/dit_families.py: Wan, HunyuanVideo, LTX-Video, Qwen-Image, Z-Image, Chroma),
+one parametrised test over them, and layers that match by name but differ in shape (Flux.1 →
+Flux.2, the paired rule across widths, the command line's exit 2).
 
 Models (tests/dit_models.py) are loaded with ComfyUI's UNETLoader, so its model detection decides
 what they are; LoRAs are written in the layouts trainers use (kohya-Flux: whole fused modules,
@@ -26,12 +29,16 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import subprocess
+import sys
 import types
 
 import numpy as np
 import pytest
 import torch
 
+import dit_families as df
 import dit_models as dm
 import host
 from lorax.fused import WeightSlice
@@ -85,13 +92,14 @@ def _loader(name, dtype="default"):
     return {"class_type": "UNETLoader", "inputs": {"unet_name": name, "weight_dtype": dtype}}
 
 
-def _transfer_graph(src, tgt, lora, *, rank, threshold=0.3, dtype="default", save=None):
+def _transfer_graph(src, tgt, lora, *, rank, threshold=0.3, dtype="default", save=None, shape_rule=None):
     p = {
         "src": _loader(src, dtype), "tgt": _loader(tgt, dtype),
         "load": {"class_type": "LoraxLoad", "inputs": {"model": ["src", 0], "adapter_name": lora, "strength": 1.0}},
         "transfer": {"class_type": "LoraxTransfer", "inputs": {
             "source_model": ["src", 0], "target_model": ["tgt", 0], "adapter": ["load", 1], "strength": 1.0,
-            "rank": rank, "threshold": threshold, "mode": "lorax", "exact": False}},
+            "rank": rank, "threshold": threshold, "mode": "lorax", "exact": False,
+            **({"shape_rule": shape_rule} if shape_rule else {})}},
         "cap_src": host.capture(["src", 0]), "cap_tgt": host.capture(["tgt", 0]),
         "cap_model": host.capture(["transfer", 0]), "cap_handle": host.capture(["transfer", 2]),
         "cap_json": host.capture(["transfer", 5]),
@@ -450,7 +458,8 @@ def test_a_flux_lora_on_sd3_is_named_as_such(comfy_host, pack, models):
                               executor=models.executor)
     assert e.value.details["exception_message"].strip().endswith(
         "Verdict: does not fit — the adapter's only module matches no layer of this SD3 model: it was made for "
-        "another architecture (its module names say Flux). Nothing was transferred; connect a source model of the "
+        "another architecture (its module names say Flux.1 or Chroma). Nothing was transferred; connect a source "
+        "model of the "
         "adapter's own architecture.")
 
 
@@ -480,3 +489,198 @@ def test_split_sd3_lora_to_lorax_keeps_slices(comfy_host, pack, models):
     sigma = np.einsum("ik,ij,jk->k", U, up.double().numpy() @ down.double().numpy(), V)  # u_iᵀ ΔW v_i
     patched = comfy_host.patched_weights(back["cap_model"], [P + key])[P + key]
     _check_patched(patched, _weight(cap["cap_src"], P + key), {(start, start + size): (U * sigma) @ V.T})
+
+
+# --------------------------------------------------------------------------------------------
+# The families people run now (tests/dit_families.py)
+# --------------------------------------------------------------------------------------------
+
+_FAMILY_FILES: dict[str, tuple[str, str]] = {}
+
+
+@pytest.fixture(scope="module")
+def family_runs(comfy_host, seed):
+    """One executor for the family tests; each family's pair is built once, and the previous
+    family's models are let go before the next is built (the wide ones are ~0.4–0.9 B parameters)."""
+    runs = types.SimpleNamespace(executor=comfy_host.new_executor(), seed=seed)
+    yield runs
+    _FAMILY_FILES.clear()
+    comfy_host.unload_all()
+
+
+def _family_pair(comfy_host, case: df.FamilyCase, seed: int) -> tuple[str, str]:
+    if case.id not in _FAMILY_FILES:
+        _FAMILY_FILES.clear()
+        comfy_host.unload_all()
+        source, target = df.build_pair(case, seed)
+        _FAMILY_FILES[case.id] = (comfy_host.save_unet(source, f"mini_{case.id}.safetensors"),
+                                  comfy_host.save_unet(target, f"mini_{case.id}_finetune.safetensors"))
+    return _FAMILY_FILES[case.id]
+
+
+def _stock_load(comfy_host, runs, model: str, dtype: str, lora_path: str):
+    """ComfyUI's LoraLoaderModelOnly with a file LoRA-X Save wrote: the patched model."""
+    out = comfy_host.run_prompt({
+        "tgt": _loader(model, dtype),
+        "stock": {"class_type": "LoraLoaderModelOnly", "inputs": {"model": ["tgt", 0], "strength_model": 1.0,
+                                                                  "lora_name": lora_path.split("/loras/")[-1]}},
+        "cap": host.capture(["stock", 0])}, executor=runs.executor)
+    return out["cap"]["value"][0]
+
+
+@pytest.mark.parametrize("case", df.CASES, ids=lambda c: c.id)
+def test_a_family_lora_moves_onto_a_fine_tune_and_loads_back_in_the_stock_loader(comfy_host, pack, family_runs,
+                                                                                   case, caplog):
+    """Detected as the intended class, every layer moved ("fits"), the report named by the model's
+    own blocks, the written LoRA loaded by ComfyUI's stock loader onto the target with no key left."""
+    source, target = _family_pair(comfy_host, case, family_runs.seed)
+    shapes = df.layout(case.config)
+    _, lora = df.lora_for(case, shapes, _rng(family_runs.seed, 20))
+    name = comfy_host.save_lora(lora, f"{case.id}_lora.safetensors")
+    out, cap = _run(comfy_host, family_runs, _transfer_graph(source, target, name, rank=RANK, dtype=case.dtype,
+                                                             save=f"lorax/{case.id}"))
+    kind = pack.nodes.bridge.model_kind
+    assert kind(cap["cap_src"]) == kind(cap["cap_tgt"]) == case.kind
+    assert {k[len(P):] for k in cap["cap_tgt"].model.state_dict() if k.startswith(P)} == set(shapes)
+    handle, n = cap["cap_handle"], len(case.modules)
+    assert handle.verdict == (f"Verdict: fits — all {n} adapter modules map onto layers of this {case.kind} model; "
+                              f"{n} of {n} mapped layers (100 %) pass the similarity threshold (Φ̂ ≥ 0.3).")
+    assert [l.decision.value for l in handle.result.layers] == ["transferred"] * n
+    payload = out["transfer"]["lorax_report"][0]
+    assert {b["name"]: [f[0] for f in b["families"]] for b in payload["blocks"]} == case.blocks
+    with caplog.at_level(logging.WARNING):
+        stock = _stock_load(comfy_host, family_runs, target, case.dtype, cap["cap_path"])
+    assert not [r.getMessage() for r in caplog.records if "lora key not loaded" in r.getMessage()]
+    assert set(stock.patches) == {P + key for key, _ in case.modules.values()}
+
+
+def test_a_flux_lora_on_chroma_names_the_pruned_modulation_modules(comfy_host, pack, family_runs):
+    """Chroma dropped Flux's per-block modulations (one shared distilled guidance layer instead):
+    a Flux LoRA that trained them fits partly, and the report names the modules left over."""
+    case = df.CASE["chroma"]
+    source, target = _family_pair(comfy_host, case, family_runs.seed)
+    modules = {"lora_unet_double_blocks_0_img_attn_qkv": (9216, H), "lora_unet_double_blocks_0_img_mod_lin": (6 * H, H),
+               "lora_unet_single_blocks_0_modulation_lin": (3 * H, H)}
+    name = comfy_host.save_lora(dm.kohya_lora(dm.lora_factors(modules, _rng(family_runs.seed, 21)), alpha=4.0),
+                                "flux_with_modulation_on_chroma.safetensors")
+    _, cap = _run(comfy_host, family_runs, _transfer_graph(source, target, name, rank=RANK, dtype=case.dtype))
+    handle = cap["cap_handle"]
+    assert handle.verdict == (
+        "Verdict: fits partly — 1 of 3 adapter modules (33 %) map onto layers of this Chroma model (2 match none, "
+        "e.g. lora_unet_double_blocks_0_img_mod_lin); 1 of 1 mapped layers (100 %) pass the similarity threshold "
+        "(Φ̂ ≥ 0.3).")
+    assert ("2 adapter modules match no layer of the model: lora_unet_double_blocks_0_img_mod_lin, "
+            "lora_unet_single_blocks_0_modulation_lin.") in handle.report
+
+
+# --------------------------------------------------------------------------------------------
+# Layers that match by name but differ in shape
+# --------------------------------------------------------------------------------------------
+
+FLUX1_ON_FLUX2 = ["double_blocks.0.img_attn.qkv.weight", "double_blocks.0.img_attn.proj.weight",
+                  "double_blocks.0.img_mlp.0.weight", "double_blocks.0.img_mlp.2.weight",
+                  "double_blocks.0.txt_attn.qkv.weight"]
+
+
+def test_a_flux1_lora_on_flux2_says_the_widths_differ(comfy_host, pack, models):
+    """Flux.2 keeps Flux.1's block names at twice the width (6144: detection fixes 48 heads of 128),
+    so every module maps by name and none has the source's shape: the verdict says so with the widths,
+    no layer is called compared, and nothing is saved. The mini Flux.2 (one double block, 1.7 B
+    parameters) is stored and loaded as fp8."""
+    flux2 = df.build_model(df.FLUX2_CONFIG, {}, zero_dtype=torch.float8_e4m3fn)
+    target = comfy_host.save_unet(flux2, "mini_flux2.safetensors")
+    del flux2
+    layout = dm.flux_layout(True)
+    factors = dm.lora_factors({dm.kohya_name(k): layout[k] for k in FLUX1_ON_FLUX2}, _rng(models.seed, 30))
+    name = comfy_host.save_lora(dm.kohya_lora(factors, alpha=4.0), "flux1_on_flux2.safetensors")
+    try:
+        _, cap = _run(comfy_host, models, _transfer_graph(models.dev, target, name, rank=RANK, dtype="fp8_e4m3fn"))
+        assert pack.nodes.bridge.model_kind(cap["cap_tgt"]) == "Flux2"
+        handle = cap["cap_handle"]
+        assert handle.verdict == (
+            "Verdict: does not fit — all 5 adapter modules map onto layers of this Flux2 model by name, but all 5 of "
+            "them differ in shape: the target's layers are 6144 wide, the source's 3072: this adapter cannot move "
+            "onto this model by name. Nothing was transferred.")
+        assert [l.decision.value for l in handle.result.layers] == ["skipped: shape mismatch"] * 5
+        assert not handle.result.deltas and not cap["cap_model"].patches
+    finally:
+        comfy_host.unload_all()
+        os.remove(comfy_host.folders["diffusion_models"] / target)
+
+
+def _wan(config, weights, comfy_host, name):
+    return comfy_host.save_unet(df.build_model(config, weights), name)
+
+
+def test_paired_scores_the_side_two_layers_share_and_reports_the_energy_kept(comfy_host, pack, family_runs):
+    """Wan with a 256- and a 512-wide FFN (both WAN21_T2V): ffn.0 shares its 128-wide input side
+    (the target's rows are two fine-tunes of the source's), ffn.2 its output side (the target's is
+    unrelated). The paired rule moves both, each scored on its shared side at the common rank — high
+    for ffn.0, near chance for ffn.2 — and the verdict never counts them as passing."""
+    seed, keys = family_runs.seed, ("blocks.0.self_attn.q.weight", "blocks.0.ffn.0.weight", "blocks.0.ffn.2.weight")
+    small, wide = df.layout(df.CASE["wan21_t2v"].config), df.layout(df.WAN_WIDER_FFN)
+    source = {k: dm.KnownSVD.make(*small[k], seed=seed, key=k).matrix() for k in keys}
+    ft = [host.fine_tune(source, seed=seed + i, strength=0.05) for i in (1, 2)]
+    target = {keys[0]: ft[0][keys[0]], keys[1]: torch.cat([ft[0][keys[1]], ft[1][keys[1]]]) / 2 ** 0.5,
+              keys[2]: dm.KnownSVD.make(*wide[keys[2]], seed=seed + 3, key=keys[2]).matrix()}
+    src = _wan(df.CASE["wan21_t2v"].config, source, comfy_host, "mini_wan_ffn256.safetensors")
+    tgt = _wan(df.WAN_WIDER_FFN, target, comfy_host, "mini_wan_ffn512.safetensors")
+    factors = dm.lora_factors({dm.kohya_name(k): small[k] for k in keys}, _rng(seed, 31))
+    name = comfy_host.save_lora(dm.kohya_lora(factors, alpha=4.0), "wan_ffn_paired.safetensors")
+    _, cap = _run(comfy_host, family_runs, _transfer_graph(src, tgt, name, rank=RANK, shape_rule="paired"))
+    rows = {r["key"][len(P):]: r for r in json.loads(cap["cap_json"])}
+    q, up, down = (rows[k] for k in keys)
+    assert [r["decision"] for r in (q, up, down)] == ["transferred"] * 3
+    assert q["phi_hat"] > 0.9 and q["phi_hat_right"] > 0.9
+    assert up["phi_hat"] is None and up["phi_hat_right"] > 0.9 and "on the input side they share (128)" in up["note"]
+    assert down["phi_hat_right"] is None and abs(down["phi_hat"]) < 0.3 and down["rank"] == 64
+    assert "on the output side they share (128)" in down["note"]
+    kept = sorted(r["energy_kept"] for r in (up, down))
+    assert 0 < kept[0] <= kept[1] <= 1
+    lo, hi = (f"{100 * x:.0f}" for x in kept)  # a range, or one figure when both round alike
+    assert cap["cap_handle"].verdict == (
+        "Verdict: fits partly — all 3 adapter modules map onto layers of this WAN21_T2V model; 1 of 1 mapped layers "
+        "(100 %) pass the similarity threshold (Φ̂ ≥ 0.3); 2 layers were moved across shapes by the paired rule, "
+        f"scored only on the side they share (Φ̂ {down['phi_hat']:.2f}–{up['phi_hat_right']:.2f}; the threshold does "
+        f"not apply to the paired rule); the paired rule kept {lo if lo == hi else f'{lo}–{hi}'} % of each "
+        "delta's energy.")
+
+
+def _cli(argv, cwd) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env.update(PYTHONPATH=str(host.REPO_ROOT), LORAX_SVD_CACHE="off")
+    return subprocess.run([sys.executable, "-m", "lorax", *argv], cwd=cwd, env=env, capture_output=True, text=True,
+                          timeout=600)
+
+
+def test_cli_across_widths_exits_2_with_the_widths_and_paired_moves_unscored(tmp_path, comfy_host, seed):
+    """Wan 128 wide → Wan 256 wide (both WAN21_T2V): every layer differs on both sides. The command
+    line prints the width sentence, writes nothing and exits 2; with ``--shape-rule paired`` it moves
+    them, says they could not be scored, and how much of each delta survived."""
+    from safetensors.torch import save_file
+
+    keys = ("blocks.0.self_attn.q.weight", "blocks.0.cross_attn.k.weight", "blocks.0.ffn.0.weight")
+    configs = {"narrow": df.CASE["wan21_t2v"].config, "wide": df.WAN_WIDER}
+    for label, config in configs.items():
+        shapes = df.layout(config)
+        weights = {k: dm.KnownSVD.make(*shapes[k], seed=seed, key=k).matrix() for k in keys}
+        save_file(df.build_model(config, weights), str(tmp_path / f"{label}.safetensors"))
+    narrow = df.layout(configs["narrow"])
+    factors = dm.lora_factors({dm.kohya_name(k): narrow[k] for k in keys}, _rng(seed, 32))
+    save_file(dm.kohya_lora(factors, alpha=4.0), str(tmp_path / "lora.safetensors"))
+    argv = ["transfer", "--source", "narrow.safetensors", "--target", "wide.safetensors", "--adapter",
+            "lora.safetensors", "--out", "out.safetensors", "--rank", "32"]
+    proc = _cli(argv, tmp_path)
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert ("all 3 adapter modules map onto layers of this WAN21_T2V model by name, but all 3 of them differ in "
+            "shape: the target's layers are 256 wide, the source's 128: this adapter cannot move onto this model by "
+            "name. Nothing was transferred.") in proc.stdout
+    assert "nothing written to out.safetensors" in proc.stdout and not (tmp_path / "out.safetensors").exists()
+    proc = _cli(argv + ["--shape-rule", "paired"], tmp_path)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert ("Verdict: fits partly — all 3 adapter modules map onto layers of this WAN21_T2V model; 3 layers were "
+            "moved across shapes by the paired rule without a similarity score (the target's layers are 256 wide, "
+            "the source's 128: Φ̂ compares subspaces of one space, and these layers share no side); the paired "
+            "rule kept") in proc.stdout
+    assert "Φ̂" not in "".join(l for l in proc.stdout.splitlines() if l.startswith("transferred"))
+    assert (tmp_path / "out.safetensors").exists()

@@ -203,9 +203,21 @@ def test_verdict_does_not_fit():
     (["lora_unet_input_blocks_4_1_transformer_blocks_0_attn2_to_k.lora_down.weight"], (4, 2048), "SDXL"),
     (["unet.down_blocks.1.attentions.0.transformer_blocks.0.attn2.to_k.lora_A.weight"], (4, 1024), "SD2.x"),
     (["lora_unet_input_blocks_1_0_emb_layers_1.lora_down.weight"], (4, 1280), "SD1.x, SD2.x or SDXL"),
-    (["lora_unet_double_blocks_0_img_attn_qkv.lora_down.weight"], (4, 3072), "Flux"),
-    (["transformer.single_transformer_blocks.3.proj_mlp.lora_A.weight"], (4, 3072), "Flux"),
+    # Chroma is Flux without the modulation layers: names without them could be either.
+    (["lora_unet_double_blocks_0_img_attn_qkv.lora_down.weight"], (4, 3072), "Flux.1 or Chroma"),
+    (["transformer.single_transformer_blocks.3.proj_mlp.lora_A.weight"], (4, 3072), "Flux.1 or Chroma"),
+    (["lora_unet_double_blocks_0_img_attn_qkv.lora_down.weight",
+      "lora_unet_double_blocks_0_img_mod_lin.lora_down.weight"], (4, 3072), "Flux"),
+    (["transformer.single_transformer_blocks.3.norm.linear.lora_A.weight"], (4, 3072), "Flux"),
     (["lora_unet_joint_blocks_0_x_block_attn_qkv.lora_down.weight"], (4, 1536), "SD3"),
+    # What names alone cannot tell, widths and telltale modules do (lorax/families.py).
+    (["transformer.blocks.0.attn2.add_k_proj.lora_A.weight"], (4, 5120), "Wan I2V"),  # diffusers' Wan names
+    (["diffusion_model.layers.0.attention.to_q.lora_A.weight"], (4, 2304), "Lumina 2"),
+    (["diffusion_model.layers.0.attention.to_q.lora_A.weight"], (4, 1024), "Z-Image or Lumina 2"),
+    (["lora_unet_double_blocks_19_img_attn_qkv.lora_down.weight"], (4, 3072), "HunyuanVideo"),  # Flux.1 has 19
+    (["lora_unet_distilled_guidance_layer_layers_0_in_layer.lora_down.weight",
+      "lora_unet_double_blocks_0_img_attn_qkv.lora_down.weight"], (4, 3072), "Chroma"),
+    (["transformer.transformer_blocks.0.attn.to_q.lora_A.weight"], (4, 3072), None),  # Flux's or Qwen-Image's
     (["lora_te_text_model_encoder_layers_0_mlp_fc1.lora_down.weight"], (4, 768), None),
 ])
 def test_guess_architecture(names, shape, arch):

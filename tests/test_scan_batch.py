@@ -19,6 +19,7 @@ import re
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 from safetensors import safe_open
@@ -119,8 +120,8 @@ def _loaders(src, tgt):
             "tgt": {"class_type": "UNETLoader", "inputs": {"unet_name": tgt, "weight_dtype": "default"}}}
 
 
-def _scan_node(comfy_host, src, tgt, *, with_source: bool) -> list[dict]:
-    inputs = {"target_model": ["tgt", 0], "folder": FOLDER, "rank": 320, "threshold": 0.3}
+def _scan_node(comfy_host, src, tgt, *, with_source: bool, folder: str = FOLDER) -> list[dict]:
+    inputs = {"target_model": ["tgt", 0], "folder": folder, "rank": 320, "threshold": 0.3}
     if with_source:
         inputs["source_model"] = ["src", 0]
     out = comfy_host.run_prompt({**_loaders(src, tgt), "scan": {"class_type": "LoraxLibraryScan", "inputs": inputs},
@@ -169,7 +170,7 @@ def test_scan_node_with_source_says_what_load_and_transfer_say(comfy_host, pack,
     assert rows["style_a.safetensors"]["level"] == "fits" and rows["style_a.safetensors"]["passed"] == 8
     assert rows["partly.safetensors"]["level"] == "fits partly" and rows["partly.safetensors"]["mapped"] == 4
     assert rows["flux_style.safetensors"]["level"] == "does not fit"
-    assert rows["flux_style.safetensors"]["architecture"] == "Flux"
+    assert rows["flux_style.safetensors"]["architecture"] == "Flux.1 or Chroma"  # no modulation modules
     assert rows["damaged.safetensors"]["level"] == "error" and "truncated" in rows["damaged.safetensors"]["error"]
     assert {rows[n]["kind"] for n in ("loha.safetensors", "lokr.safetensors", "lorax_adapter.safetensors")} == \
         {"LoHa", "LoKr", "LoRA-X"}
@@ -193,6 +194,34 @@ def test_scan_node_without_source_says_what_load_on_the_target_says(comfy_host, 
         else:
             assert error is None, name
     assert rows["partly.safetensors"]["verdict"].startswith("Verdict: fits partly — 4 of 6 adapter modules")
+
+
+def test_scan_names_every_family_in_its_made_for_column(comfy_host, pack, library):
+    """LoRAs of the families people run now, at their released models' widths and in their trainers'
+    layouts (tests/dit_families.py), scanned against the SD1.5 target: none fits, and the "made for"
+    column names each (its verdict says the same)."""
+    import dit_families as df
+    from safetensors.torch import save_file
+
+    from lorax.families import family_names
+
+    src, tgt, _ = library
+    folder = comfy_host.folders["loras"] / "families24"
+    folder.mkdir(parents=True, exist_ok=True)
+    expected = {}
+    for name, (tensors, family) in df.library_of_families(np.random.default_rng(24)).items():
+        save_file(tensors, str(folder / name))
+        expected[name] = family
+    rows = {os.path.basename(r["file"]): r for r in _scan_node(comfy_host, src, tgt, with_source=False,
+                                                               folder="families24")}
+    assert {n: r["architecture"] for n, r in rows.items()} == expected
+    for name, row in rows.items():
+        assert row["level"] == "does not fit", name
+        assert f"(its module names say {expected[name]})" in row["verdict"], name
+    named = set(expected.values())
+    assert {"Wan", "Wan I2V", "HunyuanVideo", "HunyuanVideo 1.5", "LTX-Video", "LTX-2", "Qwen-Image", "Z-Image",
+            "Flux.2", "HiDream", "Flux.1 or Chroma"} <= named <= set(family_names())
+    assert "Chroma" in family_names()  # a LoRA that trained Chroma's distilled guidance layer says so
 
 
 # ---------------------------------------------------------------- the command line
