@@ -89,7 +89,8 @@ SUBSPACE_ITERATIONS = 8
 SUBSPACE_ERROR_BUDGET = 2e-4
 #: The smaller side from which the engine takes the ``subspace`` route by default (wide_route):
 #: every SD1.5/SDXL layer (at most 1280) keeps ``gram``; Flux (3072), Qwen-Image (3072),
-#: Z-Image (3840) and Wan 2.2 (5120) take it. Measured crossover in docs/performance.md.
+#: Z-Image (3840) and Wan 2.2 (5120) take it. The crossover between 1280 and 3072 was not measured:
+#: 2048 only keeps every SD layer on the route measured for it, and sends every measured wide one here.
 WIDE_FROM = 2048
 #: The ``subspace`` route saves nothing unless its width ``2k`` is at most this fraction of ``s``.
 _SUBSPACE_MAX_FRACTION = 0.5
