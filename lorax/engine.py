@@ -21,6 +21,15 @@ other) and a multi-threaded ``eigh``/``svd`` of one SD-sized matrix scales badly
 2-core machine, one 1280 × 1280 float64 ``eigh`` took 0.27 s on one thread and 0.34 s on two.
 So on the CPU each weight is its own task, and ``workers`` tasks run side by side, each with a
 single BLAS/OpenMP thread: 2.2× the throughput of the serial, multi-threaded loop there.
+
+Routes by shape. With ``method="gram"`` (the default) the engine picks the decomposition per
+layer: ``gram`` up to a smaller side of ``wide_from`` (default :data:`lorax.svd.WIDE_FROM`, 2048:
+every SD1.5/SDXL layer), the ``subspace`` route above it (Flux, Qwen-Image, Z-Image, Wan 2.2),
+whose cost grows with k instead of the width — within 2e-4 of the float64 SVD (7e-5 measured), below what
+float16 weights already change (:mod:`lorax.svd`, docs/performance.md). Factors are memoised,
+cached and their similarities remembered under the route that made them
+(:func:`lorax.svd.route_key`); a lookup only accepts an entry whose route is the one the layer's
+shape and k select now, so changing the routing recomputes instead of mixing routes.
 """
 
 from __future__ import annotations
@@ -39,7 +48,7 @@ import torch
 from .devices import float64_device
 from .fingerprint import weight_digest
 from .similarity import LayerSimilarity
-from .svd import Method, SVDFactors, truncated_svd_batch
+from .svd import WIDE_FROM, Method, SVDFactors, max_rank, route_key, truncated_svd_batch, wide_route
 from .weight_formats import dense_weight
 
 #: How the fast methods keep U and V (module docstring): float16 keeps 3 more mantissa bits than
@@ -84,14 +93,17 @@ class EngineStats:
     seconds: float = 0.0          # wall time spent decomposing
     peak_batch_bytes: int = 0     # largest upcast input in flight at once (all workers together)
     peak_workers: int = 0         # most decompositions that ran side by side
+    routes: dict = field(default_factory=dict)  # weights decomposed per route (lorax.svd.route_key)
     keys: list = field(default_factory=list)
 
 
 class SVDEngine:
     """Cached, batched top-k SVDs (see the module docstring).
 
-    ``method`` is ``"gram"`` (fast and accurate, the default), ``"randomized"`` (float32, for
-    devices with slow float64) or ``"exact"`` (float64 full SVD, the reference).
+    ``method`` is ``"gram"`` (fast and accurate, the default: ``gram`` or, for layers whose smaller
+    side is at least ``wide_from``, ``subspace``; module docstring), ``"randomized"`` (float32, for
+    devices with slow float64), ``"subspace"`` (every layer it saves time on) or ``"exact"``
+    (float64 full SVD, the reference). ``wide_from=None`` keeps ``gram`` for every shape.
     ``device`` is where the arithmetic runs. ``batch_size`` bounds how many weights of one shape
     go into one call (GPU, or ``workers=1``), ``workers`` how many single-threaded
     decompositions run side by side on the CPU (default: ``torch.get_num_threads()``), and
@@ -105,8 +117,9 @@ class SVDEngine:
     def __init__(self, method: Method = "gram", device: torch.device | str | None = None,
                  store: FactorStore | None = None, batch_size: int = 8, memory_bytes: int = 256 << 20,
                  seed: int = 0, max_batch_bytes: int = 256 << 20, workers: int | None = None,
-                 stored_dtype: torch.dtype | None = None):
+                 stored_dtype: torch.dtype | None = None, wide_from: int | None = WIDE_FROM):
         self.method = method
+        self.wide_from = None if wide_from is None else int(wide_from)
         if stored_dtype is None:
             stored_dtype = torch.float64 if method == "exact" else DEFAULT_STORED_DTYPE
         if stored_dtype not in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
@@ -159,25 +172,53 @@ class SVDEngine:
             return 1
         return self.workers if self.workers is not None else max(1, torch.get_num_threads())
 
+    def route_for(self, shape: Sequence[int], k: int) -> str:
+        """The method a weight of ``shape`` is decomposed with at rank ``k`` (module docstring)."""
+        if self.method == "gram" and wide_route(shape, k, self.wide_from):
+            return "subspace"
+        if self.method == "subspace" and not wide_route(shape, k, 1):
+            return "gram"  # the subspace route would save nothing at this k
+        return self.method
+
+    def _route_keys(self) -> tuple[str, ...]:
+        """The names this engine's factors may be found under, the wide route first (a layer's
+        shape is not known before its factors are found)."""
+        if self.method == "gram" and self.wide_from is not None or self.method == "subspace":
+            return (route_key("subspace"), "gram")
+        return (self.method,)
+
     def _lookup(self, digest: str, k: int) -> SVDFactors | None:
-        key = (digest, self.method)
+        for name in self._route_keys():
+            f = self._lookup_as(digest, k, name)
+            if f is not None:
+                return f
+        return None
+
+    def _lookup_as(self, digest: str, k: int, name: str) -> SVDFactors | None:
+        """Factors found under the route ``name``, if that is the route this engine takes for their
+        shape at rank ``k`` now; another route's (a changed ``wide_from``, another iteration count:
+        another name) are not used, but recomputed."""
+        key = (digest, name)
         with self._lock:
             f = self._memo.get(key)
-            if f is not None and f.k >= k:
+            if f is not None and f.k >= k and self._route_matches(f, k, name):
                 self._memo.move_to_end(key)
                 self.stats.memory_hits += 1
                 return f.top(k)
         if self.store is not None:
-            f = self.store.get(digest, self.method, k, stored_dtype=self.stored_dtype)
-            if f is not None:
+            f = self.store.get(digest, name, k, stored_dtype=self.stored_dtype)
+            if f is not None and self._route_matches(f, k, name):
                 self.stats.disk_hits += 1
-                self._remember(digest, f)
+                self._remember(digest, f, name)
                 return f.top(k)
         return None
 
-    def _remember(self, digest: str, factors: SVDFactors) -> None:
+    def _route_matches(self, factors: SVDFactors, k: int, name: str) -> bool:
+        return route_key(self.route_for(factors.shape, k)) == name
+
+    def _remember(self, digest: str, factors: SVDFactors, name: str) -> None:
         with self._lock:
-            key = (digest, self.method)
+            key = (digest, name)
             old = self._memo.get(key)
             if old is None or old.k < factors.k:
                 if old is not None:
@@ -240,7 +281,11 @@ class SVDEngine:
         return digest, weight
 
     def _similarity_key(self, digests: Sequence[str], k: int) -> str:
-        return ":".join(["similarity", self.method, str(k), *digests])
+        # The routing is part of what fixes the factors (a layer's shape is not known here): the
+        # wide-route policy is named unless every layer takes the one method.
+        keys = self._route_keys()
+        tag = self.method if len(keys) == 1 else f"{self.method}|{keys[0]}>={self.wide_from or 1}"
+        return ":".join(["similarity", tag, str(k), *digests])
 
     def similarity_of(self, digests: Sequence[str], k: int) -> LayerSimilarity | None:
         """The similarity of the layers with these (source, target) digests at rank ``k``, computed
@@ -326,7 +371,9 @@ class SVDEngine:
             # Whatever the caller handed in, the engine decomposes the matrix the model computes
             # with: quantized and GGUF weights are dequantized here (lorax.weight_formats).
             weight = dense_weight(weight() if callable(weight) else weight)
-            pending.setdefault(tuple(weight.shape), []).append((i, weight, digest, k, origin))
+            # Grouped by shape and route, so each weight is decomposed by the route its own k selects.
+            route = self.route_for(tuple(weight.shape), k)
+            pending.setdefault((tuple(weight.shape), route), []).append((i, weight, digest, k, origin))
             # Misses are decomposed as soon as their stored weights fill max_batch_bytes, so a long
             # request (a layer map asks for a whole role at once) never holds all its weights.
             pending_bytes += weight.nbytes
@@ -340,18 +387,22 @@ class SVDEngine:
         """Decompose the missed weights (grouped by shape), keep and store their factors, fill ``out``."""
         workers = self._parallel_workers()
         batches = []
-        for items in pending.values():
+        for (_, route), items in pending.items():
             # Bound the memory in flight: a batch holds each weight upcast (8 bytes an element)
             # plus its Gram matrix and factors, so big layers go fewer at a time.
-            per_item = self._upcast_bytes(items[0][1])
+            per_item = self._upcast_bytes(items[0][1], route, max(it[3] for it in items))
             step = 1 if workers > 1 else max(1, min(self.batch_size, self.max_batch_bytes // per_item))
-            batches += [items[start:start + step] for start in range(0, len(items), step)]
+            batches += [(route, items[start:start + step]) for start in range(0, len(items), step)]
         if not batches:
             return
+
+        def in_flight(batch) -> int:
+            route, items = batch
+            return len(items) * self._upcast_bytes(items[0][1], route, max(it[3] for it in items))
+
         # Largest first, so the last task to finish is a small one.
-        batches.sort(key=lambda b: -len(b) * self._upcast_bytes(b[0][1]))
-        side_by_side = min(workers, len(batches),
-                           max(1, self.max_batch_bytes // self._upcast_bytes(batches[0][0][1])))
+        batches.sort(key=lambda b: -in_flight(b))
+        side_by_side = min(workers, len(batches), max(1, self.max_batch_bytes // in_flight(batches[0])))
         t0 = time.perf_counter()
         if side_by_side > 1:
             with _one_thread_each(), ThreadPoolExecutor(side_by_side, initializer=torch.set_num_threads,
@@ -367,27 +418,36 @@ class SVDEngine:
             _return_freed_memory()
         self.stats.seconds += time.perf_counter() - t0
         self.stats.peak_workers = max(self.stats.peak_workers, side_by_side)
-        self.stats.peak_batch_bytes = max(self.stats.peak_batch_bytes, max(
-            len(b) * self._upcast_bytes(b[0][1]) for b in batches) * side_by_side)
-        for chunk, factors in zip(batches, results):
+        self.stats.peak_batch_bytes = max(self.stats.peak_batch_bytes,
+                                          max(in_flight(b) for b in batches) * side_by_side)
+        for (route, chunk), factors in zip(batches, results):
+            name = route_key(route)
+            self.stats.routes[name] = self.stats.routes.get(name, 0) + len(chunk)
             self.stats.svd_calls += 1
             self.stats.layers_decomposed += len(chunk)
             for (i, _, digest, k_i, origin), stored in zip(chunk, factors):
                 f = stored.to(dtype=self.factor_dtype)  # the numbers a warm run reads back
-                self._remember(digest, f)
+                self._remember(digest, f, name)
                 if self.store is not None:
-                    self.store.put(digest, self.method, stored, origin=origin)
+                    self.store.put(digest, name, stored, origin=origin)
                 out[i] = f.top(k_i)
 
-    def _upcast_bytes(self, weight: torch.Tensor) -> int:
-        return max(1, (4 if self.method == "randomized" else 8) * weight.numel())
+    def _upcast_bytes(self, weight: torch.Tensor, route: str | None = None, k: int = 0) -> int:
+        """Bytes one decomposition holds beyond the stored weight: its float64 copy (the Gram route
+        streams, but the exact fallback does not), or for ``subspace`` the float32 Gram matrix, the
+        ``2k × l`` float64 projection and two upcast blocks (:func:`lorax.svd._subspace_streamed`)."""
+        if route == "subspace":
+            s = max_rank(weight.shape)
+            return max(1, 4 * s * s + 8 * 2 * k * (weight.numel() // s) + (64 << 20))
+        return max(1, (4 if (route or self.method) == "randomized" else 8) * weight.numel())
 
     @torch.no_grad()
-    def _decompose(self, chunk) -> list[SVDFactors]:
-        """One call for weights of one shape. Runs on worker threads, where grad mode is the
-        thread's own (enabled by default): hence the decorator here too, not only on the caller."""
+    def _decompose(self, batch) -> list[SVDFactors]:
+        """One call for weights of one shape and route. Runs on worker threads, where grad mode is
+        the thread's own (enabled by default): hence the decorator here too, not only on the caller."""
+        route, chunk = batch
         k = max(item[3] for item in chunk)
-        return truncated_svd_batch([item[1] for item in chunk], k, method=self.method, device=self.device,
+        return truncated_svd_batch([item[1] for item in chunk], k, method=route, device=self.device,
                                    seed=self.seed)
 
 

@@ -23,7 +23,36 @@ Three methods:
   3–20 % on such spectra, with ``k`` extra and 4 iterations by 0.3–1.4 %. When ``2k`` gets close to ``min(m, n)``
   nothing is saved and ``gram`` (in float64) is used instead.
 
-All methods batch several weights of one shape into one call.
+* ``subspace`` (chosen automatically for wide layers, see :func:`wide_route` and
+  :class:`lorax.engine.SVDEngine`): block subspace iteration on the Gram matrix in float32, then a
+  Rayleigh–Ritz step on the weight in float64. Its cost grows with ``k`` where ``gram``'s grows
+  with the width: ``gram`` pays a full ``s × s`` eigendecomposition (``O(s³)``, ``s`` the smaller
+  side), this route ``q`` products of the ``s × s`` Gram matrix with ``2k`` columns and their QR
+  (``O(q·s²·k)``), the ``2k × 2k`` eigendecomposition of the projected Gram matrix, and one float64
+  pass over the weight. Why these choices, measured on the power-law spectra of
+  ``bench/wide_families.py`` (σ_i ∝ i^-0.8, a 5 % fine-tune, float16 storage, k = 320), one thread:
+
+  - *float32 iterations, float64 Rayleigh–Ritz*: the iterations only have to find a ``2k``-wide
+    subspace that contains the top-k one; the final step computes the triplets inside it in
+    float64 from the weight itself (``B = QᵀW``, eigendecomposition of ``BBᵀ``, ``V = BᵀW_B/σ``),
+    so float32 rounding costs nothing visible (3072²: 7.0e-5 relative error of the projected
+    delta in float32 against 5.6e-5 with float64 iterations) at half the time of the products.
+  - *oversampling k (a width of 2k) and 8 iterations*: on these spectra the subspace error
+    falls by about ``(σ_{2k}/σ_k)² ≈ 1/3`` per iteration, whatever the width split between
+    oversampling and iterations (the products cost ``width × iterations`` either way): at 3072²
+    the projected delta is off by 6.2e-3 after 4 iterations, 5.6e-4 after 6, 1.8e-4 after 7 and
+    7.0e-5 after 8 — within the accuracy budget of 2e-4 (:data:`SUBSPACE_ERROR_BUDGET`).
+  - *not* LAPACK's subset eigensolver (``scipy.linalg.eigh(driver="evr", subset_by_index=…)``,
+    exact): 1.4× at 3072², since the tridiagonal reduction is still ``O(s³)``; *not* Chebyshev
+    filtering (degree 4 lost the subspace in float32; degree 3 was no better per product than
+    plain powers) nor block Krylov (2.3e-3 at the cost of 4 products of 320 columns); *not* LU
+    normalisation between powers (2.8e-3 instead of 1.8e-4 at 7 iterations).
+
+  The weight is read block by block as in the streamed Gram route, so the extra memory is the
+  float32 Gram matrix (``4s²`` bytes) and the ``2k × l`` float64 projection, not a float64 copy.
+
+All methods batch several weights of one shape into one call (``subspace`` decomposes them one
+after the other: its products are already large).
 
 Singular vectors are defined up to sign; :func:`canonical_signs` makes the largest-magnitude entry
 of each left vector positive so that results, caches and the index-paired shape-mismatch rule
@@ -40,8 +69,8 @@ import torch
 
 from .errors import LoraxError
 
-Method = Literal["exact", "gram", "randomized"]
-METHODS: tuple[str, ...] = ("exact", "gram", "randomized")
+Method = Literal["exact", "gram", "randomized", "subspace"]
+METHODS: tuple[str, ...] = ("exact", "gram", "randomized", "subspace")
 
 #: Extra random directions beyond k for the randomized range finder (None: k itself).
 DEFAULT_OVERSAMPLE = None
@@ -49,6 +78,22 @@ DEFAULT_OVERSAMPLE = None
 DEFAULT_POWER_ITERATIONS = 6
 #: Above this fraction of ``min(m, n)`` the randomized method saves nothing.
 _RANDOMIZED_MAX_FRACTION = 0.5
+#: Power iterations of the ``subspace`` route (module docstring).
+SUBSPACE_ITERATIONS = 8
+#: What the ``subspace`` route may add to a projected delta, relative, against the float64 SVD of
+#: the same stored weight: 3.6–4.9× below the float16 storage floor of the wide layers it serves
+#: (7.2–9.8e-4 on Wan 2.2, Z-Image, Qwen-Image; 1.2–9.7e-3 on SD/SDXL shapes) and half of what the
+#: engine's float16 factors add anyway (4.2e-4; the two add in quadrature: at most 4.7e-4).
+#: Measured 5.7–6.7e-5 on the layers of all three families (bench/wide_families.py); the tests'
+#: small matrices (k = 16–20) spread more (up to 2.2e-4) and are held to 5e-4 (tests/test_lorax_math.py).
+SUBSPACE_ERROR_BUDGET = 2e-4
+#: The smaller side from which the engine takes the ``subspace`` route by default (wide_route):
+#: every SD1.5/SDXL layer (at most 1280) keeps ``gram``; Flux (3072), Qwen-Image (3072),
+#: Z-Image (3840) and Wan 2.2 (5120) take it. The crossover between 1280 and 3072 was not measured:
+#: 2048 only keeps every SD layer on the route measured for it, and sends every measured wide one here.
+WIDE_FROM = 2048
+#: The ``subspace`` route saves nothing unless its width ``2k`` is at most this fraction of ``s``.
+_SUBSPACE_MAX_FRACTION = 0.5
 #: Elements of an fp8 weight upcast through float32 at a time (weight_matrix).
 _FP8_BLOCK = 1 << 22
 #: Bytes of one float64 block of a weight in the streamed Gram route (_gram_streamed).
@@ -138,9 +183,27 @@ def check_rank(k: int, shape: Sequence[int], *, key: str | None = None, path=Non
                          f"has rank at most {full}; choose a rank of at most {full}", key=key, path=path)
 
 
+def wide_route(shape: Sequence[int], k: int, wide_from: int | None = WIDE_FROM) -> bool:
+    """Whether a weight of this shape takes the ``subspace`` route at rank ``k`` when the engine
+    chooses (method ``gram``): its smaller side is at least ``wide_from`` (None: never) and the
+    route's width ``2k`` at most half of it, so the iterations cost less than the full
+    eigendecomposition they replace."""
+    if wide_from is None:
+        return False
+    s = max_rank(shape)
+    return s >= wide_from and 2 * k <= _SUBSPACE_MAX_FRACTION * s
+
+
+def route_key(method: str, power_iterations: int = SUBSPACE_ITERATIONS) -> str:
+    """The name factors of ``method`` are cached and remembered under: the method, and for
+    ``subspace`` its iteration count too, since another count gives other numbers — so changing
+    route or settings never reads back factors another computation made."""
+    return f"subspace-q{power_iterations}" if method == "subspace" else method
+
+
 def truncated_svd(weight: torch.Tensor, k: int, *, method: Method = "exact",
                   dtype: torch.dtype | None = None, device: torch.device | str | None = None,
-                  oversample: int | None = DEFAULT_OVERSAMPLE, power_iterations: int = DEFAULT_POWER_ITERATIONS,
+                  oversample: int | None = DEFAULT_OVERSAMPLE, power_iterations: int | None = None,
                   seed: int = 0) -> SVDFactors:
     """Top-``k`` singular triplets of one weight. See :func:`truncated_svd_batch`."""
     return truncated_svd_batch([weight], k, method=method, dtype=dtype, device=device,
@@ -150,12 +213,13 @@ def truncated_svd(weight: torch.Tensor, k: int, *, method: Method = "exact",
 def truncated_svd_batch(weights: Sequence[torch.Tensor], k: int, *, method: Method = "exact",
                         dtype: torch.dtype | None = None, device: torch.device | str | None = None,
                         oversample: int | None = DEFAULT_OVERSAMPLE,
-                        power_iterations: int = DEFAULT_POWER_ITERATIONS, seed: int = 0) -> list[SVDFactors]:
+                        power_iterations: int | None = None, seed: int = 0) -> list[SVDFactors]:
     """Top-``k`` singular triplets of several weights of one shape, in one batched computation.
 
     ``dtype`` defaults to float64 for ``exact``/``gram`` and float32 for ``randomized``; results are
     returned in that dtype on ``device`` (default: the first weight's device), signs canonical.
-    The randomized method is deterministic for a given ``seed``.
+    The randomized and subspace methods are deterministic for a given ``seed``; ``power_iterations``
+    defaults to each one's own (:data:`DEFAULT_POWER_ITERATIONS`, :data:`SUBSPACE_ITERATIONS`).
     """
     if method not in METHODS:
         raise LoraxError(f"unknown SVD method {method!r}; expected one of {', '.join(METHODS)}")
@@ -171,6 +235,18 @@ def truncated_svd_batch(weights: Sequence[torch.Tensor], k: int, *, method: Meth
         dtype = torch.float32 if method == "randomized" else torch.float64
     device = torch.device(device) if device is not None else weights[0].device
     m, n = shape[0], math.prod(shape[1:])
+    if method == "subspace":
+        out = []
+        for i, w in enumerate(weights):
+            found = _subspace_streamed(w.to(device), k, SUBSPACE_ITERATIONS if power_iterations is None
+                                       else power_iterations, seed)
+            if found is None:  # nothing to save (2k close to s) or rank-deficient: the exact routes
+                out += truncated_svd_batch([w], k, method="gram", dtype=dtype, device=device)
+                continue
+            U, S, V = (x.to(dtype) for x in found)
+            U, V = canonical_signs(U, V)
+            out.append(SVDFactors(U.contiguous(), S.contiguous(), V.contiguous()))
+        return out
     width = min(k + (k if oversample is None else oversample), min(m, n))
     randomized = method == "randomized" and width <= _RANDOMIZED_MAX_FRACTION * min(m, n)
     if method != "exact" and not randomized and len(weights) == 1:
@@ -184,7 +260,8 @@ def truncated_svd_batch(weights: Sequence[torch.Tensor], k: int, *, method: Meth
     M = (weight_matrix(weights[0].to(device), dtype).unsqueeze(0) if len(weights) == 1
          else torch.stack([weight_matrix(w.to(device), dtype) for w in weights]))
     if randomized:
-        U, S, V = _randomized(M, k, width, power_iterations, seed)
+        U, S, V = _randomized(M, k, width, DEFAULT_POWER_ITERATIONS if power_iterations is None
+                              else power_iterations, seed)
     elif method in ("gram", "randomized"):
         # The Gram route squares the spectrum: always in float64 (float32 loses the directions
         # near the cut, ~1e-1 error measured), whatever the requested output dtype.
@@ -256,6 +333,57 @@ def _gram_streamed(weight: torch.Tensor, k: int):
     V = torch.empty(long, k, dtype=torch.float64, device=W.device)
     for start in range(0, long, step):
         V[start:start + step] = block(start).mT @ U / S
+    return (V, S, U) if tall else (U, S, V)
+
+
+def _subspace_streamed(weight: torch.Tensor, k: int, power_iterations: int, seed: int):
+    """The ``subspace`` route (module docstring) on one weight, read a block of the long side at a
+    time: ``(U, S, V)`` in float64, or None where it does not apply (a width ``2k`` above half the
+    smaller side) or a kept singular value is numerically zero (the caller takes ``gram``, which
+    falls back to the exact SVD).
+
+    1. ``G = AAᵀ`` in float32 over blocks (``A`` the weight oriented so its rows are the smaller
+       side ``s``): fp16/bf16/fp8 entries are exact in float32, only the sums round.
+    2. ``Q = orth(G·Ω)`` for a seeded Gaussian ``Ω`` of ``2k`` columns, then ``q − 1`` times
+       ``Q = orth(G·Q)`` (Householder QR each time: the columns of ``G·Q`` span ``λ₁/λ_{2k}`` ≈ 3e4
+       in scale, too much for a Cholesky QR or LU in float32).
+    3. In float64: ``Q`` re-orthonormalised (one Cholesky QR; it is orthonormal to ~1e-6 already),
+       ``B = QᵀA`` over blocks, the eigendecomposition of the ``2k × 2k`` matrix ``BBᵀ`` gives
+       ``U = Q·W`` and ``σ``, and ``V = BᵀW/σ`` the other side (no second pass over the weight).
+    """
+    W = weight.reshape(weight.shape[0], -1)
+    tall = W.shape[0] > W.shape[1]
+    s, long = (W.shape[1], W.shape[0]) if tall else W.shape
+    width = 2 * k
+    if width > _SUBSPACE_MAX_FRACTION * s:
+        return None
+    step = max(1, _STREAM_BLOCK_BYTES // (8 * s))
+
+    def block(start: int, dtype: torch.dtype) -> torch.Tensor:  # s × b
+        return weight_matrix(W[start:start + step].mT if tall else W[:, start:start + step], dtype)
+
+    G = torch.zeros(s, s, dtype=torch.float32, device=W.device)
+    for start in range(0, long, step):
+        X = block(start, torch.float32)
+        G.addmm_(X, X.mT)
+        del X
+    gen = torch.Generator(device=W.device).manual_seed(seed)
+    Q = torch.linalg.qr(G @ torch.randn(s, width, generator=gen, device=W.device, dtype=torch.float32)).Q
+    for _ in range(power_iterations - 1):
+        Q = torch.linalg.qr(G @ Q).Q
+    del G
+    Q = Q.double()
+    R = torch.linalg.cholesky(Q.mT @ Q, upper=True)
+    Q = torch.linalg.solve_triangular(R, Q, upper=True, left=False)
+    B = torch.empty(width, long, dtype=torch.float64, device=W.device)
+    for start in range(0, long, step):
+        B[:, start:start + step] = Q.mT @ block(start, torch.float64)
+    top = _top_eigenpairs(B @ B.mT, k)
+    if top is None:
+        return None
+    Wk, S = top
+    U = Q @ Wk
+    V = (B.mT @ Wk) / S
     return (V, S, U) if tall else (U, S, V)
 
 

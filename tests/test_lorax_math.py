@@ -301,3 +301,103 @@ def test_streamed_gram_equals_the_reference_across_block_seams(rng, monkeypatch,
     low = t(rng.standard_normal((shape[0], 3)) @ rng.standard_normal((3, int(np.prod(shape[1:])))))
     f = truncated_svd(low.reshape(shape), 5, method="gram")  # rank 3 < k: σ₄, σ₅ ≈ 0
     assert rel_err((f.U * f.S) @ f.V.T, low) < EXACT_TOL
+
+
+# The subspace route of wide layers (lorax.svd, module docstring). Its accuracy budget is
+# SUBSPACE_ERROR_BUDGET = 2e-4 relative on projected deltas against the float64 SVD of the same stored
+# weight, 3.6× or more below the float16 storage floor (7.2e-4 and up); on the real wide layers at k = 320 the route
+# measured 6.6e-5–6.7e-5 (bench/wide_families.py, docs/performance.md). These small power-law matrices
+# (σ_i ∝ i^-0.8 plus a 5 % power-law fine-tune, stored in float16, k ≤ s/4 so the width 2k fits) converge
+# at the same index-ratio rate but less evenly over their few kept directions: over 25 seeds per shape
+# the projected delta was off by a median of 4.2–6.5e-5 and at most 2.2e-4 (400 × 160, k = 20). So
+# the test allows 2.5× the budget, 5e-4: about what the engine's float16 factors add anyway (4.2e-4)
+# and below the float16 storage floor of every layer measured (≥ 7.2e-4), while an error in the
+# algebra (a wrong side, no float64 Rayleigh–Ritz step, a lost iteration: 6 instead of 8 steps gave
+# 5.6e-4 at 3072²) fails it. σ: at most 4.6e-9 measured (Ritz values converge quadratically), 1e-6 allowed.
+SUBSPACE_TEST_TOL = 5e-4
+SUBSPACE_SHAPES = [((160, 160), 16), ((400, 160), 20), ((160, 400), 16), ((32, 16, 3, 3), 8)]
+
+
+@pytest.mark.parametrize("shape,k", SUBSPACE_SHAPES)
+def test_subspace_route_matches_float64_reference(rng, shape, k):
+    m, n = shape[0], int(np.prod(shape[1:]))
+    ws = power_law_matrix(rng, m, n)
+    stored = t(perturbed(rng, ws, 0.05)).to(torch.float16).reshape(shape)  # as a checkpoint holds it
+    w64 = stored.double().reshape(m, n).numpy()
+    f = truncated_svd(stored, k, method="subspace", seed=int(rng.integers(1 << 30)))
+    assert f.U.dtype == torch.float64 and f.U.shape == (m, k) and f.V.shape == (n, k)
+    U, S, V = top_svd(w64, k)
+    B, A = _lora(rng, m, n)
+    dW = B @ A
+    out = project_lorax(Delta.factored(shape, t(B), t(A)), f)
+    assert rel_err(out.matrix(), lorax_ref(dW, U, V)) < SUBSPACE_TEST_TOL
+    # σ converge faster than the vectors (Ritz values: error ~ the square of the subspace's).
+    assert rel_err(f.S, S) < 1e-6
+    # Orthonormal to float64 precision: the final Rayleigh–Ritz step is float64.
+    assert rel_err(f.U.T @ f.U, np.eye(k)) < 1e-12 and rel_err(f.V.T @ f.V, np.eye(k)) < 1e-12
+    # Φ̂ of a source against this target, both by the route, against the float64 reference.
+    fs = truncated_svd(t(ws).to(torch.float16).reshape(shape), k, method="subspace")
+    Us, Ss, _ = top_svd(t(ws).to(torch.float16).double().numpy().reshape(m, n), k)
+    assert abs(layer_similarity(fs, f).phi - phi_ref(Us, Ss, U, S)) < SUBSPACE_TEST_TOL
+    idx = f.U.abs().argmax(dim=0)
+    assert bool((f.U[idx, torch.arange(k)] > 0).all())  # canonical signs
+
+
+def test_subspace_route_gives_way_where_it_saves_nothing(rng):
+    """At a width 2k above half the smaller side, and on a rank-deficient weight, the subspace method
+    returns the Gram route's (exact) factors instead."""
+    w = t(power_law_matrix(rng, 60, 40))
+    a, b = truncated_svd(w, 12, method="subspace"), truncated_svd(w, 12, method="gram")
+    assert torch.equal(a.U, b.U) and torch.equal(a.S, b.S)
+    low = t(rng.standard_normal((80, 3)) @ rng.standard_normal((3, 90)))
+    f = truncated_svd(low, 5, method="subspace")  # σ₄, σ₅ ≈ 0: V = AᵀU/σ undefined there
+    assert rel_err((f.U * f.S) @ f.V.T, low.numpy()) < EXACT_TOL
+
+
+def test_subspace_route_streams_across_block_seams(rng, monkeypatch):
+    """The weight is read a block of the long side at a time (blocks of 7 here): same factors as one block."""
+    import lorax.svd as svd
+
+    w = t(power_law_matrix(rng, 200, 64)).to(torch.float16)
+    U, S, V = top_svd(w.double().numpy(), 12)
+    B, A = _lora(rng, 200, 64)
+    ref = lorax_ref(B @ A, U, V)
+    whole = truncated_svd(w, 12, method="subspace")
+    monkeypatch.setattr(svd, "_STREAM_BLOCK_BYTES", 8 * 64 * 7)
+    blocks = truncated_svd(w, 12, method="subspace")
+    for f in (whole, blocks):
+        assert rel_err(project_lorax(Delta.factored((200, 64), t(B), t(A)), f).matrix(), ref) < SUBSPACE_TEST_TOL
+        assert rel_err(f.S, S) < 1e-6
+
+
+@pytest.mark.parametrize("shape,k,route", [
+    # SD1.5 / SDXL: every layer shape keeps the Gram route (the widest are 1280).
+    ((320, 320, 1, 1), 160, "gram"), ((320, 768), 160, "gram"), ((1280, 1280), 320, "gram"),
+    ((10240, 1280), 320, "gram"), ((1280, 5120), 320, "gram"), ((640, 2048), 320, "gram"),
+    # Flux, Qwen-Image, Z-Image, Wan 2.2: the subspace route.
+    ((3072, 3072), 320, "subspace"), ((12288, 3072), 320, "subspace"), ((11520, 3840), 320, "subspace"),
+    ((5120, 13824), 320, "subspace"), ((5120, 5120), 320, "subspace"),
+    # Wide, but a rank too large for the route to save anything.
+    ((3072, 3072), 1536, "gram"),
+])
+def test_engine_selects_the_route_by_shape(shape, k, route):
+    from lorax.engine import SVDEngine
+
+    assert SVDEngine().route_for(shape, k) == route
+    assert SVDEngine(wide_from=None).route_for(shape, k) == "gram"
+    assert SVDEngine(method="exact").route_for(shape, k) == "exact"
+
+
+def test_engine_decomposes_wide_layers_by_the_subspace_route(rng):
+    """With a low threshold (a parameter, so small matrices stand for wide ones) the engine takes the
+    subspace route above it and the Gram route below, in one call, and says which it took."""
+    from lorax.engine import SVDEngine
+
+    wide, narrow = t(power_law_matrix(rng, 200, 160), torch.float32), t(power_law_matrix(rng, 96, 64), torch.float32)
+    engine = SVDEngine(wide_from=128, workers=1)
+    fw, fn = engine.factors_many([(wide, 16), (narrow, 16)])
+    assert engine.stats.routes == {"subspace-q8": 1, "gram": 1}
+    direct = SVDEngine(wide_from=None).rounded(truncated_svd(narrow, 16, method="gram"))
+    assert torch.equal(fn.U, direct.U.float())
+    ref = SVDEngine().rounded(truncated_svd(wide, 16, method="subspace"))
+    assert torch.equal(fw.U, ref.U.float()) and torch.equal(fw.V, ref.V.float())

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from lorax.engine import SVDEngine
+from lorax.svd import truncated_svd
 from lorax.svd_cache import SVDCache
 from reference import HALF_FACTOR_TOL, fresh_seed, power_law_matrix, rel_err, t
 
@@ -483,3 +484,47 @@ def test_cache_settings_from_the_environment(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("LORAX_SVD_CACHE_GB", "lots")
     with pytest.raises(LoraxError, match="LORAX_SVD_CACHE_GB.*'lots'"):
         cache_from_env(tmp_path)
+
+
+def test_subspace_route_entries_are_cached_and_read_back(tmp_path, weights):
+    """Factors of the wide route (a low threshold stands for wide layers) are stored under the route's
+    name and read back bit for bit by a second engine, which decomposes nothing."""
+    cold = SVDEngine(store=SVDCache(tmp_path), wide_from=64, workers=1)
+    ref = cold.factors_many([(w, 16) for w in weights])
+    assert cold.stats.routes == {"subspace-q8": 3, "gram": 1}  # 96 × 64 is wide here, 64 × 40 is not
+    names = sorted(os.path.basename(p).split("-", 1)[1] for p, _, _ in SVDCache(tmp_path).entries())
+    assert names == ["gram.svd.safetensors"] + ["subspace-q8.svd.safetensors"] * 3
+    warm = SVDEngine(store=SVDCache(tmp_path), wide_from=64)
+    again = warm.factors_many([(w, 16) for w in weights])
+    assert warm.stats.layers_decomposed == 0 and warm.stats.disk_hits == 4
+    for a, b in zip(ref, again):
+        assert torch.equal(a.U, b.U) and torch.equal(a.S, b.S) and torch.equal(a.V, b.V)
+
+
+@pytest.mark.parametrize("change", ["gram_then_wide", "wide_then_gram", "other_iterations"])
+def test_changing_route_never_reads_another_routes_factors(tmp_path, weights, change, monkeypatch):
+    """An entry made by one route is not returned when the layer's route is now another (the threshold
+    moved, or the route's iteration count changed): the layer is decomposed again by its route — from
+    the disk cache and from an engine's memory alike — and the result is that route's, not the old one."""
+    import lorax.svd as svd
+
+    w = weights[0]
+    first, second = ({"wide_from": None}, {"wide_from": 64}) if change == "gram_then_wide" else \
+                    ({"wide_from": 64}, {"wide_from": None}) if change == "wide_then_gram" else \
+                    ({"wide_from": 64}, {"wide_from": 64})
+    SVDEngine(store=SVDCache(tmp_path), **first).factors(w, 16)
+    if change == "other_iterations":
+        monkeypatch.setattr(svd, "SUBSPACE_ITERATIONS", 7)
+        monkeypatch.setattr(svd.route_key, "__defaults__", (7,))
+    engine = SVDEngine(store=SVDCache(tmp_path), **second)
+    f = engine.factors(w, 16)
+    assert engine.stats.layers_decomposed == 1 and engine.stats.disk_hits == 0
+    expected_route = "gram" if change == "wide_then_gram" else "subspace"
+    direct = engine.rounded(truncated_svd(w, 16, method=expected_route))
+    assert torch.equal(f.U, direct.U.float()) and torch.equal(f.V, direct.V.float())
+    # One engine whose routing changes between calls: its memory holds the first route's factors.
+    engine = SVDEngine(**first)
+    engine.factors(w, 16)
+    engine.wide_from = second["wide_from"]
+    engine.factors(w, 16)
+    assert engine.stats.layers_decomposed == (1 if change == "other_iterations" else 2)
