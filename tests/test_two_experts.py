@@ -173,6 +173,41 @@ def test_two_experts_node_gives_each_expert_what_a_transfer_node_gives_it(comfy_
     assert not torch.equal(plot[0, :half], plot[0, half:])  # each expert's own title and Φ
 
 
+def test_a_lorax_adapter_is_read_against_the_source_once(comfy_host, pack, fresh_engine, wan_files):
+    """A LoRA-X adapter's deltas are the source's own singular vectors (rank r) times its Δσ: the
+    second expert reads them from the held factors too."""
+    from lorax.fingerprint import weight_sketch
+    from lorax.lorax_adapter import LoraxAdapter, save_lorax
+
+    names, _ = wan_files
+    source = wan_models.build_mini_wan(seed=0)
+    rng = np.random.default_rng(5)
+    sigmas, sketches = {}, {}
+    for b in (0, 1):
+        for m in wan_models.BLOCK_LINEARS:
+            module = host.kohya_lora_prefix(f"blocks.{b}.{m}.weight")
+            sigmas[module] = torch.from_numpy(rng.standard_normal(8) * 0.05).float()
+            sketches[module] = weight_sketch(source[f"blocks.{b}.{m}.weight"])
+    path = comfy_host.folders["loras"] / "lorax_test_wan21_lorax.safetensors"
+    save_lorax(path, LoraxAdapter(sigmas=sigmas, sketches=sketches))
+    engine = fresh_engine(cache=False, memo_entries=1)
+    prompt = _experts_node(names, path.name)
+    executor = comfy_host.new_executor()  # keeps the loaders' and LoRA-X Load's outputs for the second run
+    # LoRA-X Load applies the adapter to the source first: its own decompositions, counted apart.
+    comfy_host.run_prompt({**_loaders(names), "load": prompt["load"], "cap": host.capture(["load", 1])},
+                          executor=executor)
+    before = engine.stats.layers_decomposed
+    assert before == LAYERS
+    out = comfy_host.run_prompt(prompt, executor=executor)
+    # The source at r = 8 once (all but its last layer, still the memo's one entry from LoRA-X Load), each
+    # expert once; without the hold the low-noise expert would read the adapter against the source again.
+    assert engine.stats.layers_decomposed - before == (LAYERS - 1) + 2 * LAYERS
+    for e in ("high", "low"):
+        handle = _value(out, f"cap_transfer_{e}")
+        assert handle.adapter.kind == "lorax" and handle.result.counts() == {"transferred": LAYERS}
+        assert {layer.rank for layer in handle.result.layers} == {8}
+
+
 def test_two_experts_node_refuses_the_source_as_a_target(comfy_host, pack, wan_files):
     names, lora = wan_files
     prompt = _experts_node(names, lora)
