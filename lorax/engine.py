@@ -143,6 +143,9 @@ class SVDEngine:
         self._identities: dict[str, str] = {}
         self._similarities: dict[str, tuple[float, ...]] = {}
         self._lock = threading.Lock()
+        #: Factors kept whatever the memo's bound while :meth:`holding` their origin (U, V as stored).
+        self._held: dict[tuple[str, str], SVDFactors] = {}
+        self._held_origins: dict[str, int] = {}
 
     @property
     def factor_dtype(self) -> torch.dtype:
@@ -187,6 +190,48 @@ class SVDEngine:
             return (route_key("subspace"), "gram")
         return (self.method,)
 
+    @contextlib.contextmanager
+    def holding(self, origin: str | None) -> Iterator[None]:
+        """Keep the factors of the weights of ``origin`` (the model a request names, see
+        :meth:`factors_many`) in memory until the block ends, whatever the memo's bound and
+        whether or not there is a store: so that one source can be moved onto several targets in
+        a row (Wan 2.2's two experts) and be decomposed — and read from the store — only once.
+
+        The memo alone does not do it: it keeps the last 256 MiB of factors, and a LoRA on every
+        linear layer of a Wan 14B model needs about 6 GB of source factors at k = 320 (float32),
+        so without a store the second target would decompose the source again. Held factors are
+        kept as stored (U and V in ``stored_dtype``: about 3 GB for that LoRA) and dropped when
+        the last hold on them ends. Blocks may nest; ``None`` holds nothing.
+        """
+        if origin is None:
+            yield
+            return
+        with self._lock:
+            self._held_origins[origin] = self._held_origins.get(origin, 0) + 1
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._held_origins[origin] -= 1
+                if not self._held_origins[origin]:
+                    del self._held_origins[origin]
+                if not self._held_origins:
+                    self._held.clear()
+
+    @property
+    def held_bytes(self) -> int:
+        """Bytes of factors :meth:`holding` keeps now."""
+        return sum(_nbytes(f) for f in self._held.values())
+
+    def _hold(self, digest: str, origin: str | None, factors: SVDFactors, name: str) -> None:
+        if origin is None or origin not in self._held_origins:
+            return
+        key = (digest, name)
+        with self._lock:
+            old = self._held.get(key)
+            if old is None or old.k < factors.k:
+                self._held[key] = self.rounded(factors)  # exact: the factors were rounded to these dtypes
+
     def _lookup(self, digest: str, k: int) -> SVDFactors | None:
         for name in self._route_keys():
             f = self._lookup_as(digest, k, name)
@@ -200,6 +245,10 @@ class SVDEngine:
         another name) are not used, but recomputed."""
         key = (digest, name)
         with self._lock:
+            held = self._held.get(key)
+            if held is not None and held.k >= k and self._route_matches(held, k, name):
+                self.stats.memory_hits += 1
+                return held.top(k).to(dtype=self.factor_dtype)
             f = self._memo.get(key)
             if f is not None and f.k >= k and self._route_matches(f, k, name):
                 self._memo.move_to_end(key)
@@ -367,6 +416,7 @@ class SVDEngine:
             if hit is not None:
                 out[i] = hit
                 self._note_origin(digest, origin)
+                self._hold(digest, origin, hit, route_key(self.route_for(hit.shape, k)))
                 continue
             # Whatever the caller handed in, the engine decomposes the matrix the model computes
             # with: quantized and GGUF weights are dequantized here (lorax.weight_formats).
@@ -428,6 +478,7 @@ class SVDEngine:
             for (i, _, digest, k_i, origin), stored in zip(chunk, factors):
                 f = stored.to(dtype=self.factor_dtype)  # the numbers a warm run reads back
                 self._remember(digest, f, name)
+                self._hold(digest, origin, stored, name)
                 if self.store is not None:
                     self.store.put(digest, name, stored, origin=origin)
                 out[i] = f.top(k_i)

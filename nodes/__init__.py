@@ -7,6 +7,7 @@ checked against it. A new node is a ``io.ComfyNode`` subclass added here.
 
 from .api import API_VERSION, ComfyExtension
 from .convert_node import LoraxConvert
+from .experts_node import LoraxTransferTwoExperts
 from .load_node import LoraxLoad
 from .save_node import LoraxSave
 from .scan_node import LoraxLibraryScan
@@ -18,6 +19,7 @@ NODE_CLASSES = [
     LoraxLoad,
     LoraxSimilarityReport,
     LoraxTransfer,
+    LoraxTransferTwoExperts,
     LoraxSave,
     LoraxConvert,
     LoraxTrain,

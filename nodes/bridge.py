@@ -380,7 +380,9 @@ def lorax_adapter_deltas(adapter: LoraxAdapter, patcher, engine, *, clip=None,
     if not plan:
         raise no_fit_error(model_kind(patcher), len(adapter.sigmas), dict.fromkeys(adapter.sigmas, torch.empty(0)),
                            path=adapter.path)
-    factors = engine.factors_many([(w, int(adapter.sigmas[m].numel())) for m, _, _, w in plan])
+    # Named by model (as a transfer names its requests), for the cache's listing and the engine's holds.
+    factors = engine.factors_many([(w, int(adapter.sigmas[m].numel())) for m, _, _, w in plan],
+                                  origins=[source.origin for _, _, source, _ in plan])
     for (module, target, _, weight), f in zip(plan, factors):
         result.deltas[target] = adapter.delta(module, f, tuple(weight.shape))
         result.adapter_ranks[target] = int(adapter.sigmas[module].numel())

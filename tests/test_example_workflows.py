@@ -11,6 +11,14 @@ The checkpoints and the LoRA the files name are swapped for the synthetic full S
 (``mini_sd15_full_ckpt_name`` / ``mini_sd15_full_ft_ckpt_name``) and a LoRA with UNet and
 text-encoder modules; the image size and step count are cut to 64×64 and one step. Everything else
 runs as saved, through ``execution.validate_prompt`` and ``PromptExecutor``.
+
+The Wan examples' diffusion models, VAE and LoRA are swapped for the mini Wan models of
+``tests/wan_models.py`` (built from ComfyUI's own Wan classes, detected as Wan 2.1 T2V, as Wan 2.1
+14B and both Wan 2.2 A14B experts are); the video is cut to 64×64, one frame, and two steps for the
+two KSampler (Advanced) nodes of Wan 2.2 (one step each, so both experts sample). Their text
+encoder, umT5-XXL, cannot be made small (its configuration is fixed: 5.7 B parameters), so the Wan
+*Load CLIP* node is left out and its *CLIP Text Encode* nodes become the zero conditioning of
+``tests/host_nodes.py`` with Wan's 4096 text features.
 """
 
 from __future__ import annotations
@@ -28,6 +36,7 @@ from PIL import Image
 from safetensors import safe_open
 
 import host
+import wan_models
 
 WORKFLOWS_DIR = host.REPO_ROOT / "example_workflows"
 WORKFLOWS = sorted(WORKFLOWS_DIR.glob("*.json"))
@@ -38,7 +47,13 @@ V1_WORKFLOWS = sorted((host.TESTS_DIR / "fixtures" / "v1_workflows").glob("*.jso
 # Names used in the example files -> fixture that provides the synthetic stand-in.
 CHECKPOINTS = {"v1-5-pruned-emaonly.safetensors": "mini_sd15_full_ckpt_name",
                "dreamshaper_8.safetensors": "mini_sd15_full_ft_ckpt_name"}
-LORAS = {"my_style_lora.safetensors": "example_lora_name"}
+LORAS = {"my_style_lora.safetensors": "example_lora_name", "my_wan_lora.safetensors": "wan_lora_name"}
+UNETS = {"wan2.1_t2v_14B_fp16.safetensors": "wan_source_unet_name",
+         "wan2.1_t2v_14B_finetune.safetensors": "wan_high_noise_unet_name",
+         "wan2.2_t2v_high_noise_14B_fp8_scaled.safetensors": "wan_high_noise_unet_name",
+         "wan2.2_t2v_low_noise_14B_fp8_scaled.safetensors": "wan_low_noise_unet_name"}
+VAES = {"wan_2.1_vae.safetensors": "wan_vae_name"}
+WAN_EXAMPLES = ("wan21_lora_to_finetune.json", "wan22_lora_onto_both_experts.json")
 
 WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
 CONTROL_VALUES = {"fixed", "increment", "decrement", "randomize"}
@@ -206,6 +221,46 @@ def example_lora_name(comfy_host, mini_sd15):
 
 
 @pytest.fixture(scope="module")
+def wan_models_saved(comfy_host):
+    """The mini Wan source, its two fine-tunes (the experts; the first also stands for a Wan 2.1 fine-tune)
+    and the mini Wan VAE, saved where UNETLoader and VAELoader find them; and a LoRA for Wan."""
+    source = wan_models.build_mini_wan(seed=0)
+    high, low = wan_models.build_mini_wan_experts(source)
+    names = {f"wan_{n}_unet_name": comfy_host.save_unet(sd, f"example_wan_{n}.safetensors")
+             for n, sd in (("source", source), ("high_noise", high), ("low_noise", low))}
+    names["wan_vae_name"] = comfy_host._save("vae", wan_models.build_mini_wan_vae(seed=0), "example_wan_vae.safetensors",
+                                             None)
+    lora = wan_models.wan_lora(wan_models.wan_layout(), np.random.default_rng(22), rank=4)
+    names["wan_lora_name"] = comfy_host.save_lora(lora, "example_wan_lora.safetensors")
+    return names
+
+
+@pytest.fixture(scope="module")
+def wan_source_unet_name(wan_models_saved):
+    return wan_models_saved["wan_source_unet_name"]
+
+
+@pytest.fixture(scope="module")
+def wan_high_noise_unet_name(wan_models_saved):
+    return wan_models_saved["wan_high_noise_unet_name"]
+
+
+@pytest.fixture(scope="module")
+def wan_low_noise_unet_name(wan_models_saved):
+    return wan_models_saved["wan_low_noise_unet_name"]
+
+
+@pytest.fixture(scope="module")
+def wan_vae_name(wan_models_saved):
+    return wan_models_saved["wan_vae_name"]
+
+
+@pytest.fixture(scope="module")
+def wan_lora_name(wan_models_saved):
+    return wan_models_saved["wan_lora_name"]
+
+
+@pytest.fixture(scope="module")
 def executor(comfy_host):
     """One PromptExecutor for the module, as one ComfyUI session: its cache keeps the loaded
     checkpoints between the workflows (same files, same loader inputs) instead of reading 1.3 GB
@@ -223,20 +278,49 @@ def _load(path: Path) -> dict:
 def _prepare(prompt: dict, request) -> dict:
     """Swap the example's model files for the synthetic ones; shrink the image and steps."""
     prompt = copy.deepcopy(prompt)
+    wan_text = [nid for nid, n in prompt.items() if n["class_type"] == "CLIPLoader" and n["inputs"]["type"] == "wan"]
+    for nid in wan_text:  # umT5-XXL: the zero conditioning instead (module docstring)
+        del prompt[nid]
     for nid, node in prompt.items():
         inputs = node["inputs"]
-        for field, table in (("ckpt_name", CHECKPOINTS), ("adapter_name", LORAS), ("lora_name", LORAS)):
+        if node["class_type"] == "CLIPTextEncode" and inputs["clip"][0] in wan_text:
+            node["class_type"] = host.ZERO_COND_NODE
+            node["inputs"] = inputs = {"context_dim": wan_models.TEXT_DIM, "tokens": 16}
+        for field, table in (("ckpt_name", CHECKPOINTS), ("adapter_name", LORAS), ("lora_name", LORAS),
+                             ("unet_name", UNETS), ("vae_name", VAES)):
             if field in inputs and not isinstance(inputs[field], list):
                 if inputs[field] not in table:
                     raise AssertionError(f"node {nid}: no synthetic stand-in for {field} {inputs[field]!r}")
                 inputs[field] = request.getfixturevalue(table[inputs[field]])
         if node["class_type"] == "EmptyLatentImage":
             inputs.update(width=64, height=64, batch_size=1)
-        if node["class_type"] in ("KSampler", "KSamplerAdvanced"):
+        if node["class_type"] == "EmptyHunyuanLatentVideo":
+            inputs.update(width=64, height=64, length=1, batch_size=1)
+        if node["class_type"] == "KSampler":
             inputs["steps"] = 1
+        if node["class_type"] == "KSamplerAdvanced":
+            # Two steps; a split inside the schedule (Wan 2.2's experts: 0-10 and 10-20 of 20) at step 1.
+            steps, inputs["steps"] = inputs["steps"], 2
+            for field in ("start_at_step", "end_at_step"):
+                if 0 < inputs[field] < steps:
+                    inputs[field] = 1
         if node["class_type"] == "LoraxTrain":
             inputs["steps"] = 2  # at least 2: Plot Loss Graph divides by max(loss) - min(loss)
     return prompt
+
+
+TRANSFER_NODES = {"LoraxTransfer", "LoraxTransferTwoExperts"}
+
+
+def _upstream_types(prompt: dict, nid: str) -> set[str]:
+    """The class types of node ``nid`` and of every node it draws from."""
+    seen, todo = set(), [nid]
+    while todo:
+        n = todo.pop()
+        if n not in seen:
+            seen.add(n)
+            todo += [v[0] for v in prompt[n]["inputs"].values() if isinstance(v, list) and len(v) == 2 and v[0] in prompt]
+    return {prompt[n]["class_type"] for n in seen}
 
 
 def _image_file(comfy_host, entry) -> Path:
@@ -252,7 +336,7 @@ def _image_file(comfy_host, entry) -> Path:
 def test_the_example_workflows_the_readme_lists_exist():
     assert {p.name for p in WORKFLOWS} >= {"transfer_lora_to_finetune.json", "similarity_report.json",
                                           "save_transferred_lora.json", "train_lorax_adapter.json",
-                                          "convert_lora_to_lorax.json"}
+                                          "convert_lora_to_lorax.json", *WAN_EXAMPLES}
 
 
 @pytest.mark.parametrize("path", WORKFLOWS, ids=[p.stem for p in WORKFLOWS])
@@ -267,7 +351,12 @@ def test_example_workflow_runs(comfy_host, pack, executor, path, request):
     for nid, node in list(prompt.items()):
         if node["class_type"] in ("SaveImage", "PreviewImage"):
             prompt[f"cap_{nid}"] = host.capture(node["inputs"]["images"])
+        if node["class_type"] in ("KSampler", "KSamplerAdvanced"):  # the model each sampler gets
+            prompt[f"cap_model_{nid}"] = host.capture(node["inputs"]["model"])
     out = comfy_host.run_prompt(prompt, executor=executor)
+    for key in (k for k in prompt if k.startswith("cap_model_")):
+        if _upstream_types(prompt, prompt[key]["inputs"]["value"][0]) & TRANSFER_NODES:
+            assert out[key]["value"][0].patches, f"{key}: the model from a LoRA-X transfer carries no patches"
 
     output_nodes = [nid for nid, n in prompt.items() if getattr(
         comfy_host.nodes.NODE_CLASS_MAPPINGS[n["class_type"]], "OUTPUT_NODE", False) and not nid.startswith("cap_")]
@@ -290,6 +379,12 @@ def test_example_workflow_runs(comfy_host, pack, executor, path, request):
                 green = np.array(pack.nodes.plot.COLORS["transferred"]) / 255.0
                 assert (np.abs(pixels - green).max(axis=-1) < 0.01).sum() > 100, \
                     "no bars in the 'transferred / passes' colour in the plot"
+        elif ctype == "SaveAnimatedWEBP":
+            (entry,) = out[nid]["images"]
+            with Image.open(_image_file(comfy_host, entry)) as video:
+                assert video.size == (64, 64), video.size
+                pixels = np.asarray(video.convert("RGB"), dtype=np.float32) / 255.0
+            assert pixels.std() > 0.02, "a flat frame"
         elif ctype == "LoraxSimilarityReport":
             assert "layers pass the threshold" in out[nid]["text"][0]
         elif ctype == "LoraxTrain":
@@ -306,6 +401,22 @@ def test_example_workflow_runs(comfy_host, pack, executor, path, request):
             _check_saved_lora(comfy_host, executor, prompt, nid, out[nid]["text"][0])
         else:
             raise AssertionError(f"no check written for output node {nid} ({ctype})")
+
+
+@pytest.mark.parametrize("name", WAN_EXAMPLES)
+def test_wan_example_nodes_do_not_overlap(name):
+    """The browser test runs the other examples from the page and checks that no node covers another
+    after the run; the Wan ones it cannot run (see its ``WAN_EXAMPLES``), so their layout is checked
+    as saved: no two nodes' boxes (title bar of 30 included) overlap, and every node lies inside a group."""
+    workflow = _load(WORKFLOWS_DIR / name)
+    boxes = [(n["id"], n["pos"][0], n["pos"][1] - 30, n["size"][0], n["size"][1] + 30) for n in workflow["nodes"]]
+    overlaps = [(a[0], b[0]) for i, a in enumerate(boxes) for b in boxes[i + 1:]
+                if a[1] < b[1] + b[3] and b[1] < a[1] + a[3] and a[2] < b[2] + b[4] and b[2] < a[2] + a[4]]
+    assert not overlaps, overlaps
+    groups = [g["bounding"] for g in workflow["groups"]]
+    outside = [nid for nid, x, y, w, h in boxes
+               if not any(gx <= x and gy <= y and x + w <= gx + gw and y + h <= gy + gh for gx, gy, gw, gh in groups)]
+    assert not outside, f"nodes outside every group: {outside}"
 
 
 def _check_saved_lora(comfy_host, executor, prompt, nid, message):

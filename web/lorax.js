@@ -15,7 +15,7 @@ import { app } from "../../scripts/app.js";
 
 const VIEW_NODES = new Set(["LoraxSimilarityReport", "LoraxTransfer"]);
 const TEXT_NODES = new Set(["LoraxSimilarityReport", "LoraxTransfer", "LoraxSave", "LoraxConvert", "LoraxTrain",
-  "LoraxLibraryScan"]);
+  "LoraxLibraryScan", "LoraxTransferTwoExperts"]);
 const WIDGET = "lorax_report";
 
 const COLORS = {
