@@ -15,12 +15,20 @@ Defaults, and why:
   LoRA-X adapters k is the adapter's own r, the subspace it was trained in.
 * **threshold** on Φ̂ (not raw Φ, whose chance level depends on width); see
   :data:`DEFAULT_THRESHOLD`.
-* **mode** ``prolora``: the seed's projection ``lorax`` plus the part of the delta outside both
-  models' subspaces (:mod:`lorax.projection`). The two are identical for LoRA-X adapters, whose
-  delta lies in the source's subspace (they are always moved with ``lorax``, at their own
-  rank); for ordinary LoRAs the fidelity benchmark (``bench/fidelity.py``) measured ``prolora``
-  keeping 81 % / 61 % of the trained-on-target gain on a light / heavy fine-tune against 52 % /
-  46 % for ``lorax``, with lower task loss in all 6 seed × fine-tune pairs.
+* **mode** ``auto``: per layer, the adapter's own delta where the target weight lies within
+  :data:`DEFAULT_COPY_BELOW` (50 %) of the source weight's norm — measured without any SVD, so such a
+  layer is never decomposed — and :func:`~lorax.projection.project_transport` (the delta rotated by
+  the direct rotations of the source's top-k subspaces onto the target's) where it moved more. The
+  trained-model benchmark (``bench/trained_fidelity.py``, docs/fidelity.md, 3 seeds) measured copying
+  keeping more of an ordinary LoRA's effect than every projection and rotation on every target
+  (fine-tune / far fine-tune / distilled student: 0.86 / 0.25 / 0.11 of the trained-on-target style
+  gain, against 0.22 / 0.02 / 0.03 for ``prolora``, the default up to 0.2.0), and the same for LoRA-X
+  adapters; a larger bound was better or equal on every target up to 0.5, which copied every layer
+  of all three (the most any moved was 34 %). Beyond it no trained pair was measured: those layers
+  are transported, and the Φ̂ threshold leaves out the layers of an unrelated model. ``copy``,
+  ``transport``, ``prolora_cross``, ``prolora`` and ``lorax`` stay selectable. A LoRA-X adapter that
+  is not copied moves at its own rank r (``prolora`` is ``lorax`` for it: its delta lies in the
+  source's subspace).
 * **shapes that differ** are skipped unless ``shape_rule="paired"`` selects the seed's
   dimension-mismatch rule: pairing singular directions by index is only meaningful between
   layers known to correspond, which a name match does not prove.

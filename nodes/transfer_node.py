@@ -23,8 +23,9 @@ class LoraxTransfer(io.ComfyNode):
             display_name="LoRA-X Transfer",
             category=CATEGORY,
             description=("Moves an adapter trained on the source checkpoint onto the target checkpoint without data "
-                         "or training (LoRA-X, ICLR 2025): each layer's change is projected into the target's "
-                         "principal subspaces, and layers whose subspaces differ too much are left out."),
+                         "or training: each layer's change is copied where the target layer barely moved and rotated into "
+                         "the target's principal subspaces where it moved more (LoRA-X, ICLR 2025, and the pack's own "
+                         "measurements); layers whose subspaces differ too much are left out."),
             inputs=[
                 io.Model.Input("source_model", tooltip="The checkpoint the adapter was trained on."),
                 io.Model.Input("target_model", tooltip="The checkpoint to move the adapter to."),
@@ -38,9 +39,12 @@ class LoraxTransfer(io.ComfyNode):
                                tooltip="Minimum chance-normalised similarity Φ̂ (left and right) for a layer to be "
                                        "transferred; 0 transfers every layer."),
                 io.Combo.Input("mode", options=list(MODES), default=DEFAULT_MODE, tooltip=(
-                    "prolora (default): the paper's projection plus the part of the change outside both models' "
-                    "subspaces — measured to keep more of ordinary LoRAs. lorax: the paper's projection onto the "
-                    "target's top-k subspaces only. Identical for LoRA-X adapters.")),
+                    "auto (default): copy each layer's change as it is where the target layer moved by at most 50 % "
+                    "of its norm (no SVD), rotate it into the target's subspaces where it moved more — measured on "
+                    "trained models to keep as much of a LoRA as the stock loader on fine-tunes and more on distilled "
+                    "students. copy: always as it is, along the layer map. transport: always rotated. prolora_cross, "
+                    "prolora (the default up to 0.2.0), lorax (the paper's): projections, which lose most of an "
+                    "ordinary LoRA's effect.")),
                 io.Boolean.Input("exact", default=False,
                                  tooltip="Full float64 SVD instead of the fast Gram route (slower; results agree to "
                                          "~1e-10)."),

@@ -30,6 +30,8 @@ REVISED = {
          "(float16 vectors; 12.3 GB before) for its",
     182: "disables it, `LORAX_SVD_CACHE_GB` bounds its size (default 16 — an SDXL checkpoint at k = 320 is "
          "1.7 GB, a Flux.1 model 3.1 GB; least recently used entries go first).",
+    # The fidelity issue (0.3.0): the default mode was chosen anew on trained models.
+    57: "| mode | `auto` | per layer: the adapter's own delta where the target weight lies within 50 % of the source weight's norm (`‖W_t − W_s‖/‖W_s‖`, no SVD needed), along the layer map; `transport` beyond (the delta rotated by the direct rotations that carry the source's top-k singular subspaces onto the target's: norm kept, the identity where nothing moved), where the Φ̂ threshold leaves out an unrelated model's layers. Chosen on trained models ([Fidelity](fidelity.md#the-default-transfer-chosen-on-trained-models-030), 3 seeds): copying keeps more of an ordinary LoRA's effect than every projection or rotation on every target (fine-tune 0.86, far fine-tune 0.25, distilled student 0.11 of the trained-on-target style gain, against 0.22 / 0.02 / 0.03 for 0.2.0's `prolora` and 0.86 / 0.25 / 0.04 for the stock loader), and the same for LoRA-X adapters; every layer of those targets moved by at most 34 %, so `auto` copied them all. The other modes stay selectable: `copy`, `transport`, `prolora_cross` (ProLoRA with its cross terms), `prolora` (the default up to 0.2.0), `lorax` (the paper's projection). |",
     218: "inode, tensor header), so only the factors are read and checked (3.4 GB for SDXL with the float16 "
          "vectors below; 6.8 GB before). The cold peak is the",
 }

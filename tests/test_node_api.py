@@ -91,6 +91,14 @@ def _v1_form(spec: dict) -> dict:
 #: showed (and sent) "name", the first option, while the docs and the node's code use "similarity".
 #: Saved workflows keep the value they were saved with.
 CHANGED = {(node, "layer_map"): {"default": "similarity"} for node in ("LoraxTransfer", "LoraxSimilarityReport")}
+#: 0.3.0 (the fidelity issue): new transfer modes, `auto` the default, chosen on trained models. The old
+#: options stay selectable, so workflows saved with `prolora` or `lorax` keep loading.
+NEW_MODES = ["auto", "copy", "transport", "prolora", "prolora_cross", "lorax"]
+CHANGED[("LoraxTransfer", "mode")] = {"default": "auto"}
+CHANGED_KIND = {("LoraxTransfer", "mode"): NEW_MODES}
+CHANGED_TEXT = {("LoraxTransfer", "mode"): "auto (default): copy each layer's change as it is",
+                "LoraxTransfer": "Moves an adapter trained on the source checkpoint onto the target checkpoint without "
+                                 "data or training: each layer's change is copied where the target layer barely moved"}
 
 
 def test_node_definitions_are_the_v1_nodes(comfy_host, pack):
@@ -106,12 +114,20 @@ def test_node_definitions_are_the_v1_nodes(comfy_host, pack):
                 got_kind, got_options = now[section][name]
                 if name in FILE_INPUTS:
                     assert isinstance(got_kind, list), (node_id, name)
+                elif (node_id, name) in CHANGED_KIND:
+                    assert got_kind == CHANGED_KIND[(node_id, name)] and set(kind) <= set(got_kind), (node_id, name)
                 else:
                     assert got_kind == kind, (node_id, name)
-                assert got_options == {**options, **CHANGED.get((node_id, name), {})}, (node_id, name)
+                expected = {**options, **CHANGED.get((node_id, name), {})}
+                if (node_id, name) in CHANGED_TEXT:
+                    assert got_options.pop("tooltip").startswith(CHANGED_TEXT[(node_id, name)]), (node_id, name)
+                    expected.pop("tooltip")
+                assert got_options == expected, (node_id, name)
         assert nodes.NODE_DISPLAY_NAME_MAPPINGS[node_id] == v1["display_name"]
+        description = v1["description"] if node_id not in CHANGED_TEXT else cls.DESCRIPTION
+        assert node_id not in CHANGED_TEXT or cls.DESCRIPTION.startswith(CHANGED_TEXT[node_id]), node_id
         assert (cls.CATEGORY, cls.DESCRIPTION, bool(cls.OUTPUT_NODE)) == (
-            v1["category"], v1["description"], v1["output_node"]), node_id
+            v1["category"], description, v1["output_node"]), node_id
         assert list(cls.RETURN_TYPES) == v1["output"], node_id
         assert list(cls.RETURN_NAMES) == v1["output_name"], node_id
         assert list(cls.OUTPUT_TOOLTIPS) == v1["output_tooltips"], node_id
