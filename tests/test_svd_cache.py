@@ -119,7 +119,8 @@ def test_warm_run_over_files_neither_hashes_nor_decomposes(tmp_path, weights, mo
     def run():
         engine = SVDEngine(store=SVDCache(tmp_path / "cache"))
         transfer_deltas(deltas, SafetensorsWeights(tmp_path / "src.safetensors"),
-                        SafetensorsWeights(tmp_path / "tgt.safetensors"), TransferSettings(rank=8), engine)
+                        SafetensorsWeights(tmp_path / "tgt.safetensors"), TransferSettings(rank=8, mode="prolora"),
+                        engine)  # a mode that decomposes (auto would copy these 1 % changes without an SVD)
         return engine
 
     assert run().stats.layers_decomposed == 8
@@ -355,8 +356,8 @@ def _transfer(tmp_path, sd, source, target, cache):
     from lorax.transfer import TransferSettings, transfer_deltas
 
     deltas = {k: Delta.factored(v.shape, torch.ones(v.shape[0], 1), torch.ones(1, v.shape[1])) for k, v in sd.items()}
-    engine = SVDEngine(store=cache)
-    transfer_deltas(deltas, source, target, TransferSettings(rank=8), engine)
+    engine = SVDEngine(store=cache)  # a mode that decomposes every layer (auto copies the near ones)
+    transfer_deltas(deltas, source, target, TransferSettings(rank=8, mode="prolora"), engine)
     return engine
 
 
