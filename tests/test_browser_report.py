@@ -531,7 +531,7 @@ def check_report_view(comfy_server, browser, tmp_path):
     assert got["summary"] == summary_line(t_rows, threshold) and got["summary"].startswith("76 of 87 layers transferred")
     assert got["blocks"] == BLOCKS + ["te.layers.0"]
     assert got["block"] == "te.layers.0" and got["head"] == "te.layers.0: 3 layers, 0 transferred"
-    assert got["rows"] == [[name, "", "", "", "", "", "skipped: text encoder (no CLIP connected)"]
+    assert got["rows"] == [[name, "", "", "", "", "", "skipped: text encoder (no CLIP connected)", ""]
                            for name in ("self_attn_q_proj", "self_attn_v_proj", "mlp_fc1")]
     # No error from the extension (the page's other errors are its failed calls to api.comfy.org:
     # nothing outside loopback is reachable from the test).
