@@ -115,13 +115,7 @@ def project_paired(delta: Delta, source: SVDFactors, target: SVDFactors, target_
 
 def project_prolora_cross(delta: Delta, source: SVDFactors, target: SVDFactors) -> Delta:
     """``T_U ΔW T_Vᵀ`` with ``T = P∥_t P∥_s + P⊥_t P⊥_s`` per side (shapes must match)."""
-    d = _on(delta, target)
-    source = source.to(device=target.U.device, dtype=target.U.dtype)
-    if d.is_factored:
-        return Delta(d.shape, up=_cross_side(d.up, source.U, target.U),
-                     down=_cross_side(d.down.mT, source.V, target.V).mT)
-    D = _cross_side(d.dense, source.U, target.U)
-    return Delta(d.shape, dense=_cross_side(D.mT, source.V, target.V).mT)
+    return _each_side(_cross_side, delta, source, target)
 
 
 def _cross_side(X: torch.Tensor, Us: torch.Tensor, Ut: torch.Tensor) -> torch.Tensor:
@@ -133,13 +127,18 @@ def _cross_side(X: torch.Tensor, Us: torch.Tensor, Ut: torch.Tensor) -> torch.Te
 
 def project_transport(delta: Delta, source: SVDFactors, target: SVDFactors) -> Delta:
     """``R_U ΔW R_Vᵀ``, the direct rotations of the source's subspaces onto the target's (shapes must match)."""
+    return _each_side(rotate_into, delta, source, target)
+
+
+def _each_side(side, delta: Delta, source: SVDFactors, target: SVDFactors) -> Delta:
+    """``A ΔW Bᵀ`` for operators applied as ``side(X, U_s, U_t)`` (``A`` on the U side, ``B`` on the V side):
+    on the factors of a factored delta (rank kept), else on the dense matrix from both sides."""
     d = _on(delta, target)
     source = source.to(device=target.U.device, dtype=target.U.dtype)
     if d.is_factored:
-        return Delta(d.shape, up=rotate_into(d.up, source.U, target.U),
-                     down=rotate_into(d.down.mT, source.V, target.V).mT)
-    D = rotate_into(d.dense, source.U, target.U)
-    return Delta(d.shape, dense=rotate_into(D.mT, source.V, target.V).mT)
+        return Delta(d.shape, up=side(d.up, source.U, target.U), down=side(d.down.mT, source.V, target.V).mT)
+    D = side(d.dense, source.U, target.U)
+    return Delta(d.shape, dense=side(D.mT, source.V, target.V).mT)
 
 
 def rotate_into(X: torch.Tensor, Us: torch.Tensor, Ut: torch.Tensor) -> torch.Tensor:
