@@ -66,7 +66,9 @@ import json
 import logging
 import math
 import os
+import re
 import statistics
+import subprocess
 import sys
 import time
 from dataclasses import asdict, dataclass, field, replace
@@ -85,29 +87,52 @@ import host  # noqa: E402  (the tests' in-process ComfyUI host)
 from lorax.training import FAMILIES, select_layers  # noqa: E402
 from lorax.transfer import DEFAULT_COPY_BELOW, DEFAULT_RANK, DEFAULT_THRESHOLD, TransferSettings  # noqa: E402
 
-TARGETS = ("finetune", "far", "distilled")
+TARGETS = ("finetune", "far", "distilled", "ssd")
 #: The pack's transfer modes an arm moves an adapter with (lorax.transfer.MODES); ``copy`` copies along the
 #: layer map, while the "copied" arms copy by name, as the stock loader does.
-BENCH_MODES = ("auto", "copy", "transport", "prolora_cross", "prolora")  # lorax: docs/fidelity.md, earlier runs
+BENCH_MODES = ("auto", "copy", "transport", "prolora_cross", "prolora", "lorax")
 KINDS = ("LoRA-X", "LoRA")
+#: The styles adapters are trained for: ``grey`` is a global intensity map, ``stripes`` a texture on the strokes.
+STYLE_NAMES = ("grey", "stripes")
 
 
-def arms_of(modes=BENCH_MODES, scaled: bool = True) -> tuple[str, ...]:
-    """Every arm of a run: none, then per adapter kind its GT, each mode, the strength-corrected copy, copied."""
+def adapter_label(kind: str, style_name: str) -> str:
+    """``LoRA-X`` / ``LoRA`` for the first style (the figures of earlier runs), ``LoRA/stripes`` etc. for others."""
+    return kind if style_name == STYLE_NAMES[0] else f"{kind}/{style_name}"
+
+
+def adapters_of(styles=STYLE_NAMES) -> list[tuple[str, str, str]]:
+    """(kind, style, label) of every adapter a run trains."""
+    return [(kind, st, adapter_label(kind, st)) for st in styles for kind in KINDS]
+
+
+def arms_of(modes=BENCH_MODES, scaled: bool = False, styles=STYLE_NAMES[:1]) -> tuple[str, ...]:
+    """Every arm of a run: none, then per adapter its GT, each mode, the strength-corrected copy, copied."""
     out = ["none"]
-    for kind in KINDS:
-        out += [f"{kind} GT", *(f"{kind} → {m}" for m in modes)]
-        out += [f"{kind} → copy ×‖W‖"] if scaled else []
-        out.append(f"{kind} copied")
+    for _, _, label in adapters_of(styles):
+        out += [f"{label} GT", *(f"{label} → {m}" for m in modes)]
+        out += [f"{label} → copy ×‖W‖"] if scaled else []
+        out.append(f"{label} copied")
     return tuple(out)
 
 
-ARMS = arms_of()
+def adapter_of(arm: str) -> str:
+    return arm.split(" ", 1)[0]
 
 
 def gt_of(arm: str) -> str:
-    return "LoRA-X GT" if arm.startswith("LoRA-X") else "LoRA GT"
+    return f"{adapter_of(arm)} GT"
+
+
+def style_of(arm: str) -> str:
+    label = adapter_of(arm)
+    return label.split("/", 1)[1] if "/" in label else STYLE_NAMES[0]
+
+
 WIDTH = 32
+#: Transformer blocks per attention stack on the second (64-wide) level, as SDXL stacks 2 and 10 on its lower
+#: levels: the SSD-1B-style student keeps one of them.
+DEPTH = 2
 
 
 @dataclass(frozen=True)
@@ -115,8 +140,10 @@ class Config:
     seeds: tuple[int, ...] = (0, 1, 2)
     targets: tuple[str, ...] = TARGETS
     batch_size: int = 32
-    base_steps: int = 400
+    base_steps: int = 600
     base_lr: float = 2e-3
+    base_polish_steps: int = 200              # then at a lower rate: base samples read at >= 0.95, not 0.88
+    base_polish_lr: float = 4e-4
     ft_steps: int = 100
     ft_lr: float = 1e-3
     far_steps: int = 250
@@ -134,17 +161,19 @@ class Config:
     n_eval: int = 64                          # held-out noisy inputs for the output distances
     sweep_thresholds: tuple[float, ...] = ()  # Φ̂ thresholds tried besides the shipped one (needs "lorax" in modes)
     modes: tuple[str, ...] = BENCH_MODES      # the pack's modes judged as arms
-    scaled: bool = True                       # the strength-corrected copy arm
-    copy_below: tuple[float, ...] = (0.1, 0.25)  # auto's bound tried besides the shipped one (judged where it differs)
+    scaled: bool = False                      # the strength-corrected copy arm (0.3.0's run: no measurable change)
+    copy_below: tuple[float, ...] = ()        # auto's bound tried besides the shipped one (0.3.0's run: 0.1, 0.25)
+    styles: tuple[str, ...] = STYLE_NAMES     # the adapters' styles
+    depth: int = DEPTH                        # transformer blocks per second-level stack (the ssd target needs 2)
 
     @property
     def arms(self) -> tuple[str, ...]:
-        return arms_of(self.modes, self.scaled)
+        return arms_of(self.modes, self.scaled, self.styles)
 
 
-QUICK = Config(seeds=(0,), targets=("finetune",), base_steps=300, ft_steps=30, adapter_steps=30, per_class=5,
-               sample_steps=12, n_eval=32, sweep_thresholds=(), modes=("auto", "prolora"), scaled=False,
-               copy_below=())
+QUICK = Config(seeds=(0,), targets=("finetune",), base_steps=300, base_polish_steps=0, ft_steps=30,
+               adapter_steps=30, per_class=5, sample_steps=12, n_eval=32, sweep_thresholds=(),
+               modes=("auto", "prolora"), scaled=False, copy_below=(), styles=("grey",), depth=1)
 
 
 # --------------------------------------------------------------------------------------
@@ -175,7 +204,7 @@ def slant(x: torch.Tensor) -> torch.Tensor:
 
 DOMAINS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
     "base": lambda x: x, "finetune": thick, "far": lambda x: thick(slant(x))}
-TARGET_DOMAIN = {"base": "base", "finetune": "finetune", "far": "far", "distilled": "base"}
+TARGET_DOMAIN = {"base": "base", "finetune": "finetune", "far": "far", "distilled": "base", "ssd": "base"}
 
 
 def style(x: torch.Tensor) -> torch.Tensor:
@@ -185,6 +214,17 @@ def style(x: torch.Tensor) -> torch.Tensor:
     samples no classifier could read (class accuracy ≈ chance), for LoRA-X and LoRA alike, so no arm could
     be compared on content."""
     return 0.75 * x + 0.25
+
+
+def stripes(x: torch.Tensor) -> torch.Tensor:
+    """The second style, a texture rather than a global map: on every other row the strokes are dimmed to 30 %
+    of their height over the background (the background and the even rows are untouched)."""
+    out = x.clone()
+    out[..., 1::2, :] = -1.0 + 0.3 * (x[..., 1::2, :] + 1.0)
+    return out
+
+
+STYLES: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {"grey": style, "stripes": stripes}
 
 
 @dataclass
@@ -226,35 +266,38 @@ class ClassEncoder:
 
 
 class Judges:
-    def __init__(self, data: Data, seed: int = 0):
+    def __init__(self, data: Data, seed: int = 0, styles: tuple[str, ...] = STYLE_NAMES):
+        self.styles = tuple(styles)
         from sklearn.linear_model import LogisticRegression
         from sklearn.neural_network import MLPClassifier
 
-        xs, ys, ss = [], [], []
-        for fn in DOMAINS.values():
-            for styled in (False, True):
-                x = fn(data.train_x)
-                xs.append(style(x) if styled else x)
-                ys.append(data.train_y)
-                ss.append(torch.full_like(data.train_y, int(styled)))
-        X = torch.cat(xs).reshape(-1, 64).numpy()
+        flat = lambda x: x.reshape(len(x), -1).numpy()  # noqa: E731
+        plain = [fn(data.train_x) for fn in DOMAINS.values()]
+        xs = [*plain, *(STYLES[st](x) for st in self.styles for x in plain)]
         self.classifier = MLPClassifier(hidden_layer_sizes=(128,), max_iter=300, random_state=seed).fit(
-            X, torch.cat(ys).numpy())
-        self.probe = LogisticRegression(max_iter=1000).fit(X, torch.cat(ss).numpy())
+            flat(torch.cat(xs)), data.train_y.repeat(len(xs)).numpy())
+        self.probes = {}  # one per style: plain or styled, every domain
+        for st in self.styles:
+            x = torch.cat([*plain, *(STYLES[st](p) for p in plain)])
+            s = torch.cat([torch.zeros(len(x) // 2), torch.ones(len(x) // 2)]).long()
+            self.probes[st] = LogisticRegression(max_iter=1000).fit(flat(x), s.numpy())
         self.held_out: dict[str, float] = {}
         for name, fn in DOMAINS.items():
-            for styled in (False, True):
+            for st in ("", *self.styles):
                 x = fn(data.test_x)
-                x = style(x) if styled else x
-                self.held_out[f"{name}{' styled' if styled else ''}"] = self.accuracy(x, data.test_y)
+                self.held_out[f"{name} {st}".strip()] = self.accuracy(STYLES[st](x) if st else x, data.test_y)
         xt = torch.cat([fn(data.test_x) for fn in DOMAINS.values()])
-        self.probe_held_out = 0.5 * (float(self.style_score(style(xt)) + 1 - self.style_score(xt)))
+        self.probe_accuracy = {st: 0.5 * (self.style_score(STYLES[st](xt), st) + 1 - self.style_score(xt, st))
+                               for st in self.styles}
+        self.probe_held_out = min(self.probe_accuracy.values())
 
     def accuracy(self, x: torch.Tensor, y: torch.Tensor) -> float:
         return float(self.classifier.score(x.clamp(-1, 1).reshape(len(x), -1).numpy(), y.numpy()))
 
-    def style_score(self, x: torch.Tensor) -> float:
-        return float(self.probe.predict_proba(x.clamp(-1, 1).reshape(len(x), -1).numpy())[:, 1].mean())
+    def style_score(self, x: torch.Tensor, style_name: str = STYLE_NAMES[0]) -> float:
+        """Mean P(styled) by that style's probe."""
+        probe = self.probes[style_name]
+        return float(probe.predict_proba(x.clamp(-1, 1).reshape(len(x), -1).numpy())[:, 1].mean())
 
 
 # --------------------------------------------------------------------------------------
@@ -284,11 +327,13 @@ def _model_classes():
     return _CLASSES
 
 
-def unet_config(res_blocks: int) -> dict:
+def unet_config(res_blocks: int, depth: int = DEPTH) -> dict:
+    """ComfyUI's UNet config: ``depth`` transformer blocks per stack on the second level (input stacks are
+    taken in order, output stacks from the end: SDXL's lists read the same way)."""
     return {"use_checkpoint": False, "image_size": 8, "use_spatial_transformer": True, "legacy": False,
             "adm_in_channels": None, "in_channels": 1, "out_channels": 1, "model_channels": WIDTH,
-            "num_res_blocks": [res_blocks] * 2, "transformer_depth": [1] * (2 * res_blocks),
-            "transformer_depth_output": [1] * (2 * (res_blocks + 1)), "channel_mult": [1, 2],
+            "num_res_blocks": [res_blocks] * 2, "transformer_depth": [1] * res_blocks + [depth] * res_blocks,
+            "transformer_depth_output": [1] * (res_blocks + 1) + [depth] * (res_blocks + 1), "channel_mult": [1, 2],
             "transformer_depth_middle": 1, "use_linear_in_transformer": False, "context_dim": 64,
             "use_temporal_resblock": False, "use_temporal_attention": False}
 
@@ -301,11 +346,11 @@ def _sdpa(func, *args, **kwargs):
     return attention_pytorch(*args, **kwargs)
 
 
-def make_model(sd: dict | None, res_blocks: int = 2):
+def make_model(sd: dict | None, res_blocks: int = 2, depth: int = DEPTH):
     """A ModelPatcher on the CPU over ComfyUI's BaseModel/UNetModel, loaded as comfy.sd loads a UNet."""
     import comfy.model_patcher
 
-    config = _model_classes()["config"](unet_config(res_blocks))
+    config = _model_classes()["config"](unet_config(res_blocks, depth))
     config.set_inference_dtype(torch.float32, None)
     model = config.get_model({}, "")
     if sd is not None:
@@ -316,9 +361,9 @@ def make_model(sd: dict | None, res_blocks: int = 2):
     return patcher
 
 
-def init_weights(res_blocks: int, seed: int) -> dict:
+def init_weights(res_blocks: int, seed: int, depth: int = DEPTH) -> dict:
     """PyTorch's default init (U(±1/√fan_in)), norms 1/0, biases 0, and ldm's zero-initialised output layers."""
-    shapes = {k: v.shape for k, v in make_model(None, res_blocks).model.diffusion_model.state_dict().items()}
+    shapes = {k: v.shape for k, v in make_model(None, res_blocks, depth).model.diffusion_model.state_dict().items()}
     g = torch.Generator().manual_seed(seed)
     out = {}
     for k, shape in shapes.items():
@@ -347,9 +392,9 @@ def student_key_map() -> dict[str, str]:
             "output_blocks.2.": "output_blocks.3.", "output_blocks.3.": "output_blocks.5."}
 
 
-def student_init(teacher_sd: dict, seed: int) -> tuple[dict, int, int]:
+def student_init(teacher_sd: dict, seed: int, depth: int = DEPTH) -> tuple[dict, int, int]:
     """The student's initial weights: the teacher's where a kept block has the same shape; fresh otherwise."""
-    fresh = init_weights(1, seed)
+    fresh = init_weights(1, seed, depth)
     blocks = student_key_map()
     out, copied = {}, 0
     for k, w in fresh.items():
@@ -364,6 +409,41 @@ def student_init(teacher_sd: dict, seed: int) -> tuple[dict, int, int]:
         else:
             out[k] = w
     return out, copied, len(fresh)
+
+
+#: The second-level stacks of the base (input_blocks 4, 5; output_blocks 0-2), each ``DEPTH`` blocks deep.
+_LEVEL2_STACK = re.compile(r"^((?:input_blocks\.[45]|output_blocks\.[012])\.1\.transformer_blocks\.)0\.")
+
+
+def ssd_init(teacher_sd: dict, seed: int) -> tuple[dict, int, int]:
+    """The SSD-1B-style student: every block kept, the second level's stacks cut from two transformer blocks to
+    one, and the one kept is the teacher's *second* (so it is named ``transformer_blocks.0`` in the student:
+    by name, the stock loader puts the teacher's block-0 deltas on it and has no place for the block-1 ones)."""
+    fresh = init_weights(2, seed, depth=1)
+    out, copied = {}, 0
+    for k, w in fresh.items():
+        src = _LEVEL2_STACK.sub(lambda m: m.group(1) + f"{DEPTH - 1}.", k)
+        tw = teacher_sd.get(src)
+        if tw is not None and tw.shape == w.shape:
+            out[k], copied = tw.clone(), copied + 1
+        else:
+            out[k] = w
+    return out, copied, len(fresh)
+
+
+def built_from(target: str, key: str) -> str:
+    """The base layer a target's layer was initialised from (its own name on the fine-tunes): what a right
+    layer map pairs it with."""
+    prefix = "diffusion_model."
+    inner = key[len(prefix):] if key.startswith(prefix) else key
+    if target == "ssd":
+        inner = _LEVEL2_STACK.sub(lambda m: m.group(1) + f"{DEPTH - 1}.", inner)
+    elif target == "distilled":
+        for s, t in student_key_map().items():
+            if inner.startswith(s):
+                inner = t + inner[len(s):]
+                break
+    return (prefix if key.startswith(prefix) else "") + inner
 
 
 class FullWeight(torch.nn.Module):
@@ -426,36 +506,49 @@ class Lab:
 
     def build_models(self) -> None:
         cfg, d, s = self.cfg, self.data, self.seed * 100
-        base = make_model(init_weights(2, self.seed))
+        if "ssd" in cfg.targets and cfg.depth != DEPTH:
+            raise ValueError(f"the ssd target cuts stacks of {DEPTH} transformer blocks; this run has depth {cfg.depth}")
+        base = make_model(init_weights(2, self.seed, cfg.depth), depth=cfg.depth)
         sd, self.losses["base"] = self._timed("base", self.train_full, base, d.train_x, d.train_y,
                                               steps=cfg.base_steps, lr=cfg.base_lr, seed=s + 1)
-        self.models["base"] = make_model(sd)
+        if cfg.base_polish_steps:
+            sd, polish = self._timed("base polish", self.train_full, make_model(sd, depth=cfg.depth), d.train_x, d.train_y,
+                                     steps=cfg.base_polish_steps, lr=cfg.base_polish_lr, seed=s + 5)
+            self.losses["base"] = self.losses["base"] + polish
+        self.models["base"] = make_model(sd, depth=cfg.depth)
         base_sd = sd
         if "finetune" in cfg.targets:
             sd, self.losses["finetune"] = self._timed(
                 "finetune", self.train_full, self.models["base"], thick(d.train_x), d.train_y,
                 steps=cfg.ft_steps, lr=cfg.ft_lr, seed=s + 2)
-            self.models["finetune"] = make_model(sd)
+            self.models["finetune"] = make_model(sd, depth=cfg.depth)
         if "far" in cfg.targets:
             sd, self.losses["far"] = self._timed(
                 "far", self.train_full, self.models["base"], DOMAINS["far"](d.train_x), d.train_y,
                 steps=cfg.far_steps, lr=cfg.far_lr, seed=s + 3)
-            self.models["far"] = make_model(sd)
+            self.models["far"] = make_model(sd, depth=cfg.depth)
         if "distilled" in cfg.targets:
-            init, copied, total = student_init(base_sd, self.seed + 50)
+            init, copied, total = student_init(base_sd, self.seed + 50, cfg.depth)
             self.student_copied = (copied, total)
-            student = make_model(init, res_blocks=1)
+            student = make_model(init, res_blocks=1, depth=cfg.depth)
             sd, self.losses["distilled"] = self._timed(
                 "distilled", self.train_full, student, d.train_x, d.train_y, steps=cfg.distill_steps,
                 lr=cfg.distill_lr, seed=s + 4, teacher=self.models["base"])
-            self.models["distilled"] = make_model(sd, res_blocks=1)
+            self.models["distilled"] = make_model(sd, res_blocks=1, depth=cfg.depth)
+        if "ssd" in cfg.targets:
+            init, copied, total = ssd_init(base_sd, self.seed + 60)
+            self.ssd_copied = (copied, total)
+            sd, self.losses["ssd"] = self._timed(
+                "ssd", self.train_full, make_model(init, depth=1), d.train_x, d.train_y, steps=cfg.distill_steps,
+                lr=cfg.distill_lr, seed=s + 6, teacher=self.models["base"])
+            self.models["ssd"] = make_model(sd, depth=1)
 
     # -- adapters --------------------------------------------------------------------------------------
-    def style_set(self):
-        return style(self.data.train_x), self.data.train_y
+    def style_set(self, style_name: str):
+        return STYLES[style_name](self.data.train_x), self.data.train_y
 
-    def train_lorax(self, name: str, seed: int):
-        x, y = self.style_set()
+    def train_lorax(self, name: str, seed: int, style_name: str = STYLE_NAMES[0]):
+        x, y = self.style_set(style_name)
         cfg = self.cfg
         _, handle, losses, _ = self.train_node.train_lorax(
             self.models[name], {"samples": x}, self.enc.per_latent(y), batch_size=cfg.batch_size,
@@ -464,10 +557,10 @@ class Lab:
         self.host.unload_all()
         return handle, losses
 
-    def train_lora(self, name: str, seed: int):
+    def train_lora(self, name: str, seed: int, style_name: str = STYLE_NAMES[0]):
         from comfy.weight_adapter import LoRAAdapter
 
-        x, y = self.style_set()
+        x, y = self.style_set(style_name)
         cfg, bridge, model = self.cfg, self.bridge, self.models[name]
         w = bridge.PatcherWeights(model)
         names = bridge.kohya_names(bridge.unet_key_map(model), internal=True)
@@ -510,13 +603,16 @@ class Lab:
         for l in rows:
             if l.how:
                 hows[l.how] = hows.get(l.how, 0) + 1
+        paired = [l for l in rows if l.delta is not None]
         info = {"moved": len(th.result.deltas), "layers": len(rows), "moved_keys": sorted(th.result.deltas),
+                "paired_as_built": sum(l.key == built_from(name, l.target) for l in paired),
                 "phi_hat_median": round(statistics.median(phis), 3) if phis else None,
                 "phi_hat_min": round(min(phis), 3) if phis else None, "how": hows,
                 "copied": hows.get("copied", 0), "copied_keys": sorted(l.target for l in rows if l.how == "copied"),
                 "change_median": round(statistics.median(changes), 4) if changes else None,
                 "change_range": [round(min(changes), 4), round(max(changes), 4)] if changes else None}
         deltas = th.result.deltas
+        info["_deltas"] = deltas
         if scale_by_norm:  # a per-layer strength correction: the delta scaled as the target weight is
             ws, wt = self.bridge.PatcherWeights(self.models["base"]), self.bridge.PatcherWeights(self.models[name])
             deltas = {l.target: l.delta.scaled(float(wt.weight(l.target).float().norm() /
@@ -568,14 +664,29 @@ class Lab:
     def judge(self, name: str, patcher, domain: str) -> dict[str, Any]:
         x, y = self.sample(patcher)
         # Content is judged against the class drawn; the classifier knows every domain, styled or not.
-        out = {"acc": self.judges.accuracy(x, y), "style": self.judges.style_score(x),
-               "eps": self.predict_eps(patcher), "samples": x}
-        return out
+        styles = {st: self.judges.style_score(x, st) for st in self.cfg.styles}
+        return {"acc": self.judges.accuracy(x, y), "style": styles[STYLE_NAMES[0]], "styles": styles,
+                "eps": self.predict_eps(patcher), "samples": x}
 
 
 def cosine(a: torch.Tensor, b: torch.Tensor) -> float:
     a, b = a.flatten(), b.flatten()
     return float(a @ b / (a.norm() * b.norm()).clamp_min(1e-300))
+
+
+def same_deltas(a: dict, b: dict, rel: float = 1e-9) -> bool:
+    """True where two transfers patch the same layers with the same deltas (to ``rel`` of their norms): such
+    arms are judged once (``auto`` copying every layer is ``copy``; on LoRA-X ``prolora`` is ``lorax``)."""
+    if a.keys() != b.keys():
+        return False
+    for k, da in a.items():
+        db = b[k]
+        if tuple(da.shape) != tuple(db.shape):
+            return False
+        aa, bb = da.inner(da), db.inner(db)
+        if aa + bb - 2 * da.inner(db) > rel ** 2 * max(aa, bb, 1e-300):
+            return False
+    return True
 
 
 def run_seed(comfy_host, seed: int, cfg: Config, data: Data, enc: ClassEncoder, judges: Judges,
@@ -584,88 +695,101 @@ def run_seed(comfy_host, seed: int, cfg: Config, data: Data, enc: ClassEncoder, 
     lab = Lab(comfy_host, seed, cfg, data, enc, judges, log)
     lab.build_models()
     log(f"  seed {seed}: models trained ({', '.join(f'{k} {v:.0f} s' for k, v in lab.seconds.items())})")
-    res: dict[str, Any] = {"seed": seed, "loss": {}, "models": {}, "targets": {}, "layers": {}, "samples": {}}
+    res: dict[str, Any] = {"seed": seed, "loss": {}, "models": {}, "targets": {}, "layers": {}, "samples": {},
+                           "reused": {}}
     for k, v in lab.losses.items():
         n = max(1, min(20, len(v) // 5))
         res["loss"][k] = {"first": float(np.mean(v[:n])), "last": float(np.mean(v[-n:]))}
-    if hasattr(lab, "student_copied"):
-        res["student_copied"] = lab.student_copied
+    for attr in ("student_copied", "ssd_copied"):
+        if hasattr(lab, attr):
+            res[attr] = getattr(lab, attr)
     # Every model on its own: class accuracy and style of its samples.
     none = {}
     for name in ["base", *cfg.targets]:
         j = lab.judge(name, lab.models[name], TARGET_DOMAIN[name])
         none[name] = j
-        res["models"][name] = {"acc": j["acc"], "style": j["style"]}
+        res["models"][name] = {"acc": j["acc"], "style": j["style"], "styles": j["styles"]}
         res["samples"][(name, "none")] = j["samples"]
         if name != "base":
             res["models"][name]["distance"] = float((j["eps"] - none["base"]["eps"]).norm() /
                                                     none["base"]["eps"].norm())
+    adapters = adapters_of(cfg.styles)
+    trainer = {"LoRA-X": lab.train_lorax, "LoRA": lab.train_lora}
     # Adapters on the base.
-    src_lx, l1 = lab._timed("LoRA-X on base", lab.train_lorax, "base", seed * 1000 + 1)
-    src_lr, l2 = lab._timed("LoRA on base", lab.train_lora, "base", seed * 1000 + 2)
-    res["loss"]["LoRA-X on base"] = {"first": float(np.mean(l1[:10])), "last": float(np.mean(l1[-10:]))}
-    res["loss"]["LoRA on base"] = {"first": float(np.mean(l2[:10])), "last": float(np.mean(l2[-10:]))}
-    on_base = {}
-    for arm, h in (("LoRA-X GT", src_lx), ("LoRA GT", src_lr)):
-        j = lab.judge("base", lab.patched(h, "base"), "base")
-        on_base[arm] = {"acc": j["acc"], "style": j["style"]}
-        res["samples"][("base", arm)] = j["samples"]
+    src, on_base = {}, {}
+    for i, (kind, st, label) in enumerate(adapters):
+        src[label], losses = lab._timed(f"{label} on base", trainer[kind], "base", seed * 1000 + 1 + 100 * i, st)
+        res["loss"][f"{label} on base"] = {"first": float(np.mean(losses[:10])), "last": float(np.mean(losses[-10:]))}
+        j = lab.judge("base", lab.patched(src[label], "base"), "base")
+        on_base[f"{label} GT"] = {"acc": j["acc"], "style": j["styles"][st]}
+        res["samples"][("base", f"{label} GT")] = j["samples"]
     res["targets"]["base"] = on_base
     for ti, name in enumerate(cfg.targets):
-        gt_lx, _ = lab._timed(f"LoRA-X GT on {name}", lab.train_lorax, name, seed * 1000 + 10 + 2 * ti)
-        gt_lr, _ = lab._timed(f"LoRA GT on {name}", lab.train_lora, name, seed * 1000 + 11 + 2 * ti)
         arms: dict[str, dict] = {"none": dict(res["models"][name])}
         eps_none = none[name]["eps"]
         judged: dict[str, dict] = {}
         layers = {}
-        for kind, src, gt in (("LoRA-X", src_lx, gt_lx), ("LoRA", src_lr, gt_lr)):
-            judged[f"{kind} GT"] = lab.judge(name, lab.patched(gt, name), TARGET_DOMAIN[name])
+        for i, (kind, st, label) in enumerate(adapters):
+            gt, _ = lab._timed(f"{label} GT on {name}", trainer[kind], name, seed * 1000 + 10 + 2 * ti + 100 * i, st)
+            judged[f"{label} GT"] = lab.judge(name, lab.patched(gt, name), TARGET_DOMAIN[name])
+            done: list[tuple[str, dict]] = []  # (arm, deltas) judged so far for this adapter
             for mode in cfg.modes:
-                patched, info = lab.transferred(src, name, mode)
-                judged[f"{kind} → {mode}"] = lab.judge(name, patched, TARGET_DOMAIN[name])
-                layers[f"{kind} → {mode}"] = info
+                arm = f"{label} → {mode}"
+                patched, info = lab.transferred(src[label], name, mode)
+                deltas = info.pop("_deltas")
+                twin = next((a for a, d in done if same_deltas(d, deltas)), None)
+                if twin is None:
+                    judged[arm] = lab.judge(name, patched, TARGET_DOMAIN[name])
+                    done.append((arm, deltas))
+                else:
+                    judged[arm] = judged[twin]
+                    res["reused"].setdefault(name, {})[arm] = twin
+                layers[arm] = info
             if cfg.scaled:
-                patched, info = lab.transferred(src, name, "copy", scale_by_norm=True)
-                judged[f"{kind} → copy ×‖W‖"] = lab.judge(name, patched, TARGET_DOMAIN[name])
-                layers[f"{kind} → copy ×‖W‖"] = info
-            patched, info = lab.copied(src, name)
-            judged[f"{kind} copied"] = lab.judge(name, patched, TARGET_DOMAIN[name])
-            layers[f"{kind} copied"] = info
+                patched, info = lab.transferred(src[label], name, "copy", scale_by_norm=True)
+                info.pop("_deltas")
+                judged[f"{label} → copy ×‖W‖"] = lab.judge(name, patched, TARGET_DOMAIN[name])
+                layers[f"{label} → copy ×‖W‖"] = info
+            patched, info = lab.copied(src[label], name)
+            judged[f"{label} copied"] = lab.judge(name, patched, TARGET_DOMAIN[name])
+            layers[f"{label} copied"] = info
         for arm, j in judged.items():
             gt = judged[gt_of(arm)]
-            arms[arm] = {"acc": j["acc"], "style": j["style"],
+            arms[arm] = {"acc": j["acc"], "style": j["styles"][style_of(arm)],
                          "cos": None if j is gt else cosine(j["eps"] - eps_none, gt["eps"] - eps_none)}
             res["samples"][(name, arm)] = j["samples"]
         # Φ̂ threshold: arms re-judged only where another threshold moves another set of layers.
         sweep: dict[str, dict] = {}
-        for kind, src in (("LoRA-X", src_lx), ("LoRA", src_lr)):
+        for kind, st, label in adapters:
             if "lorax" not in cfg.modes:
                 break
-            shipped_keys = layers[f"{kind} → lorax"]["moved_keys"]
+            shipped_keys = layers[f"{label} → lorax"]["moved_keys"]
             for t in cfg.sweep_thresholds:
-                patched, info = lab.transferred(src, name, "lorax", threshold=t)
+                patched, info = lab.transferred(src[label], name, "lorax", threshold=t)
+                info.pop("_deltas")
                 entry = {"moved": info["moved"]}
                 if info["moved_keys"] == shipped_keys:
-                    entry.update(acc=arms[f"{kind} → lorax"]["acc"], style=arms[f"{kind} → lorax"]["style"])
+                    entry.update(acc=arms[f"{label} → lorax"]["acc"], style=arms[f"{label} → lorax"]["style"])
                 elif info["moved"] == 0:
-                    entry.update(acc=arms["none"]["acc"], style=arms["none"]["style"])
+                    entry.update(acc=arms["none"]["acc"], style=arms["none"]["styles"][st])
                 else:
                     j = lab.judge(name, patched, TARGET_DOMAIN[name])
-                    entry.update(acc=j["acc"], style=j["style"])
-                sweep[f"{kind} {t}"] = entry
+                    entry.update(acc=j["acc"], style=j["styles"][st])
+                sweep[f"{label} {t}"] = entry
         # auto's bound: re-judged only where another bound copies another set of layers.
-        for kind, src in (("LoRA-X", src_lx), ("LoRA", src_lr)):
+        for kind, st, label in adapters:
             if "auto" not in cfg.modes:
                 break
-            shipped = layers[f"{kind} → auto"]
+            shipped = layers[f"{label} → auto"]
             for bound in cfg.copy_below:
-                patched, info = lab.transferred(src, name, "auto", copy_below=bound)
+                patched, info = lab.transferred(src[label], name, "auto", copy_below=bound)
+                info.pop("_deltas")
                 entry = {"copied": info["copied"], "moved": info["moved"]}
                 same = info["copied_keys"] == shipped["copied_keys"]
                 j = None if same else lab.judge(name, patched, TARGET_DOMAIN[name])
-                base_arm = arms[f"{kind} → auto"] if same else {"acc": j["acc"], "style": j["style"]}
+                base_arm = arms[f"{label} → auto"] if same else {"acc": j["acc"], "style": j["styles"][st]}
                 entry.update(acc=base_arm["acc"], style=base_arm["style"])
-                sweep[f"{kind} auto {bound}"] = entry
+                sweep[f"{label} auto {bound}"] = entry
         for info in layers.values():
             info.pop("moved_keys", None)
             info.pop("copied_keys", None)
@@ -686,9 +810,16 @@ def run_seed(comfy_host, seed: int, cfg: Config, data: Data, enc: ClassEncoder, 
 # --------------------------------------------------------------------------------------
 
 
-def kept(arm: dict, gt: dict, none: dict) -> float | None:
-    gain = gt["style"] - none["style"]
-    return (arm["style"] - none["style"]) / gain if gain > 0.05 else None
+def kept(arm: dict, gt: dict, none: dict, style_name: str = STYLE_NAMES[0]) -> float | None:
+    """The share of the GT's gain in its style's probe score over the bare target that an arm keeps."""
+    base = none.get("styles", {}).get(style_name, none["style"])
+    gain = gt["style"] - base
+    return (arm["style"] - base) / gain if gain > 0.05 else None
+
+
+def kept_of(run: dict, target: str, arm: str, entry: dict | None = None) -> float | None:
+    arms = run["targets"][target]
+    return kept(entry or arms[arm], arms[gt_of(arm)], arms["none"], style_of(arm))
 
 
 def mean_sd(values) -> tuple[float, float, int]:
@@ -709,8 +840,8 @@ def print_report(runs: list[dict], cfg: Config, judges_info: dict, out=print) ->
     n = len(runs)
     out(f"\nTrained models, {n} seed{'s' if n > 1 else ''} {[r['seed'] for r in runs]} (mean ± sd).")
     out(f"Judges on held-out real images: classifier accuracy " + ", ".join(
-        f"{k} {v:.3f}" for k, v in judges_info["classifier"].items()) +
-        f"; style probe accuracy {judges_info['probe']:.3f}")
+        f"{k} {v:.3f}" for k, v in judges_info["classifier"].items()) + "; style probe accuracy " +
+        ", ".join(f"{k} {v:.3f}" for k, v in judges_info.get("probes", {"grey": judges_info["probe"]}).items()))
     out("\nModels on their own (samples drawn with KSampler; class accuracy by the classifier; style = "
         "P(styled)); training loss first → last; output distance from the base on held-out inputs:")
     for name in ["base", *cfg.targets]:
@@ -722,22 +853,28 @@ def print_report(runs: list[dict], cfg: Config, judges_info: dict, out=print) ->
     b = [r["targets"]["base"] for r in runs]
     out("  adapters on the base: " + ", ".join(
         f"{arm} acc {fmt([x[arm]['acc'] for x in b])} style {fmt([x[arm]['style'] for x in b])}"
-        for arm in ("LoRA-X GT", "LoRA GT")))
+        for arm in (f"{label} GT" for _, _, label in adapters_of(cfg.styles))))
+    for attr, what in (("student_copied", "BK-SDM student"), ("ssd_copied", "SSD-1B-style student")):
+        if attr in runs[0]:
+            out(f"  {what}: {runs[0][attr][0]} of {runs[0][attr][1]} tensors initialised from the base (seed "
+                f"{runs[0]['seed']})")
     out("\nArms (kept = share of the GT's style gain over the bare target; cos = output change vs the GT's on "
         "held-out noisy inputs):")
-    out(f"  {'target':<10} {'arm':<18} {'class acc':>12} {'style':>12} {'kept':>12} {'cos vs GT':>12}  layers")
+    out(f"  {'target':<10} {'arm':<24} {'class acc':>12} {'style':>12} {'kept':>12} {'cos vs GT':>12}  layers")
     arm_list = cfg.arms
     for name in cfg.targets:
         for arm in arm_list:
             per = [r["targets"][name][arm] for r in runs]
-            ks = [kept(r["targets"][name][arm], r["targets"][name][gt_of(arm)], r["targets"][name]["none"])
-                  for r in runs] if arm != "none" else []
+            ks = [kept_of(r, name, arm) for r in runs] if arm != "none" else []
             lay = runs[0]["layers"][name].get(arm)
-            lay_s = f"{lay['moved']}/{lay['layers']}" + (f" Φ̂ med {lay['phi_hat_median']}" if lay.get(
+            lay_s = f"{lay['moved']}/{lay['layers']}" + (f" ({lay['paired_as_built']} paired as built)" if lay.get(
+                "paired_as_built") is not None and name in ("distilled", "ssd") else "") + (f" Φ̂ med {lay['phi_hat_median']}" if lay.get(
                 "phi_hat_median") is not None else "") + (f", {lay['copied']} copied" if lay.get("copied") else
                                                           "") + (f", ΔW med {lay['change_median']}" if lay.get(
                 "change_median") is not None else "") if lay else ""
-            out(f"  {name:<10} {arm:<18} {fmt([p['acc'] for p in per]):>12} {fmt([p['style'] for p in per]):>12} "
+            twin = runs[0].get("reused", {}).get(name, {}).get(arm)
+            lay_s += f" (the same deltas as {twin}: judged once)" if twin else ""
+            out(f"  {name:<10} {arm:<24} {fmt([p['acc'] for p in per]):>12} {fmt([p['style'] for p in per]):>12} "
                 f"{fmt(ks):>12} {fmt([p.get('cos') for p in per]):>12}  {lay_s}")
 
 
@@ -751,12 +888,12 @@ def _print_threshold_sweep(runs: list[dict], cfg: Config, out=print) -> None:
     out(f"\nΦ̂ threshold (mode lorax; shipped {cfg.threshold}): style / class acc / kept, layers moved (seed "
         f"{runs[0]['seed']})")
     for name in cfg.targets:
-        for kind in ("LoRA-X", "LoRA"):
+        for _, _, kind in adapters_of(cfg.styles):
             cells = []
             for t in (cfg.threshold, *cfg.sweep_thresholds):
                 per = [r["targets"][name][f"{kind} → lorax"] if t == cfg.threshold else
                        r["threshold_sweep"][name][f"{kind} {t}"] for r in runs]
-                ks = [kept(p, r["targets"][name][f"{kind} GT"], r["targets"][name]["none"]) for p, r in zip(per, runs)]
+                ks = [kept_of(r, name, f"{kind} → lorax", p) for p, r in zip(per, runs)]
                 moved = (runs[0]["layers"][name][f"{kind} → lorax"]["moved"] if t == cfg.threshold
                          else runs[0]["threshold_sweep"][name][f"{kind} {t}"]["moved"])
                 cells.append(f"{t}: {fmt([p['style'] for p in per])} / {fmt([p['acc'] for p in per])} / "
@@ -770,12 +907,12 @@ def _print_bound_sweep(runs: list[dict], cfg: Config, out=print) -> None:
     out(f"\nauto's bound (copy where the weight moved ≤ bound; shipped {DEFAULT_COPY_BELOW}): style / class acc / "
         f"kept (layers copied, seed {runs[0]['seed']})")
     for name in cfg.targets:
-        for kind in ("LoRA-X", "LoRA"):
+        for _, _, kind in adapters_of(cfg.styles):
             cells = []
             for bound in sorted((DEFAULT_COPY_BELOW, *cfg.copy_below)):
                 per = [r["targets"][name][f"{kind} → auto"] if bound == DEFAULT_COPY_BELOW else
                        r["threshold_sweep"][name][f"{kind} auto {bound}"] for r in runs]
-                ks = [kept(p, r["targets"][name][f"{kind} GT"], r["targets"][name]["none"]) for p, r in zip(per, runs)]
+                ks = [kept_of(r, name, f"{kind} → auto", p) for p, r in zip(per, runs)]
                 copied = (runs[0]["layers"][name][f"{kind} → auto"]["copied"] if bound == DEFAULT_COPY_BELOW
                           else runs[0]["threshold_sweep"][name][f"{kind} auto {bound}"]["copied"])
                 cells.append(f"{bound}: {fmt([p['style'] for p in per])} / {fmt([p['acc'] for p in per])} / "
@@ -795,11 +932,13 @@ def save_grid(run: dict, cfg: Config, path: str, data: Data | None = None) -> No
         for dom in ("base", *[t for t in cfg.targets if t in DOMAINS]):
             samples[("real", dom)] = DOMAINS[dom](spread)
             rows.append(("real", dom))
-        samples[("real", "base styled")] = style(spread)
-        rows.append(("real", "base styled"))
-    rows += [("base", "none"), ("base", "LoRA-X GT"), ("base", "LoRA GT")]
-    rows += [(t, a) for t in cfg.targets for a in cfg.arms]
-    scale, label_w = 4, 190
+        for st in cfg.styles:
+            samples[("real", f"base {st}")] = STYLES[st](spread)
+            rows.append(("real", f"base {st}"))
+    rows += [("base", "none"), *(("base", f"{label} GT") for _, _, label in adapters_of(cfg.styles))]
+    shown = ("GT", "→ auto", "→ transport", "→ prolora", "copied")  # the grid's arms; the tables have them all
+    rows += [(t, a) for t in cfg.targets for a in cfg.arms if a == "none" or a.split(" ", 1)[1] in shown]
+    scale, label_w = 4, 270
     cell = 8 * scale + 2
     img = Image.new("L", (label_w + 10 * cell, len(rows) * cell), 255)
     draw = ImageDraw.Draw(img)
@@ -830,11 +969,12 @@ def run(cfg: Config, log: Callable[[str], None] = print, comfy_host=None) -> tup
     bars, comfy.utils.PROGRESS_BAR_ENABLED = comfy.utils.PROGRESS_BAR_ENABLED, False
     t0 = time.perf_counter()
     data, enc = load_data(), ClassEncoder()
-    judges = Judges(data)
-    info = {"classifier": judges.held_out, "probe": judges.probe_held_out,
+    judges = Judges(data, styles=cfg.styles)
+    info = {"classifier": judges.held_out, "probe": judges.probe_held_out, "probes": judges.probe_accuracy,
             "seconds": round(time.perf_counter() - t0, 1)}
     log(f"judges trained in {info['seconds']} s: classifier on held-out images " +
-        ", ".join(f"{k} {v:.3f}" for k, v in judges.held_out.items()) + f"; style probe {judges.probe_held_out:.3f}")
+        ", ".join(f"{k} {v:.3f}" for k, v in judges.held_out.items()) + "; style probes " +
+        ", ".join(f"{k} {v:.3f}" for k, v in judges.probe_accuracy.items()))
     runs = []
     try:
         for seed in cfg.seeds:
@@ -847,6 +987,44 @@ def run(cfg: Config, log: Callable[[str], None] = print, comfy_host=None) -> tup
     return runs, info
 
 
+def run_in_processes(args, cfg: Config) -> tuple[list[dict], dict, float]:
+    """Each seed in a child process of this script (``--seeds s --json …``), ``--jobs`` at a time; the seeds are
+    independent (every model, adapter and judge is made from the seed), so the figures are those of one process."""
+    import tempfile
+
+    tmp = Path(tempfile.mkdtemp(prefix="trained_fidelity_"))
+    pending, running, results = list(cfg.seeds), [], {}
+    common = ["--threads", str(args.threads)] + (["--quick"] if args.quick else []) + (
+        ["--targets", args.targets] if args.targets else []) + (["--verbose"] if args.verbose else [])
+    while pending or running:
+        while pending and len(running) < args.jobs:
+            seed = pending.pop(0)
+            extra = ["--grid", args.grid] if args.grid and seed == cfg.seeds[0] else []
+            extra += ["--samples", f"{args.samples}.seed{seed}.pt"] if args.samples else []
+            cmd = [sys.executable, str(Path(__file__).resolve()), "--seeds", str(seed), "--json",
+                   str(tmp / f"{seed}.json"), *common, *extra]
+            log = open(tmp / f"{seed}.log", "w")
+            running.append((seed, subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT), log))
+            print(f"seed {seed}: started (log {tmp / f'{seed}.log'})", flush=True)
+        time.sleep(2)
+        for item in list(running):
+            seed, proc, log = item
+            if proc.poll() is None:
+                continue
+            running.remove(item)
+            log.close()
+            if proc.returncode != 0:
+                raise SystemExit(f"seed {seed} failed (exit {proc.returncode}); see {tmp / f'{seed}.log'}")
+            results[seed] = json.loads((tmp / f"{seed}.json").read_text())
+            print(f"seed {seed}: {results[seed]['runs'][0]['seconds']:.0f} s (load average {load_average()})",
+                  flush=True)
+    import resource
+
+    cpu = resource.getrusage(resource.RUSAGE_CHILDREN)
+    runs = [results[s]["runs"][0] for s in cfg.seeds]
+    return runs, results[cfg.seeds[0]]["judges"], cpu.ru_utime + cpu.ru_stime
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="one seed, base + fine-tune, small budget")
@@ -856,6 +1034,8 @@ def main(argv=None) -> int:
     ap.add_argument("--json", type=str, help="write every figure to this file")
     ap.add_argument("--grid", type=str, help="write a grid of samples (first seed) to this PNG")
     ap.add_argument("--samples", type=str, help="save every arm's samples (torch.save) to this file")
+    ap.add_argument("--jobs", type=int, default=1,
+                    help="run up to this many seeds at once, each in its own process (one torch thread each)")
     ap.add_argument("--verbose", action="store_true")
     args = ap.parse_args(argv)
     if not args.verbose:
@@ -867,16 +1047,22 @@ def main(argv=None) -> int:
     if args.targets:
         cfg = replace(cfg, targets=tuple(t.strip() for t in args.targets.split(",")))
     t0, cpu0 = time.perf_counter(), time.process_time()
-    print(f"trained-model fidelity: seeds {list(cfg.seeds)}, targets {list(cfg.targets)}, torch threads "
-          f"{torch.get_num_threads()}, load average {load_average()}")
-    runs, info = run(cfg)
+    print(f"trained-model fidelity: seeds {list(cfg.seeds)}, targets {list(cfg.targets)}, styles "
+          f"{list(cfg.styles)}, torch threads {torch.get_num_threads()}, jobs {args.jobs}, load average "
+          f"{load_average()}", flush=True)
+    if args.jobs > 1 and len(cfg.seeds) > 1:
+        runs, info, cpu_children = run_in_processes(args, cfg)
+        cpu0 -= cpu_children
+    else:
+        runs, info = run(cfg)
     print_report(runs, cfg, info)
     print_sweep(runs, cfg)
     wall, cpu = time.perf_counter() - t0, time.process_time() - cpu0
     print(f"\ntotal {wall:.0f} s wall, {cpu:.0f} s CPU; load average at the end {load_average()}")
-    if args.grid:
+    in_processes = "data" not in info  # the children wrote the grid and the samples
+    if args.grid and not in_processes:
         save_grid(runs[0], cfg, args.grid, info["data"])
-    if args.samples:
+    if args.samples and not in_processes:
         torch.save([{"seed": r["seed"], "samples": r["samples"]} for r in runs], args.samples)
     if args.json:
         slim = [{k: v for k, v in r.items() if k != "samples"} for r in runs]
