@@ -976,7 +976,9 @@ def load_average() -> str:
         return "n/a"
 
 
-def run(cfg: Config, log: Callable[[str], None] = print, comfy_host=None) -> tuple[list[dict], dict]:
+def run(cfg: Config, log: Callable[[str], None] = print, comfy_host=None,
+        judges: Judges | None = None) -> tuple[list[dict], dict]:
+    """Every seed of ``cfg`` in this process; ``judges`` trained here unless given (they do not depend on the seed)."""
     comfy_host = comfy_host or host.get_comfy_host()
     import comfy.utils
 
@@ -984,10 +986,10 @@ def run(cfg: Config, log: Callable[[str], None] = print, comfy_host=None) -> tup
     bars, comfy.utils.PROGRESS_BAR_ENABLED = comfy.utils.PROGRESS_BAR_ENABLED, False
     t0 = time.perf_counter()
     data, enc = load_data(), ClassEncoder()
-    judges = Judges(data, styles=cfg.styles)
+    judges = judges or Judges(data, styles=cfg.styles)
     info = {"classifier": judges.held_out, "probe": judges.probe_held_out, "probes": judges.probe_accuracy,
             "seconds": round(time.perf_counter() - t0, 1)}
-    log(f"judges trained in {info['seconds']} s: classifier on held-out images " +
+    log(f"judges ready in {info['seconds']} s: classifier on held-out images " +
         ", ".join(f"{k} {v:.3f}" for k, v in judges.held_out.items()) + "; style probes " +
         ", ".join(f"{k} {v:.3f}" for k, v in judges.probe_accuracy.items()))
     runs = []
@@ -1007,9 +1009,16 @@ def run_in_processes(args, cfg: Config) -> tuple[list[dict], dict, float]:
     independent (every model, adapter and judge is made from the seed), so the figures are those of one process."""
     import tempfile
 
+    import pickle
+
     tmp = Path(tempfile.mkdtemp(prefix="trained_fidelity_"))
+    t0 = time.perf_counter()
+    judges = Judges(load_data(), styles=cfg.styles)  # once, not once a child: they depend on the data alone
+    (tmp / "judges.pkl").write_bytes(pickle.dumps(judges))
+    print(f"judges trained in {time.perf_counter() - t0:.0f} s (load average {load_average()})", flush=True)
     pending, running, results = list(cfg.seeds), [], {}
-    common = ["--threads", str(args.threads)] + (["--quick"] if args.quick else []) + (
+    common = ["--threads", str(args.threads), "--judges", str(tmp / "judges.pkl")] + (
+        ["--quick"] if args.quick else []) + (
         ["--targets", args.targets] if args.targets else []) + (["--verbose"] if args.verbose else [])
     while pending or running:
         while pending and len(running) < args.jobs:
@@ -1051,6 +1060,7 @@ def main(argv=None) -> int:
     ap.add_argument("--samples", type=str, help="save every arm's samples (torch.save) to this file")
     ap.add_argument("--jobs", type=int, default=1,
                     help="run up to this many seeds at once, each in its own process (one torch thread each)")
+    ap.add_argument("--judges", type=str, help=argparse.SUPPRESS)  # a pickled Judges (the parent's, with --jobs)
     ap.add_argument("--verbose", action="store_true")
     args = ap.parse_args(argv)
     if not args.verbose:
@@ -1069,7 +1079,10 @@ def main(argv=None) -> int:
         runs, info, cpu_children = run_in_processes(args, cfg)
         cpu0 -= cpu_children
     else:
-        runs, info = run(cfg)
+        import pickle
+
+        judges = pickle.loads(Path(args.judges).read_bytes()) if args.judges else None
+        runs, info = run(cfg, judges=judges)
     print_report(runs, cfg, info)
     print_sweep(runs, cfg)
     wall, cpu = time.perf_counter() - t0, time.process_time() - cpu0
