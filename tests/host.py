@@ -91,8 +91,9 @@ _early: dict[str, Any] = {}
 
 
 def _host_boot_module():
-    """The pack's nodes/host_boot.py, loaded by path (it imports nothing from ComfyUI)."""
-    path = REPO_ROOT / "nodes" / "host_boot.py"
+    """The pack's lorax_cli/host_boot.py, loaded by path (it imports nothing from ComfyUI): the
+    repository need not be on ``sys.path`` (test_pack_startup's probe keeps it off)."""
+    path = REPO_ROOT / "lorax_cli" / "host_boot.py"
     spec = importlib.util.spec_from_file_location("_lorax_host_boot", str(path))
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
@@ -100,7 +101,7 @@ def _host_boot_module():
 
 
 def declare_torchvision_schemas() -> bool:
-    """See nodes/host_boot.py: the same declaration the command line uses."""
+    """See lorax_cli/host_boot.py: the same declaration the command line uses."""
     global _TV
     declared = _HOST_BOOT.declare_torchvision_schemas()
     _TV = _HOST_BOOT._TORCHVISION_LIB
