@@ -73,7 +73,7 @@ cheaply: per matrix shape one random orthonormal pair ``U₀, V₀`` (QR of a Ga
 sign flips D₁, D₂, ``W_s = D₁ P W₀ Qᵀ D₂`` — whose SVD is ``(D₁PU₀) diag(σ) (D₂QV₀)ᵀ``, so every
 layer differs and nothing but an index and a sign flip is computed per layer. Entries have an
 rms of 0.02. The target is a fine-tune of the source, the model the tests use
-(``tests/host.py:fine_tune``): ``W_t = W_s + D`` with ``‖D‖_F = 5 % ‖W_s‖_F``, half of the energy
+(``tests/model_builders.py:fine_tune``): ``W_t = W_s + D`` with ``‖D‖_F = 5 % ‖W_s‖_F``, half of the energy
 a random rank-8 change and half dense Gaussian. Both are stored as float16 safetensors files with
 ComfyUI checkpoint keys (``model.diffusion_model.…``; SD1.5 ≈ 0.7 GB and SDXL ≈ 4.2 GB per file),
 written layer by layer (never a whole model in memory) into ``--cache-dir`` (default: a temporary
