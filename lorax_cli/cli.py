@@ -22,8 +22,9 @@ from lorax.skip_reasons import why_left_out
 from lorax.transfer import DEFAULT_MODE, DEFAULT_RANK, DEFAULT_THRESHOLD, MODES, TransferSettings
 
 from .batch import add_parsers
-from .common import DEFAULT_CACHE_FOLDER, backend, check_inputs, check_output, make_engine, progress, read_user_map, \
-    same_file
+from .common import (DEFAULT_CACHE_FOLDER, backend, check_inputs, check_output, make_engine, progress,
+                     read_user_map, same_file)
+
 
 def _cache_line(engine) -> str:
     """One line on the SVD cache after a command: where, how big, what this run read and wrote."""
