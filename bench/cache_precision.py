@@ -43,6 +43,8 @@ from lorax.projection import project_lorax, project_prolora  # noqa: E402
 from lorax.similarity import layer_similarity  # noqa: E402
 from lorax.svd import SVDFactors  # noqa: E402
 
+from measure import best  # noqa: E402  (bench/ is sys.path[0])
+
 #: SDXL's distinct attention / feed-forward shapes (bench/transfer.py derives the full list).
 SHAPES = [(640, 640), (640, 2048), (5120, 640), (1280, 1280), (1280, 2048), (10240, 1280), (1280, 5120)]
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -68,15 +70,6 @@ def fine_tune(W: torch.Tensor, g: torch.Generator) -> torch.Tensor:
 def exact_top(W: torch.Tensor, k: int) -> SVDFactors:
     U, S, Vh = torch.linalg.svd(W.double(), full_matrices=False)
     return SVDFactors(U[:, :k], S[:k], Vh[:k].mT)
-
-
-def best(fn, repeat: int = 3) -> float:
-    times = []
-    for _ in range(repeat):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return min(times)
 
 
 def rel(a: Delta, b: Delta) -> float:

@@ -30,7 +30,6 @@ Usage::
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import math
 import os
 import platform
@@ -40,13 +39,15 @@ import sys
 import tempfile
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
-_spec = importlib.util.spec_from_file_location("bench_transfer", HERE / "transfer.py")
-tb = importlib.util.module_from_spec(_spec)
-sys.modules["bench_transfer"] = tb  # dataclasses look their module up there
-_spec.loader.exec_module(tb)
+REPO_ROOT = Path(__file__).resolve().parent.parent
+if str(REPO_ROOT) not in sys.path:
+    sys.path.insert(0, str(REPO_ROOT))
 
 import torch  # noqa: E402
+
+import measure  # noqa: E402  (bench/transfer.py's parts; bench/ is sys.path[0])
+import transfer_models as tm  # noqa: E402
+import transfer_routes as tr  # noqa: E402
 
 from lorax.engine import SVDEngine  # noqa: E402
 from lorax.layer_map import build_layer_map, role_of  # noqa: E402
@@ -55,7 +56,7 @@ from lorax.safetensors_weights import SafetensorsWeights  # noqa: E402
 from lorax.svd_cache import SVDCache  # noqa: E402
 from lorax.transfer import Decision, similarity_scorer, transfer_deltas  # noqa: E402
 
-SDXL = tb.UNET_CONFIGS["sdxl"]
+SDXL = tm.UNET_CONFIGS["sdxl"]
 SSD1B = {**SDXL, "transformer_depth": [0, 0, 2, 2, 4, 4], "transformer_depth_middle": 0,
          "transformer_depth_output": [0, 0, 0, 1, 1, 2, 10, 4, 4]}
 #: --quick: these transformers only (one that keeps 4 of 10 blocks, one that keeps 1 of 2).
@@ -66,8 +67,8 @@ _IN_BLOCK = re.compile(r"^diffusion_model\.(.+?)\.transformer_blocks\.(\d+)\.(.+
 def transformer_layers(cfg: dict, quick: bool) -> tuple[list[tuple[str, tuple[int, ...]]], dict[str, int]]:
     """Every attention, feed-forward and proj weight of a UNet configuration, and each
     transformer's depth (``bench/transfer.py`` derives both from ComfyUI's block numbering)."""
-    depths = {prefix: depth for prefix, _, depth in tb.spatial_transformers(cfg)}
-    layers = [(key, shape) for key, shape in tb.config_layers(cfg)
+    depths = {prefix: depth for prefix, _, depth in tm.spatial_transformers(cfg)}
+    layers = [(key, shape) for key, shape in tm.config_layers(cfg)
               if not quick or key[len("diffusion_model."):].startswith(tuple(q + "." for q in QUICK))]
     return layers, depths
 
@@ -90,9 +91,9 @@ def origin_of(key: str, source_depths: dict[str, int], target_depths: dict[str, 
 
 def make_target(path: Path, layers, origins: dict[str, str], source_shapes: dict, seed: int, log) -> None:
     """The SSD-1B-shaped file: each layer the fine-tuned copy of the source layer it came from."""
-    synth = tb.Synth(seed)
-    names = [(tb.CHECKPOINT_PREFIX + key[len("diffusion_model."):], shape) for key, shape in layers]
-    writer = tb.StreamingSafetensorsWriter(path, names, {"bench": "bench/cross_architecture.py SSD-1B-shaped target"})
+    synth = tm.Synth(seed)
+    names = [(tm.CHECKPOINT_PREFIX + key[len("diffusion_model."):], shape) for key, shape in layers]
+    writer = tm.StreamingSafetensorsWriter(path, names, {"bench": "bench/cross_architecture.py SSD-1B-shaped target"})
     try:
         for (key, shape), (name, _) in zip(layers, names):
             origin = origins[key]
@@ -112,14 +113,14 @@ def run(label, deltas, source, target, settings, cache_dir: Path, origins, refs,
         return {k: w.shape(k) for k in w.keys() if len(w.shape(k)) >= 2 and role_of(k, w.shape(k)) in roles}
 
     log(f"  {label} …")
-    with tb.measured(torch.device("cpu")) as m:
+    with measure.measured(torch.device("cpu")) as m:
         lmap = build_layer_map(shapes(source), shapes(target), mode="similarity",
                                scorer=similarity_scorer(source, target, engine, settings.rank))
         result = transfer_deltas(deltas, source, target, settings, engine, layer_map=lmap)
     matched = [(t, s) for s, t in lmap.pairs()]
     right = sum(1 for t, s in matched if origins[t] == s)
     moved = {l.target: l.delta for l in result.layers if l.decision is Decision.TRANSFERRED}
-    errors = [tb.rel_error(moved.get(t), ref) for t, ref in refs.items()]
+    errors = [tr.rel_error(moved.get(t), ref) for t, ref in refs.items()]
     out = {"label": label, "seconds": m.seconds, "rss": m.extra_rss, "svds": engine.stats.layers_decomposed,
            "hits": engine.stats.disk_hits, "matched": len(matched), "right": right, "moved": len(moved),
            "errors": errors, "unmatched": len(lmap.unmatched)}
@@ -146,16 +147,16 @@ def main(argv=None) -> int:
         origins = {key: origin_of(key, src_depths, tgt_depths) for key, _ in tgt_layers}
         log(f"SDXL → SSD-1B{' (quick)' if args.quick else ''}: {len(src_layers)} source layers, "
             f"{len(tgt_layers)} target layers, in {folder}")
-        src_path, _, made = tb.model_files("sdxl", src_layers, args.seed, args.quick, folder, log)
+        src_path, _, made = tm.model_files("sdxl", src_layers, args.seed, args.quick, folder, log)
         tgt_path = folder / f"ssd1b{'-quick' if args.quick else ''}-seed{args.seed}-target.safetensors"
         if not tgt_path.exists():
             make_target(tgt_path, tgt_layers, origins, src_shapes, args.seed, log)
         source, target = SafetensorsWeights(src_path), SafetensorsWeights(tgt_path)
-        deltas = tb.make_adapter("sdxl", src_layers, args.seed)
-        settings = tb.BENCH_SETTINGS
+        deltas = tm.make_adapter("sdxl", src_layers, args.seed)
+        settings = tm.BENCH_SETTINGS
         refs = {}
-        for key in tb.reference_sample(tgt_layers, 2):
-            refs[key] = project_lorax(deltas[origins[key]], tb.svd64_top(target.weight(key), settings.rank_for(src_shapes[origins[key]])))
+        for key in tr.reference_sample(tgt_layers, 2):
+            refs[key] = project_lorax(deltas[origins[key]], tr.svd64_top(target.weight(key), settings.rank_for(src_shapes[origins[key]])))
         log(f"  reference: exact float64 projections of {len(refs)} target layers")
         cache = folder / f"svd-cache-{os.getpid()}"
         rows = [run("cold", deltas, source, target, settings, cache, origins, refs, log),
@@ -166,15 +167,15 @@ def main(argv=None) -> int:
             shutil.rmtree(folder, ignore_errors=True)
     print(f"\nSDXL → SSD-1B{' (quick subset)' if args.quick else ''}: {len(src_layers)} source layers, "
           f"{len(tgt_layers)} target layers (kept source blocks evenly spaced, 5 % fine-tunes), LoRA rank "
-          f"{tb.LORA_RANK} on every source layer; TransferSettings defaults with mode lorax, layer map by similarity")
+          f"{tm.LORA_RANK} on every source layer; TransferSettings defaults with mode lorax, layer map by similarity")
     print(f"{'run':<5} | {'s':>7} | {'peak extra RSS MB':>17} | {'SVDs':>5} | {'cache hits':>10} | "
           f"{'map right':>11} | {'moved':>9} | {'max rel err':>11}")
     for r in rows:
         print(f"{r['label']:<5} | {r['seconds']:7.1f} | {r['rss'] / 2**20:17.0f} | {r['svds']:5d} | {r['hits']:10d} | "
               f"{r['right']:>4}/{r['matched']:<6} | {r['moved']:>4}/{len(tgt_layers):<4} | {max(r['errors']):11.2e}")
-    print(f"machine: {tb._cpu_model()}, {os.cpu_count()} cores, torch {torch.__version__} ({torch.get_num_threads()} "
+    print(f"machine: {measure.cpu_model()}, {os.cpu_count()} cores, torch {torch.__version__} ({torch.get_num_threads()} "
           f"threads), Python {platform.python_version()}, OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', 'unset')}; "
-          f"load average {load0:.1f} at start, {os.getloadavg()[0]:.1f} at end; code: {tb._git_state()}")
+          f"load average {load0:.1f} at start, {os.getloadavg()[0]:.1f} at end; code: {measure.git_state()}")
     return 0
 
 

@@ -95,10 +95,13 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 for _p in (REPO_ROOT / "tests", REPO_ROOT):
     if str(_p) not in sys.path:
         sys.path.insert(0, str(_p))
+if str(REPO_ROOT / "bench") not in sys.path:  # measure.py, when the tests load this file by path
+    sys.path.append(str(REPO_ROOT / "bench"))
 
 import torch  # noqa: E402
 
 import host  # noqa: E402  (the tests' in-process ComfyUI host; the benchmark is not part of the pack)
+from measure import load_average  # noqa: E402
 from lorax.transfer import DEFAULT_RANK, DEFAULT_THRESHOLD, TransferSettings  # noqa: E402
 from lorax.training import FAMILIES, select_layers  # noqa: E402
 
@@ -657,13 +660,6 @@ def calibrate(cfg: Config, lorax_lrs=(0.001, 0.002, 0.004), lora_lrs=(1e-4, 3e-4
     for kind, per in found.items():
         out(f"{kind}: " + ", ".join(f"lr {lr:g} → {fmt(v)}" for lr, v in per.items()))
     return found
-
-
-def load_average() -> str:
-    try:
-        return " ".join(f"{x:.2f}" for x in os.getloadavg())
-    except OSError:
-        return "n/a"
 
 
 def run(cfg: Config, log: Callable[[str], None] = print, comfy_host=None) -> tuple[list[dict], dict]:

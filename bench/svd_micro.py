@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import importlib.util
 import math
 import os
 import sys
@@ -45,13 +44,15 @@ import tempfile
 import time
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
-_spec = importlib.util.spec_from_file_location("bench_transfer", HERE / "transfer.py")
-tb = importlib.util.module_from_spec(_spec)
-sys.modules["bench_transfer"] = tb  # dataclasses look their module up there
-_spec.loader.exec_module(tb)
+REPO_ROOT = Path(__file__).resolve().parent.parent
+if str(REPO_ROOT) not in sys.path:
+    sys.path.insert(0, str(REPO_ROOT))
 
 import torch  # noqa: E402
+
+import transfer_models as tm  # noqa: E402  (bench/transfer.py's parts; bench/ is sys.path[0])
+import transfer_routes as tr  # noqa: E402
+from measure import best, best_and_result  # noqa: E402
 
 from lorax.engine import SVDEngine  # noqa: E402
 from lorax.fingerprint import weight_digest  # noqa: E402
@@ -61,16 +62,6 @@ from lorax.safetensors_weights import SafetensorsWeights  # noqa: E402
 from lorax.svd import SVDFactors, canonical_signs, truncated_svd_batch, weight_matrix  # noqa: E402
 from lorax.svd_cache import SVDCache  # noqa: E402
 from lorax.transfer import TransferSettings  # noqa: E402
-
-
-def best(fn, repeat):
-    out = None
-    times = []
-    for _ in range(repeat):
-        t0 = time.perf_counter()
-        out = fn()
-        times.append(time.perf_counter() - t0)
-    return min(times), out
 
 
 def _oriented(M):
@@ -138,7 +129,7 @@ def svd32(w, k, tall=False):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", default="sdxl", choices=sorted(tb.UNET_CONFIGS))
+    p.add_argument("--model", default="sdxl", choices=sorted(tm.UNET_CONFIGS))
     p.add_argument("--repeat", type=int, default=3)
     p.add_argument("--threads", type=int, default=0)
     p.add_argument("--seed", type=int, default=0)
@@ -146,13 +137,13 @@ def main(argv=None):
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    layers = tb.unet_layers(args.model)
+    layers = tm.unet_layers(args.model)
     by_shape: dict[tuple, list[str]] = {}
     for key, shape in layers:
         by_shape.setdefault(tuple(shape), []).append(key)
     want = {s.strip() for s in args.shapes.split(",") if s.strip()}
     settings = TransferSettings()
-    synth = tb.Synth(args.seed)
+    synth = tm.Synth(args.seed)
     methods = ["gram64", "gram64 ×8", "g32→eigh64", "g32 eigh32", "g64 evr k", "g32 evr k", "warm-start 1",
                "warm-start 2", "randomized", "svd32", "svd32 tall"]
     totals = dict.fromkeys(methods, 0.0)
@@ -166,7 +157,7 @@ def main(argv=None):
     print("seconds per weight [relative error of the projected delta vs exact float64]")
     try:
         for shape, keys in by_shape.items():
-            m, n = tb._matrix_shape(shape)
+            m, n = tm.matrix_shape(shape)
             name = f"{m}x{n}"
             if want and name not in want:
                 continue
@@ -176,9 +167,9 @@ def main(argv=None):
             ws = Ws.to(torch.float16).reshape(shape)
             wt = Wt.to(torch.float16).reshape(shape)
             del Ws, Wt
-            g = torch.Generator().manual_seed(tb._seed(args.seed, "lora", args.model, key))
-            delta = tb.make_adapter(args.model, [(key, shape)], args.seed)[key]
-            ref = project_lorax(delta, tb.svd64_top(wt, k))
+            g = torch.Generator().manual_seed(tm.seed_of(args.seed, "lora", args.model, key))
+            delta = tm.make_adapter(args.model, [(key, shape)], args.seed)[key]
+            ref = project_lorax(delta, tr.svd64_top(wt, k))
             fs = truncated_svd_batch([ws], k, method="gram")[0]
             res = {}
             batch8 = [wt.clone() for _ in range(8)]
@@ -196,38 +187,38 @@ def main(argv=None):
                 "svd32 tall": lambda: svd32(wt, k, tall=True),
             }
             for meth, fn in runs.items():
-                t, f = best(fn, args.repeat)
+                t, f = best_and_result(fn, args.repeat)
                 if meth == "gram64 ×8":
                     t /= 8
-                err = tb.rel_error(project_lorax(delta, f), ref)
+                err = tr.rel_error(project_lorax(delta, f), ref)
                 res[meth] = (t, err)
                 totals[meth] += t * 2 * len(keys)
             del batch8
             # Reading, hashing and cache steps.
             io = {}
             buf = wt.contiguous().view(torch.uint8).numpy()
-            io["digest"] = best(lambda: weight_digest(wt.view(wt.shape)), args.repeat)[0]  # new tensor: no memo
-            io["blake2b nocopy"] = best(lambda: hashlib.blake2b(buf, digest_size=16).hexdigest(), args.repeat)[0]
-            io["sha1 nocopy"] = best(lambda: hashlib.sha1(buf).hexdigest(), args.repeat)[0]
-            io["sha256 nocopy"] = best(lambda: hashlib.sha256(buf).hexdigest(), args.repeat)[0]
+            io["digest"] = best(lambda: weight_digest(wt.view(wt.shape)), args.repeat)  # new tensor: no memo
+            io["blake2b nocopy"] = best(lambda: hashlib.blake2b(buf, digest_size=16).hexdigest(), args.repeat)
+            io["sha1 nocopy"] = best(lambda: hashlib.sha1(buf).hexdigest(), args.repeat)
+            io["sha256 nocopy"] = best(lambda: hashlib.sha256(buf).hexdigest(), args.repeat)
             path = tmp / "w.safetensors"
             from safetensors.torch import save_file
             save_file({"model.diffusion_model.x.weight": wt}, str(path))
             sw = SafetensorsWeights(path)
             # safetensors maps tensors lazily: the clone is what reads the bytes (from the page cache).
             io["read (per call open)"] = best(lambda: sw.weight("diffusion_model.x.weight").clone(),
-                                              args.repeat)[0]
+                                              args.repeat)
             with open_safetensors(path) as fh:
                 io["read (open handle)"] = best(lambda: fh.get_tensor("model.diffusion_model.x.weight").clone(),
-                                                args.repeat)[0]
+                                                args.repeat)
             cache = SVDCache(tmp / "cache")
             f = SVDEngine("gram").rounded(truncated_svd_batch([wt], k, method="gram")[0])  # as the engine stores it
             cache.put("d" * 32, "gram", f)
-            io["cache get"] = best(lambda: cache.get("d" * 32, "gram", k), args.repeat)[0]
+            io["cache get"] = best(lambda: cache.get("d" * 32, "gram", k), args.repeat)
             entry = cache.entries()[0][0]
             with open_safetensors(entry) as fh:
                 io["cache raw read"] = best(lambda: [fh.get_tensor(x).clone() for x in ("U", "S", "V")],
-                                            args.repeat)[0]
+                                            args.repeat)
             for s in io_steps:
                 io_totals[s] += io[s] * 2 * len(keys)
             print(f"\n{name} (stored {tuple(shape)}), k = {k}, {len(keys)} layers of this class per model")

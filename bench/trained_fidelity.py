@@ -80,7 +80,6 @@ import argparse
 import json
 import logging
 import math
-import os
 import re
 import statistics
 import subprocess
@@ -94,11 +93,14 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 for _p in (REPO_ROOT / "tests", REPO_ROOT):
     if str(_p) not in sys.path:
         sys.path.insert(0, str(_p))
+if str(REPO_ROOT / "bench") not in sys.path:  # measure.py, when the tests load this file by path
+    sys.path.append(str(REPO_ROOT / "bench"))
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 import host  # noqa: E402  (the tests' in-process ComfyUI host)
+from measure import load_average  # noqa: E402
 from lorax.training import FAMILIES, select_layers  # noqa: E402
 from lorax.transfer import DEFAULT_COPY_BELOW, DEFAULT_RANK, DEFAULT_THRESHOLD, TransferSettings  # noqa: E402
 
@@ -967,13 +969,6 @@ def save_grid(run: dict, cfg: Config, path: str, data: Data | None = None) -> No
             img.paste(tile, (label_w + c * cell + 1, r * cell + 1))
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     img.save(path)
-
-
-def load_average() -> str:
-    try:
-        return " ".join(f"{x:.2f}" for x in os.getloadavg())
-    except OSError:
-        return "n/a"
 
 
 def run(cfg: Config, log: Callable[[str], None] = print, comfy_host=None,

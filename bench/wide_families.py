@@ -64,7 +64,6 @@ Usage::
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import math
 import os
 import shutil
@@ -73,13 +72,15 @@ import tempfile
 import time
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
-_spec = importlib.util.spec_from_file_location("bench_transfer", HERE / "transfer.py")
-tb = importlib.util.module_from_spec(_spec)
-sys.modules["bench_transfer"] = tb  # dataclasses look their module up there
-_spec.loader.exec_module(tb)
+REPO_ROOT = Path(__file__).resolve().parent.parent
+if str(REPO_ROOT) not in sys.path:
+    sys.path.insert(0, str(REPO_ROOT))
 
 import torch  # noqa: E402
+
+import measure  # noqa: E402  (bench/transfer.py's parts; bench/ is sys.path[0])
+import transfer_models as tm  # noqa: E402
+import transfer_routes as tr  # noqa: E402
 
 from lorax.engine import SVDEngine  # noqa: E402
 from lorax.projection import project_lorax  # noqa: E402
@@ -136,7 +137,7 @@ def run(label: str, engine: SVDEngine, parts: dict, source, target, settings) ->
     """One transfer of every part (timed apart) through ``engine``; returns what the table needs."""
     print(f"  {label} …", flush=True)
     part_seconds, moved = {}, {}
-    with tb.measured(torch.device("cpu")) as m:
+    with measure.measured(torch.device("cpu")) as m:
         for kind, deltas in parts.items():
             t0 = time.perf_counter()
             res = transfer_deltas(deltas, source, target, settings, engine)
@@ -156,12 +157,12 @@ def family(fam: str, args, folder: Path) -> dict:
     shapes = dict(layers)
     print(f"\n== {name}: {args.blocks} of {total_blocks} blocks, {len(layers)} layers, "
           f"{sum(math.prod(s) for _, s in layers) / 1e9:.2f} B parameters per model, float16", flush=True)
-    src, tgt, made = tb.model_files(fam, layers, args.seed, f"{args.blocks}b", folder, print)
+    src, tgt, made = tm.model_files(fam, layers, args.seed, f"{args.blocks}b", folder, print)
     if made:
         print(f"  made in {made:.1f} s")
     source, target = SafetensorsWeights(src), SafetensorsWeights(tgt)
-    deltas = tb.make_adapter(fam, layers, args.seed)
-    settings = tb.BENCH_SETTINGS
+    deltas = tm.make_adapter(fam, layers, args.seed)
+    settings = tm.BENCH_SETTINGS
     parts: dict[str, dict] = {}
     for key, d in deltas.items():
         parts.setdefault(kind_of(key), {})[key] = d
@@ -178,29 +179,29 @@ def family(fam: str, args, folder: Path) -> dict:
     refs = {key: project_lorax(deltas[key], ref_t[key]) for key in sample}
     route_t = {key: truncated_svd(target.weight(key), settings.rank_for(shapes[key]), method="subspace")
                for key in sample}
-    route_err = {key: tb.rel_error(project_lorax(deltas[key], route_t[key]), refs[key]) for key in sample}
+    route_err = {key: tr.rel_error(project_lorax(deltas[key], route_t[key]), refs[key]) for key in sample}
     k = settings.rank_for(shapes[square])
     ref_s = gram64(source.weight(square), k)
     route_s = truncated_svd(source.weight(square), k, method="subspace")
     phi_err = abs(layer_similarity(route_s, route_t[square], k).phi_hat_min
                   - layer_similarity(ref_s, ref_t[square], k).phi_hat_min)
-    synth = tb.Synth(args.seed)
+    synth = tm.Synth(args.seed)
     _, _, (U, S, V) = synth.layer(fam, square, shapes[square], with_target=False, with_svd=True)
-    floor = tb.rel_error(project_lorax(deltas[square], SVDFactors(U[:, :k], S[:k], V[:, :k])),
+    floor = tr.rel_error(project_lorax(deltas[square], SVDFactors(U[:, :k], S[:k], V[:, :k])),
                          project_lorax(deltas[square], ref_s))
     del synth, U, S, V
     check = sample[0] if fam in args.check_exact.split(",") else None
     exact_vs_gram = None
     if check is not None:
-        ex = tb.svd64_top(target.weight(check), settings.rank_for(shapes[check]))
-        exact_vs_gram = tb.rel_error(refs[check], project_lorax(deltas[check], ex))
+        ex = tr.svd64_top(target.weight(check), settings.rank_for(shapes[check]))
+        exact_vs_gram = tr.rel_error(refs[check], project_lorax(deltas[check], ex))
         del ex
     print(f"  references in {time.perf_counter() - t0:.1f} s: route error (float64 factors) "
           + ", ".join(f"{tuple(shapes[key])} {route_err[key]:.1e}" for key in sample)
           + f"; Φ̂ error {phi_err:.1e} and fp16 floor {floor:.1e} on {square.split('.', 1)[1]}"
           + ("" if exact_vs_gram is None else f"; float64 Gram vs full float64 SVD {exact_vs_gram:.1e}"), flush=True)
     del ref_t, route_t, ref_s, route_s
-    tb.release_memory()
+    measure.release_memory()
 
     rows = []
     cache_root = Path(tempfile.mkdtemp(prefix=f"wide-{fam}-", dir=folder))
@@ -212,11 +213,11 @@ def family(fam: str, args, folder: Path) -> dict:
             runs = [runs[1], runs[0], runs[2]]
         for label, make in runs:
             row = run(label, make(), parts, source, target, settings)
-            row["err"] = max(tb.rel_error(row["moved"].get(key), refs[key]) for key in sample)
+            row["err"] = max(tr.rel_error(row["moved"].get(key), refs[key]) for key in sample)
             print(f"    max relative error of the projected deltas {row['err']:.1e}", flush=True)
             del row["moved"]
             rows.append(row)
-            tb.release_memory()
+            measure.release_memory()
     finally:
         shutil.rmtree(cache_root, ignore_errors=True)
     return {"family": fam, "name": name, "blocks": args.blocks, "total_blocks": total_blocks, "models": models,
@@ -247,10 +248,10 @@ def print_table(results: list[dict], load_before: tuple) -> None:
     worst = max(res["route_err"] for res in results)
     print(f"  budget {SUBSPACE_ERROR_BUDGET:.0e}: {'PASS' if worst <= SUBSPACE_ERROR_BUDGET else 'MISS'} "
           f"(worst {worst:.1e})")
-    print(f"\nCPU {tb._cpu_model()}, {os.cpu_count()} cores, torch {torch.__version__}, {torch.get_num_threads()} threads, "
+    print(f"\nCPU {measure.cpu_model()}, {os.cpu_count()} cores, torch {torch.__version__}, {torch.get_num_threads()} threads, "
           f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', 'unset')}, wide_from {WIDE_FROM}; "
           f"load average before {load_before[0]:.2f} {load_before[1]:.2f} {load_before[2]:.2f}, "
-          f"after {' '.join(f'{x:.2f}' for x in os.getloadavg())}; {tb._git_state()}")
+          f"after {' '.join(f'{x:.2f}' for x in os.getloadavg())}; {measure.git_state()}")
 
 
 def main(argv=None) -> int:
@@ -268,7 +269,7 @@ def main(argv=None) -> int:
     load_before = os.getloadavg()
     folder = Path(args.cache_dir) if args.cache_dir else Path(tempfile.mkdtemp(prefix="lorax-wide-"))
     folder.mkdir(parents=True, exist_ok=True)
-    print(f"{tb._cpu_model()}; load average {' '.join(f'{x:.2f}' for x in load_before)}; files in {folder}")
+    print(f"{measure.cpu_model()}; load average {' '.join(f'{x:.2f}' for x in load_before)}; files in {folder}")
     try:
         results = [family(f.strip(), args, folder) for f in args.families.split(",") if f.strip()]
     finally:

@@ -420,7 +420,7 @@ def json_size(obj) -> int:
     return len(json.dumps(obj))
 
 
-def _cap_text(text: str, limit: int) -> str:
+def cap_text(text: str, limit: int) -> str:
     if json_size(text) <= limit:
         return text
     lines = text.split("\n")
@@ -449,7 +449,7 @@ def ui_payload(rows: Sequence[Mapping], *, threshold: float | None, title: str, 
     ui = {"text": [text], "lorax_report": [payload]}
     if json_size(ui) <= max_bytes:
         return ui
-    ui["text"] = [_cap_text(text, min(_TEXT_CAP, max_bytes // 3))]
+    ui["text"] = [cap_text(text, min(_TEXT_CAP, max_bytes // 3))]
     size = json_size(ui)
     if size > max_bytes:
         by_size = sorted(payload["blocks"], key=lambda b: json_size(b["layers"]), reverse=True)
@@ -461,7 +461,7 @@ def ui_payload(rows: Sequence[Mapping], *, threshold: float | None, title: str, 
             b["layers"] = []
         size = json_size(ui)
     if size > max_bytes:
-        ui["text"] = [_cap_text(text, 4_000)]
+        ui["text"] = [cap_text(text, 4_000)]
         size = json_size(ui)
     if size > max_bytes:
         keep = []

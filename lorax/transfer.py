@@ -45,6 +45,10 @@ tensors are dropped before the next is read, so memory in flight stays at a few 
 A key may name a slice of a fused weight (:mod:`lorax.fused`, e.g. the q rows of Flux's
 ``img_attn.qkv``): the slice is then the layer — decomposed, scored and projected on its own —
 and a layer map pairs it through its fused weight.
+
+One module although over 600 lines: :func:`transfer_deltas` and the per-layer helpers below it
+are one algorithm (group, decompose, score, decide, project) sharing its private types; split,
+a layer's decision would be read across files.
 """
 
 from __future__ import annotations

@@ -187,7 +187,7 @@ def slice_module_names(key_map: Mapping[str, Any]) -> dict[str, str]:
     return out
 
 
-def _host_target(target) -> tuple[str, tuple[int, int, int] | None, Callable | None]:
+def host_target(target) -> tuple[str, tuple[int, int, int] | None, Callable | None]:
     """``(weight key, (dim, offset, size) or None, function or None)`` of a key-map target."""
     if isinstance(target, str):
         return target, None, None
@@ -220,7 +220,7 @@ def _adapter_module_names(lora: Mapping[str, torch.Tensor]) -> set[str]:
     return names
 
 
-def _lora_factors(adapter, key: str, weight: torch.Tensor) -> Delta | None:
+def lora_factors(adapter, key: str, weight: torch.Tensor) -> Delta | None:
     """A plain LoRA as factors with the host's scale, or None when it needs materialising."""
     up, down, alpha, mid, dora_scale, reshape = adapter.weights
     if mid is not None or dora_scale is not None or reshape is not None:
@@ -276,7 +276,7 @@ def host_patches(lora: Mapping[str, torch.Tensor], patcher, *, path: str | None 
     own = set(patcher.model.state_dict())
     if clip is not None:
         own |= set(clip.cond_stage_model.state_dict())
-    if not any(_host_target(t)[0] in own for t in patches):
+    if not any(host_target(t)[0] in own for t in patches):
         raise no_fit_error(model_kind(patcher), len(modules), converted, path=path)
     return patches, sorted(modules - set(key_map)), len(modules)
 
@@ -312,7 +312,7 @@ def adapter_layers(lora: Mapping[str, torch.Tensor], patcher, *, path: str | Non
 
     def layers():
         for target, patch in patches.items():
-            key, offset, function = _host_target(target)
+            key, offset, function = host_target(target)
             source = unet if unet.shape(key) is not None else clip_weights
             if source is None or source.shape(key) is None:
                 result.unmapped.append(key)
@@ -343,7 +343,7 @@ def ordinary_adapter_deltas(lora: Mapping[str, torch.Tensor], patcher, *, path: 
         try:
             delta = None
             if function is None and getattr(patch, "name", None) == "lora":
-                delta = _lora_factors(patch, name, weight)
+                delta = lora_factors(patch, name, weight)
             if delta is None:
                 delta = _materialise(patch, name, weight, function)
         except LoraxError as e:
@@ -368,7 +368,7 @@ def lorax_adapter_deltas(adapter: LoraxAdapter, patcher, engine, *, clip=None,
         target = key_map.get(module)
         source = None
         if target is not None:
-            key, offset, _ = _host_target(target)
+            key, offset, _ = host_target(target)
             target = key if offset is None else WeightSlice(key, *offset).name
             source = unet if unet.shape(key) is not None else clip_weights
         if source is None or source.shape(target) is None:

@@ -93,7 +93,7 @@ class HeaderAdapter(AdapterHandle):
         for name, shape, _source, function, patch in layers:
             if function is None and getattr(patch, "name", None) == "lora":
                 try:  # the factor-shape check a real transfer makes, on shapes only
-                    bridge._lora_factors(patch, name, torch.empty(shape, device="meta"))
+                    bridge.lora_factors(patch, name, torch.empty(shape, device="meta"))
                 except LoraxError as e:
                     raise LoraxError(e.detail, path=self.path, key=name) from None
             m, n = shape[0], math.prod(shape[1:])
@@ -131,7 +131,7 @@ def names_verdict(handle: AdapterHandle, target_model, architecture: str | None)
             if target is None:
                 unmapped.append(module)
                 continue
-            key, offset, _ = bridge._host_target(target)
+            key, offset, _ = bridge.host_target(target)
             name = key if offset is None else WeightSlice(key, *offset).name
             if weights.shape(name) is None:
                 unmapped.append(module)

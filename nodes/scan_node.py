@@ -8,7 +8,7 @@ import comfy.utils
 import folder_paths
 
 from lorax.library_scan import scan_json, scan_table
-from lorax.report import _cap_text
+from lorax.report import cap_text
 from lorax.transfer import DEFAULT_RANK, DEFAULT_THRESHOLD, TransferSettings
 
 from .api import CATEGORY, io, output
@@ -91,4 +91,4 @@ class LoraxLibraryScan(io.ComfyNode):
                     else " (names only: connect the source model to score the layers)"))
         table = scan_table(rows, title=title, with_phi=source_model is not None) if rows else \
             f"{title}\nNo LoRA files in this folder."
-        return io.NodeOutput(table, scan_json(rows), ui={"text": [_cap_text(table, _UI_TEXT_BYTES)]})
+        return io.NodeOutput(table, scan_json(rows), ui={"text": [cap_text(table, _UI_TEXT_BYTES)]})

@@ -183,7 +183,7 @@ def _known(shape, rows, seed: int, key: str):
 
     if rows is None:
         return dm.KnownSVD.make(shape[0], shape[1], seed=seed, key=key).matrix()
-    w = torch.randn(shape, generator=host._gen(seed, key)) / math.sqrt(shape[1])
+    w = torch.randn(shape, generator=host.seeded_generator(seed, key)) / math.sqrt(shape[1])
     for start, size in sorted(rows):
         w[start:start + size] = dm.KnownSVD.make(size, shape[1], seed=seed, key=f"{key}[{start}]").matrix()
     return w

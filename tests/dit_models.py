@@ -129,7 +129,7 @@ class KnownSVD:
     def make(rows: int, cols: int, *, seed: int, key: str, decay: float = 0.8) -> "KnownSVD":
         import torch
 
-        g = host._gen(seed, key)
+        g = host.seeded_generator(seed, key)
         r = min(rows, cols)
         s = torch.arange(1, r + 1, dtype=torch.float64).pow(-decay)
         s = s * (math.sqrt(rows) / s.norm())
@@ -179,7 +179,7 @@ def _flux_known_weight(key: str, shape, slices, seed: int):
 
     if slices is None:
         return flux_known_svd(key, seed).matrix()
-    w = torch.randn(shape, generator=host._gen(seed, key)) / math.sqrt(shape[1])
+    w = torch.randn(shape, generator=host.seeded_generator(seed, key)) / math.sqrt(shape[1])
     for a, n in slices:
         w[a:a + n] = flux_known_svd(key, seed, a, n).matrix()
     return w
@@ -213,11 +213,11 @@ def build_mini_sd3(seed: int = 0, **overrides) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for key, shape in sd3_layout(**overrides).items():
         if key == "pos_embed":
-            out[key] = torch.randn(shape, generator=host._gen(seed, key)) * 0.02
+            out[key] = torch.randn(shape, generator=host.seeded_generator(seed, key)) * 0.02
         elif len(shape) >= 2:
             out[key] = host.power_law_matrix(shape[0], math.prod(shape[1:]), seed=seed, key=key).reshape(shape)
         else:
-            out[key] = torch.randn(shape, generator=host._gen(seed, key)) * 0.01
+            out[key] = torch.randn(shape, generator=host.seeded_generator(seed, key)) * 0.01
     return out
 
 

@@ -29,6 +29,9 @@ has passing and skipped layers.
 Chromium missing is a failure that says what to install, unless ``LORAX_SKIP_BROWSER=1``.
 The server is started and stopped here (its own PID only: terminate, then kill after 20 s);
 every wait is bounded.
+
+One file although over 600 lines: every test drives the one server and browser started by the
+module-scoped ``comfy_server`` fixture (the slow part, ~30 s); split, each file would start its own.
 """
 
 from __future__ import annotations

@@ -215,7 +215,7 @@ def _digest(path) -> str:
 
 def _main(capsys, monkeypatch, cwd, argv) -> tuple[int, str, str]:
     """``python -m lorax …`` in this process (its ``main``, as ``__main__`` calls it)."""
-    from lorax.cli import main
+    from lorax_cli.cli import main
 
     monkeypatch.setenv("LORAX_SVD_CACHE", str(cwd / "svd-cache"))
     capsys.readouterr()

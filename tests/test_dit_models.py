@@ -23,6 +23,10 @@ References and tolerances:
   vectors, hence HALF_FACTOR_TOL.
 * Patched weights: ``fl(W + Δ)`` in float32 differs from ``W + Δ`` by ≤ 2⁻²⁴·|W + Δ| per entry, so
   ``‖patched − W − Δ‖_F ≤ 1e-6·‖W‖_F``; rows no module touches must be bit-identical.
+
+One file although over 600 lines: the tests share the module-scoped models (the mini Flux pair and
+SD3, saved once and loaded once by one executor) and the seed that made them; split, each file
+would build and load them again.
 """
 
 from __future__ import annotations

@@ -349,7 +349,7 @@ def test_interrupted_batch_run_again_finishes_only_what_is_missing(cli_paths, mi
     after the first file the rest reuse its factors and similarities and go fast, and a poll let a
     whole batch finish before the signal came. Sent mid-file, a plain KeyboardInterrupt came out of
     torch as a ValueError once, and the batch listed that file as failed and went on: the batch
-    stops between steps instead (lorax.batch._StopRequest)."""
+    stops between steps instead (lorax_cli.batch._StopRequest)."""
     import signal
 
     source, target, _, work = cli_paths

@@ -395,7 +395,7 @@ def test_entries_of_in_memory_weights_are_listed_as_unknown(tmp_path, weights):
 
 
 def _cli(capsys, *argv):
-    from lorax.cli import main
+    from lorax_cli.cli import main
 
     code = main(list(argv))
     out = capsys.readouterr()

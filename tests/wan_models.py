@@ -91,9 +91,9 @@ def build_mini_wan(seed: int = 0, **overrides) -> dict[str, Any]:
         if len(shape) >= 2:
             out[key] = host.power_law_matrix(shape[0], math.prod(shape[1:]), seed=seed, key=key).reshape(shape)
         elif key.endswith(".weight"):  # the RMS and layer norms' scales
-            out[key] = 1.0 + 0.01 * torch.randn(shape, generator=host._gen(seed, key))
+            out[key] = 1.0 + 0.01 * torch.randn(shape, generator=host.seeded_generator(seed, key))
         else:
-            out[key] = torch.randn(shape, generator=host._gen(seed, key)) * 0.01
+            out[key] = torch.randn(shape, generator=host.seeded_generator(seed, key)) * 0.01
     return out
 
 
@@ -112,7 +112,7 @@ def build_mini_wan_vae(seed: int = 0, **overrides) -> dict[str, Any]:
             out[key] = torch.ones(shape)
         elif len(shape) >= 2:
             fan_in = math.prod(shape[1:])
-            out[key] = torch.randn(shape, generator=host._gen(seed, key)) / math.sqrt(fan_in)
+            out[key] = torch.randn(shape, generator=host.seeded_generator(seed, key)) / math.sqrt(fan_in)
         else:
             out[key] = torch.zeros(shape)
     return out

@@ -8,31 +8,25 @@ engine's memo answers repeats within the run, the on-disk cache repeats across r
 the cache be switched off (``LORAX_SVD_CACHE=off``), the batch keeps its factors in a temporary
 cache folder for the run, so the memo's size bound cannot make it decompose a layer twice.
 
-``--ray`` hands the per-file work to Ray (:mod:`lorax.ray_batch`).
+``--ray`` hands the per-file work to Ray (:mod:`lorax_cli.ray_batch`).
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import os
 import signal
 import sys
-import tempfile
 import threading
 import time
 from pathlib import Path
 
-from .errors import LoraxError
-from .library_scan import (adapter_files, batch_table, distinct_layers, output_path, scan_csv, scan_json,
-                           scan_table)
-from .transfer import DEFAULT_MODE, DEFAULT_RANK, DEFAULT_THRESHOLD, MODES, TransferSettings
+from lorax.errors import LoraxError
+from lorax.library_scan import (adapter_files, batch_table, distinct_layers, output_path, scan_csv, scan_json,
+                                scan_table)
+from lorax.transfer import DEFAULT_MODE, DEFAULT_RANK, DEFAULT_THRESHOLD, MODES, TransferSettings
 
-
-def _cli():
-    from . import cli
-
-    return cli
+from .common import backend, batch_engine, check_inputs, check_output, read_user_map, same_file
 
 
 def settings_of(args) -> TransferSettings:
@@ -40,27 +34,12 @@ def settings_of(args) -> TransferSettings:
                             cross_attention_kv=not args.no_cross_attention_kv)
 
 
-@contextlib.contextmanager
-def batch_engine(exact: bool):
-    """The CLI's engine (with the user's SVD cache), or, with the cache off, one whose cache is a
-    temporary folder for the run (module docstring)."""
-    engine = _cli()._engine(exact)
-    if engine.store is not None:
-        yield engine
-        return
-    from .svd_cache import SVDCache
-
-    with tempfile.TemporaryDirectory(prefix="lorax-batch-svd-") as folder:
-        engine.store = SVDCache(folder)
-        yield engine
-
-
 def _files(folder: str) -> list[Path]:
     """The folder's adapter files, LoRA-X adapters last: an ordinary LoRA's layers are
     decomposed at the batch's rank k, a LoRA-X adapter's at its own r (usually smaller), and the
     engine answers a smaller k from a larger decomposition but not the other way round — so this
     order decomposes each layer once where the other would do it twice."""
-    from .lorax_adapter import is_lorax_file
+    from lorax.lorax_adapter import is_lorax_file
 
     def is_lorax(path: Path) -> bool:
         try:
@@ -122,23 +101,22 @@ def _file_progress(i: int, n: int, name: str, stop: _StopRequest | None = None):
 
 
 def cmd_scan(args) -> int:
-    cli = _cli()
     paths = [args.target] + ([args.source] if args.source else [])
-    cli._check_inputs(*paths)
-    if args.source and cli._same_file(args.source, args.target):
+    check_inputs(*paths)
+    if args.source and same_file(args.source, args.target):
         raise LoraxError("source and target are the same file; the target must be a different checkpoint")
     files = _files(args.loras)
     inputs = {"--target": args.target, "--source": args.source, "--layer-map-file": args.layer_map_file,
               **{f"the LoRA {_name(p, args.loras)}": str(p) for p in files}}
     for flag in ("--json", "--csv"):  # reports, rewritten on every run: only the inputs are protected
         if getattr(args, flag[2:]):
-            cli._check_output(getattr(args, flag[2:]), inputs, overwrite=True, flag=flag)
+            check_output(getattr(args, flag[2:]), inputs, overwrite=True, flag=flag)
     settings = TransferSettings(rank=args.rank, threshold=args.threshold)
-    be = cli._backend()
+    be = backend()
     t0 = time.perf_counter()
     target = be.load_model(args.target)
     source = be.load_model(args.source) if args.source else None
-    user_map = cli._user_map(args.layer_map_file)
+    user_map = read_user_map(args.layer_map_file)
     rows = []
     with batch_engine(args.exact) as engine:
         for i, path in enumerate(files, 1):
@@ -162,15 +140,14 @@ def cmd_scan(args) -> int:
 
 
 def cmd_transfer_many(args) -> int:
-    cli = _cli()
     settings = settings_of(args)
-    cli._check_inputs(args.source, args.target)
-    if cli._same_file(args.source, args.target):
+    check_inputs(args.source, args.target)
+    if same_file(args.source, args.target):
         raise LoraxError("source and target are the same file; the target must be a different checkpoint")
     files = _files(args.loras)
     jobs = [(_name(p, args.loras), str(p), str(output_path(p, args.loras, args.out, args.target))) for p in files]
     _check_outputs(jobs, {"--source": args.source, "--target": args.target, "--layer-map-file": args.layer_map_file})
-    user_map = cli._user_map(args.layer_map_file)
+    user_map = read_user_map(args.layer_map_file)
     t0 = time.perf_counter()
     if args.ray is not None:
         from .ray_batch import run_on_ray
@@ -209,7 +186,7 @@ def _check_outputs(jobs, inputs: dict) -> None:
 
 def run_local(jobs, args, settings, user_map):
     """Every file in this process, on one engine (module docstring)."""
-    be = _cli()._backend()
+    be = backend()
     source, target = be.load_model(args.source), be.load_model(args.target)
     rows = []
     with batch_engine(args.exact) as engine, _StopRequest() as stop:
@@ -239,7 +216,7 @@ def _common(p: argparse.ArgumentParser) -> None:
 
 
 def add_parsers(sub, layer_map_arguments) -> None:
-    """The ``scan`` and ``transfer-many`` subcommands (called by :func:`lorax.cli.build_parser`)."""
+    """The ``scan`` and ``transfer-many`` subcommands (called by :func:`lorax_cli.cli.build_parser`)."""
     s = sub.add_parser("scan", help="which LoRAs of a folder fit a checkpoint (one row per file)")
     _common(s)
     s.add_argument("--source", help="the checkpoint the LoRAs were made for: adds Φ̂ of the layers they touch")

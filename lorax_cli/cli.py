@@ -1,5 +1,5 @@
 """``python -m lorax``: subspace similarity, adapter transfer, LoRA → LoRA-X conversion, the SVD
-cache, and the same over a folder of LoRAs (``scan``, ``transfer-many``: :mod:`lorax.batch`).
+cache, and the same over a folder of LoRAs (``scan``, ``transfer-many``: :mod:`lorax_cli.batch`).
 
 Models and adapters are read the way ComfyUI reads them (its model detection, key maps and
 LoRA loaders), so the ComfyUI host is needed: ``$COMFYUI_PATH``, the ComfyUI this pack is
@@ -9,58 +9,21 @@ installed in, or the tree ``scripts/setup`` fetched. Works without a GPU.
 from __future__ import annotations
 
 import argparse
-import importlib
 import json
 import os
 import sys
 import time
-import types
 from pathlib import Path
 
-from .adapter_check import check_adapter_file
-from .errors import LoraxError
-from .layer_map import MODES as LAYER_MAP_MODES, load_user_map
-from .skip_reasons import why_left_out
-from .transfer import DEFAULT_MODE, DEFAULT_RANK, DEFAULT_THRESHOLD, MODES, TransferSettings
+from lorax.adapter_check import check_adapter_file
+from lorax.errors import LoraxError
+from lorax.layer_map import MODES as LAYER_MAP_MODES
+from lorax.skip_reasons import why_left_out
+from lorax.transfer import DEFAULT_MODE, DEFAULT_RANK, DEFAULT_THRESHOLD, MODES, TransferSettings
 
-PACK_ROOT = Path(__file__).resolve().parent.parent
-_PACK_NAME = "lorax_comfyui_pack"
-
-
-def _backend():
-    """Boot the host and import the pack's ``nodes/cli_backend.py`` (ComfyUI owns the name ``nodes``)."""
-    spec = importlib.util.spec_from_file_location(f"{_PACK_NAME}_boot", PACK_ROOT / "nodes" / "host_boot.py")
-    boot = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(boot)
-    boot.boot(PACK_ROOT)
-    import logging
-
-    root = logging.getLogger()
-    level = root.level
-    root.setLevel(logging.ERROR)  # ComfyUI warns at import about optional audio packages; not our business
-    try:
-        if _PACK_NAME not in sys.modules:
-            pkg = types.ModuleType(_PACK_NAME)
-            pkg.__path__ = [str(PACK_ROOT)]
-            sys.modules[_PACK_NAME] = pkg
-        return importlib.import_module(f"{_PACK_NAME}.nodes.cli_backend")
-    finally:
-        root.setLevel(max(level, logging.WARNING))
-
-
-#: Where the command line keeps its SVD cache unless LORAX_SVD_CACHE says otherwise.
-DEFAULT_CACHE_FOLDER = Path.home() / ".cache" / "lorax" / "svd"
-
-
-def _engine(exact: bool, use_cache: bool = True):
-    import torch
-
-    from .engine import SVDEngine
-    from .svd_cache import cache_from_env
-
-    store = cache_from_env(DEFAULT_CACHE_FOLDER) if use_cache else None
-    return SVDEngine(method="exact" if exact else "gram", device="cuda" if torch.cuda.is_available() else "cpu",
-                     store=store)
+from .batch import add_parsers
+from .common import (DEFAULT_CACHE_FOLDER, backend, check_inputs, check_output, make_engine, progress,
+                     read_user_map, same_file)
 
 
 def _cache_line(engine) -> str:
@@ -68,54 +31,21 @@ def _cache_line(engine) -> str:
     return engine.cache_note()
 
 
-def _progress(label: str):
-    def update(done: int, total: int) -> None:
-        if sys.stderr.isatty():
-            print(f"\r{label}: {done}/{total} layers", end="" if done < total else "\n", file=sys.stderr)
-    return update
-
-
-def _same_file(a: str, b: str) -> bool:
-    return os.path.exists(a) and os.path.exists(b) and os.path.samefile(a, b)
-
-
-def _check_inputs(*paths: str) -> None:
-    for path in paths:
-        if not os.path.isfile(path):
-            raise LoraxError("file not found; check the path", path=path)
-
-
-def _check_output(out: str, inputs: dict[str, str | None], overwrite: bool = False, flag: str = "--out") -> None:
-    """Refuse to write ``out`` over one of the command's inputs (``{"--source": path, …}``), by
-    path or as the same file under another name (a hard link, a symlink), whatever the flags; and
-    over any other existing file unless ``overwrite``. Called before the work and again just
-    before the write, which then replaces ``out`` atomically (temporary file + rename)."""
-    for name, path in inputs.items():
-        if path and _same_file(out, path):
-            raise LoraxError(f"{flag} is the same file as {name}; nothing was written. The command line never "
-                             f"writes over one of its inputs: give {flag} a new file name", path=out)
-    if os.path.isdir(out):
-        raise LoraxError(f"{flag} is a folder; nothing was written. Give {flag} a file name (.safetensors)", path=out)
-    if os.path.lexists(out) and not overwrite:
-        raise LoraxError(f"{flag} already exists; nothing was written. Give {flag} a new file name, or add "
-                         "--overwrite to replace it", path=out)
-
-
 def cmd_similarity(args) -> int:
-    _check_inputs(args.source, args.target)
-    if _same_file(args.source, args.target):
+    check_inputs(args.source, args.target)
+    if same_file(args.source, args.target):
         raise LoraxError("source and target are the same file; compare two different checkpoints")
     inputs = {"--source": args.source, "--target": args.target, "--layer-map-file": args.layer_map_file}
     if args.json:  # a report, rewritten on every run: only the inputs are protected
-        _check_output(args.json, inputs, overwrite=True, flag="--json")
-    be = _backend()
+        check_output(args.json, inputs, overwrite=True, flag="--json")
+    be = backend()
     t0 = time.perf_counter()
     source, target = be.load_model(args.source), be.load_model(args.target)
     layer_set = be.LAYER_SETS[1] if args.all_layers else be.LAYER_SETS[0]
-    engine = _engine(args.exact, not args.no_cache)
+    engine = make_engine(args.exact, not args.no_cache)
     rows, text, _ = be.run_similarity(source, target, rank=args.rank, layer_set=layer_set, threshold=args.threshold,
-                                      engine=engine, progress=_progress("similarity"),
-                                      layer_map_mode=args.layer_map, user_map=_user_map(args.layer_map_file))
+                                      engine=engine, progress=progress("similarity"),
+                                      layer_map_mode=args.layer_map, user_map=read_user_map(args.layer_map_file))
     print(text)
     print(f"time: {time.perf_counter() - t0:.1f} s")
     if args.json:
@@ -128,21 +58,21 @@ def cmd_similarity(args) -> int:
 def cmd_transfer(args) -> int:
     settings = TransferSettings(rank=args.rank, threshold=args.threshold, mode=args.mode, shape_rule=args.shape_rule,
                                 cross_attention_kv=not args.no_cross_attention_kv)
-    _check_inputs(args.source, args.target, args.adapter)
-    if _same_file(args.source, args.target):
+    check_inputs(args.source, args.target, args.adapter)
+    if same_file(args.source, args.target):
         raise LoraxError("source and target are the same file; the target must be a different checkpoint")
     inputs = {"--source": args.source, "--target": args.target, "--adapter": args.adapter,
               "--layer-map-file": args.layer_map_file}
-    _check_output(args.out, inputs, args.overwrite)
+    check_output(args.out, inputs, args.overwrite)
     check_adapter_file(args.adapter)  # a damaged adapter fails before two checkpoints are loaded
-    be = _backend()
+    be = backend()
     t0 = time.perf_counter()
     source, target = be.load_model(args.source), be.load_model(args.target)
     adapter = be.AdapterHandle.open(os.path.basename(args.adapter), args.adapter)
-    engine = _engine(args.exact, not args.no_cache)
+    engine = make_engine(args.exact, not args.no_cache)
     handle = be.run_transfer(source, target, adapter, settings, engine, strength=args.strength,
-                             progress=_progress("transfer"), layer_map_mode=args.layer_map,
-                             user_map=_user_map(args.layer_map_file))
+                             progress=progress("transfer"), layer_map_mode=args.layer_map,
+                             user_map=read_user_map(args.layer_map_file))
     print(handle.verdict)
     for row in handle.rows:
         phi = "" if row.get("phi_hat") is None and row.get("phi_hat_right") is None else \
@@ -156,7 +86,7 @@ def cmd_transfer(args) -> int:
         for line in why_left_out(handle.result.layers):
             print(f"  {line}")
         return 2
-    _check_output(args.out, inputs, args.overwrite)  # nothing appeared there meanwhile
+    check_output(args.out, inputs, args.overwrite)  # nothing appeared there meanwhile
     written = be.save_transfer(handle, args.out, bake_strength=True)
     print(f"summary: {handle.result.summary()}; wrote {written} layers to {args.out}; "
           f"total {time.perf_counter() - t0:.1f} s")
@@ -170,28 +100,21 @@ def _score(x: float | None) -> str:
     return "–" if x is None else f"{x:.3f}"
 
 
-def _user_map(path: str | None):
-    if not path:
-        return None
-    _check_inputs(path)
-    return load_user_map(Path(path).read_text(), path=path)
-
-
 def cmd_convert(args) -> int:
-    _check_inputs(args.source, args.adapter)
+    check_inputs(args.source, args.adapter)
     inputs = {"--source": args.source, "--adapter": args.adapter}
-    _check_output(args.out, inputs, args.overwrite)
+    check_output(args.out, inputs, args.overwrite)
     check_adapter_file(args.adapter)
-    be = _backend()
-    from .lorax_adapter import save_lorax
+    be = backend()
+    from lorax.lorax_adapter import save_lorax
 
     source = be.load_model(args.source)
     adapter = be.AdapterHandle.open(os.path.basename(args.adapter), args.adapter)
-    engine = _engine(args.exact, not args.no_cache)
+    engine = make_engine(args.exact, not args.no_cache)
     converted, rows, summary = be.convert_adapter(source, adapter, args.rank, engine)
     for row in rows:
         print(f"kept {100 * row['kept']:5.1f}%  r {row['rank']:>4}  {row['module']}")
-    _check_output(args.out, inputs, args.overwrite)
+    check_output(args.out, inputs, args.overwrite)
     save_lorax(args.out, converted)
     print(f"summary: {summary}")
     print(f"wrote {len(converted.sigmas)} layers, {converted.parameter_count} parameters, "
@@ -202,7 +125,7 @@ def cmd_convert(args) -> int:
 
 def cmd_cache(args) -> int:
     """List the SVD cache by model, or clear it (all of it, or one model's entries)."""
-    from .svd_cache import cache_from_env
+    from lorax.svd_cache import cache_from_env
 
     cache = cache_from_env(args.folder or DEFAULT_CACHE_FOLDER, ignore_off=True)
     try:
@@ -213,7 +136,7 @@ def cmd_cache(args) -> int:
 
 
 def _cache_command(args, cache) -> int:
-    from .svd_cache import UNKNOWN_MODEL, cache_disabled, describe_bytes
+    from lorax.svd_cache import UNKNOWN_MODEL, cache_disabled, describe_bytes
 
     folder = cache.folder
     if args.action == "clear":
@@ -318,9 +241,7 @@ def build_parser() -> argparse.ArgumentParser:
                                     "the nodes' cache is lorax-svd-cache in ComfyUI's user folder)")
     k.set_defaults(func=cmd_cache)
 
-    from .batch import add_parsers  # scan, transfer-many (a LoRA library at once)
-
-    add_parsers(sub, _layer_map_arguments)
+    add_parsers(sub, _layer_map_arguments)  # scan, transfer-many (a LoRA library at once)
     return p
 
 

@@ -1,5 +1,6 @@
-"""Starting ComfyUI's modules inside a plain Python process (the command line, the benchmarks).
+"""Starting ComfyUI's modules inside a plain Python process (the command line, the tests, the benchmarks).
 
+Part of the command line's layer, not of ``nodes/``: inside a running ComfyUI it is never needed.
 Imports nothing from ComfyUI itself, so it can run before the first ``comfy`` import, which is
 when ComfyUI reads its command line and probes CUDA. Inside a running ComfyUI none of this is
 needed or used.

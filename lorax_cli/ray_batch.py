@@ -39,9 +39,11 @@ import tempfile
 import time
 from dataclasses import asdict
 
-from .errors import LoraxError
-from .library_scan import BatchRow, complete_output, distinct_layers, provenance_settings
-from .transfer import TransferSettings
+from lorax.errors import LoraxError
+from lorax.library_scan import BatchRow, complete_output, distinct_layers, provenance_settings
+from lorax.transfer import TransferSettings
+
+from .common import PACK_ROOT, backend, batch_engine, make_engine
 
 _WORKER: dict = {}
 
@@ -61,13 +63,11 @@ def _worker_state(source: str, target: str, exact: bool, threads: int) -> dict:
         _WORKER.clear()
         import torch
 
-        from . import cli
-
         torch.set_num_threads(threads)
         torch.set_grad_enabled(False)  # as python -m lorax does: nothing here trains
-        be = cli._backend()
+        be = backend()
         _WORKER.update(key=key, be=be, source=be.load_model(source), target=be.load_model(target),
-                       engine=cli._engine(exact))
+                       engine=make_engine(exact))
     return _WORKER
 
 
@@ -96,8 +96,7 @@ def _import_ray():
 def run_on_ray(jobs, args, settings: TransferSettings, user_map):
     """The batch on Ray (module docstring): (rows in job order, the SVD line of the summary)."""
     ray = _import_ray()
-    from . import batch, cli
-    from .svd_cache import cache_from_env
+    from lorax.svd_cache import cache_from_env
 
     local = args.ray == "local"
     store = cache_from_env(os.path.expanduser(os.path.join("~", ".cache", "lorax", "svd")))
@@ -112,16 +111,16 @@ def run_on_ray(jobs, args, settings: TransferSettings, user_map):
         cache_folder = store.folder
     os.environ["LORAX_SVD_CACHE"] = cache_folder  # the driver's engine, and (below) the workers'
     try:
-        return _run(ray, jobs, args, settings, user_map, cache_folder, local, batch, cli)
+        return _run(ray, jobs, args, settings, user_map, cache_folder, local)
     finally:
         if tmp is not None:
             tmp.cleanup()
 
 
-def _run(ray, jobs, args, settings, user_map, cache_folder, local, batch, cli):
+def _run(ray, jobs, args, settings, user_map, cache_folder, local):
     import torch
 
-    be = cli._backend()
+    be = backend()
     expected = provenance_settings(settings, args.strength)
     rows: dict[int, BatchRow] = {}
     todo = []
@@ -135,7 +134,7 @@ def _run(ray, jobs, args, settings, user_map, cache_folder, local, batch, cli):
     # (1) Every distinct layer the files touch, decomposed once into the shared cache.
     t0 = time.perf_counter()
     source, target = be.load_model(args.source), be.load_model(args.target)
-    with batch.batch_engine(args.exact) as engine:
+    with batch_engine(args.exact) as engine:
         errors = be.decompose_for_batch([jobs[i] for i in todo], source, target, settings, engine,
                                         layer_map_mode=args.layer_map, user_map=user_map)
         send = []
@@ -151,7 +150,7 @@ def _run(ray, jobs, args, settings, user_map, cache_folder, local, batch, cli):
     del source, target
 
     # (2) One Ray task per file.
-    env = {"PYTHONPATH": os.pathsep.join([str(cli.PACK_ROOT)] + [p for p in os.environ.get("PYTHONPATH", "").split(
+    env = {"PYTHONPATH": os.pathsep.join([str(PACK_ROOT)] + [p for p in os.environ.get("PYTHONPATH", "").split(
         os.pathsep) if p]), "LORAX_SVD_CACHE": cache_folder,
         "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "PASSIVE")}
     if os.environ.get("COMFYUI_PATH"):
