@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import io
 import math
-import time
 from contextlib import redirect_stdout
 
 import pytest
@@ -30,14 +29,14 @@ tf = host.load_bench("trained_fidelity.py")
 
 @pytest.fixture(scope="module")
 def quick_run(comfy_host, one_thread):
+    # Its time is the benchmark's to print (`total ... s wall, ... s CPU`), not a test's to assert.
     lines: list[str] = []
-    cpu0 = time.process_time()
     runs, info = tf.run(tf.QUICK, log=lines.append, comfy_host=comfy_host)
-    return runs, info, lines, time.process_time() - cpu0
+    return runs, info, lines
 
 
 def test_judges_read_real_held_out_images(quick_run):
-    _, info, _, _ = quick_run
+    _, info, _ = quick_run
     # An MLP on 64 pixels reads held-out digits of every domain, styled or not (measured 0.956-0.975);
     # the style probe separates styled from plain held-out images (measured 0.999).
     assert set(info["classifier"]) == {f"{d} {s}".strip() for d in tf.DOMAINS for s in ("", *tf.QUICK.styles)}
@@ -46,7 +45,7 @@ def test_judges_read_real_held_out_images(quick_run):
 
 
 def test_training_reduced_every_loss(quick_run):
-    (run,), _, _, _ = quick_run
+    (run,), _, _ = quick_run
     loss = run["loss"]
     assert set(loss) >= {"base", "finetune", "LoRA-X on base", "LoRA on base"}
     # From a fresh init the base's x0 loss falls by more than 10x (measured 5.3 -> 0.21); the fine-tune and
@@ -57,7 +56,7 @@ def test_training_reduced_every_loss(quick_run):
 
 
 def test_base_samples_are_classified_far_above_chance(quick_run):
-    (run,), _, _, _ = quick_run
+    (run,), _, _ = quick_run
     # 50 samples drawn with KSampler for known classes (5 per class). Chance is 0.1; measured 0.74. 0.3 is
     # far outside what an untrained or class-blind model reaches (binomial sd at 0.1: 0.04).
     assert run["models"]["base"]["acc"] > 0.3, run["models"]
@@ -65,7 +64,7 @@ def test_base_samples_are_classified_far_above_chance(quick_run):
 
 
 def test_ground_truth_adapters_carry_the_style(quick_run):
-    (run,), _, _, _ = quick_run
+    (run,), _, _ = quick_run
     arms = run["targets"]["finetune"]
     # Trained on the target, both adapter kinds move the style probe's mean well up (measured 0.23 -> 0.91 / 0.96).
     for gt in ("LoRA-X GT", "LoRA GT"):
@@ -73,7 +72,7 @@ def test_ground_truth_adapters_carry_the_style(quick_run):
 
 
 def test_every_arm_is_judged_and_reported(quick_run):
-    runs, info, lines, _ = quick_run
+    runs, info, lines = quick_run
     (run,) = runs
     arms = run["targets"]["finetune"]
     assert set(arms) == set(tf.QUICK.arms)
@@ -91,14 +90,6 @@ def test_every_arm_is_judged_and_reported(quick_run):
     for arm in tf.QUICK.arms:
         assert f" {arm} " in text, arm
     assert any("seed 0" in line for line in lines)
-
-
-def test_quick_variant_fits_its_budget(quick_run):
-    *_, cpu_seconds = quick_run
-    # The budget is 3 min on the 2-core CPU. The run uses one thread, so its CPU time is what it
-    # takes on a quiet machine, however loaded this one is (measured 135-147 s; 139 s wall as a command,
-    # 158 s as this fixture at load 2-3, 304 s at load 4).
-    assert cpu_seconds < 180, cpu_seconds
 
 
 def test_merged_batch_cond_stacks_rows_in_order(comfy_host):
