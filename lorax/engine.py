@@ -48,12 +48,16 @@ import torch
 from .devices import float64_device
 from .fingerprint import weight_digest
 from .similarity import LayerSimilarity
-from .svd import WIDE_FROM, Method, SVDFactors, max_rank, route_key, truncated_svd_batch, wide_route
+from .svd import STREAM_BLOCK_BYTES, WIDE_FROM, Method, SVDFactors, max_rank, route_key, truncated_svd_batch, wide_route
 from .weight_formats import dense_weight
 
 #: How the fast methods keep U and V (module docstring): float16 keeps 3 more mantissa bits than
 #: bfloat16 (8× less rounding) and unit vectors need none of bfloat16's range.
 DEFAULT_STORED_DTYPE = torch.float16
+#: Decompositions' working memory in flight at once (``max_batch_bytes``). 512 MiB lets two of the
+#: widest layers (Wan 2.2's 13824 × 5120 ``ffn.0`` by the subspace route: 0.19 GB each) run side by side
+#: on two cores; at 256 MiB Z-Image's layers went one at a time. Far below an 8 GB card or a 16 GB laptop.
+DEFAULT_MAX_BATCH_BYTES = 512 << 20
 
 
 def relative_change(source: torch.Tensor, target: torch.Tensor, block_bytes: int = 32 << 20) -> float:
@@ -116,7 +120,7 @@ class SVDEngine:
 
     def __init__(self, method: Method = "gram", device: torch.device | str | None = None,
                  store: FactorStore | None = None, batch_size: int = 8, memory_bytes: int = 256 << 20,
-                 seed: int = 0, max_batch_bytes: int = 256 << 20, workers: int | None = None,
+                 seed: int = 0, max_batch_bytes: int = DEFAULT_MAX_BATCH_BYTES, workers: int | None = None,
                  stored_dtype: torch.dtype | None = None, wide_from: int | None = WIDE_FROM):
         self.method = method
         self.wide_from = None if wide_from is None else int(wide_from)
@@ -485,11 +489,17 @@ class SVDEngine:
 
     def _upcast_bytes(self, weight: torch.Tensor, route: str | None = None, k: int = 0) -> int:
         """Bytes one decomposition holds beyond the stored weight: its float64 copy (the Gram route
-        streams, but the exact fallback does not), or for ``subspace`` the float32 Gram matrix, the
-        ``2k × l`` float64 projection and two upcast blocks (:func:`lorax.svd._subspace_streamed`)."""
+        streams, but the exact fallback does not), or for ``subspace`` the larger of its two phases
+        (:func:`lorax.svd._subspace_streamed`): the float32 Gram matrix with the basis and its QR
+        work (four ``s × 2k`` float32 arrays), or the float32 ``2k × l`` projection with the float64
+        ``l × k`` factor and the bases; each with one block of the weight in flight. For Z-Image's
+        11520 × 3840 ``qkv`` at k = 320: 142 MB (the float64 copy would be 354 MB)."""
         if route == "subspace":
             s = max_rank(weight.shape)
-            return max(1, 4 * s * s + 8 * 2 * k * (weight.numel() // s) + (64 << 20))
+            long, width = weight.numel() // s, 2 * k
+            iterating = 4 * s * s + 16 * s * width
+            projecting = 4 * width * long + 8 * long * k + 20 * s * width
+            return max(1, max(iterating, projecting) + STREAM_BLOCK_BYTES)
         return max(1, (4 if (route or self.method) == "randomized" else 8) * weight.numel())
 
     @torch.no_grad()

@@ -97,7 +97,11 @@ _SUBSPACE_MAX_FRACTION = 0.5
 #: Elements of an fp8 weight upcast through float32 at a time (weight_matrix).
 _FP8_BLOCK = 1 << 22
 #: Bytes of one float64 block of a weight in the streamed Gram route (_gram_streamed).
-_STREAM_BLOCK_BYTES = 32 << 20
+STREAM_BLOCK_BYTES = 32 << 20
+#: Plain power steps of the ``subspace`` route before its Chebyshev-filtered ones (_subspace_basis).
+_SUBSPACE_PLAIN_STEPS = 2
+#: Row tiles of the ``subspace`` route's float32 Gram matrix; only the lower block triangle is multiplied.
+_GRAM_TILES = 4
 
 
 @dataclass(frozen=True)
@@ -198,7 +202,7 @@ def route_key(method: str, power_iterations: int = SUBSPACE_ITERATIONS) -> str:
     """The name factors of ``method`` are cached and remembered under: the method, and for
     ``subspace`` its iteration count too, since another count gives other numbers — so changing
     route or settings never reads back factors another computation made."""
-    return f"subspace-q{power_iterations}" if method == "subspace" else method
+    return f"subspace-c{power_iterations}" if method == "subspace" else method
 
 
 def truncated_svd(weight: torch.Tensor, k: int, *, method: Method = "exact",
@@ -309,14 +313,14 @@ def _gram_streamed(weight: torch.Tensor, k: int):
     """:func:`_gram` of one weight without a float64 copy of it: the Gram matrix is summed over
     blocks of the long side, each block upcast on its own, and the other side's vectors are
     computed block by block in a second pass. Peak extra memory is the ``s × s`` Gram matrix,
-    one block (``_STREAM_BLOCK_BYTES``) and the factors — for Flux's 21504 × 3072 ``linear1``
+    one block (``STREAM_BLOCK_BYTES``) and the factors — for Flux's 21504 × 3072 ``linear1``
     0.2 GB instead of the 0.5 GB float64 copy alone. ``(U, S, V)`` in float64, or None for a
     rank-deficient weight (the caller then takes the exact route).
     """
     W = weight.reshape(weight.shape[0], -1)
     tall = W.shape[0] > W.shape[1]        # Gram WᵀW over blocks of rows, else WWᵀ over blocks of columns
     s, long = (W.shape[1], W.shape[0]) if tall else W.shape
-    step = max(1, _STREAM_BLOCK_BYTES // (8 * s))
+    step = max(1, STREAM_BLOCK_BYTES // (8 * s))
 
     def block(start: int) -> torch.Tensor:  # s × b, float64
         return weight_matrix(W[start:start + step].mT if tall else W[:, start:start + step], torch.float64)
@@ -336,6 +340,52 @@ def _gram_streamed(weight: torch.Tensor, k: int):
     return (V, S, U) if tall else (U, S, V)
 
 
+def chebyshev_shifts(cut: float, steps: int) -> list[float]:
+    """The shifts ``μ_j`` of a degree-``steps`` Chebyshev filter that damps ``[0, cut]``: the nodes of
+    ``T_steps`` mapped onto that interval. ``Π_j (G − μ_j I)`` is, up to scale, the polynomial of that
+    degree smallest on ``[0, cut]`` relative to its value above it (module docstring)."""
+    return [cut / 2 * (1 + math.cos(math.pi * (2 * j + 1) / (2 * steps))) for j in range(steps)]
+
+
+def _gram_float32(block, s: int, long: int, step: int, device) -> torch.Tensor:
+    """``AAᵀ`` in float32, summed over blocks of ``A``'s long side, multiplying only the lower block
+    triangle of :data:`_GRAM_TILES` row tiles (10 of 16 tile products: 0.63 of the work) and mirroring it."""
+    G = torch.zeros(s, s, dtype=torch.float32, device=device)
+    edges = [round(i * s / _GRAM_TILES) for i in range(_GRAM_TILES + 1)]
+    for start in range(0, long, step):
+        X = block(start, torch.float32)
+        for a, b in zip(edges, edges[1:]):
+            G[a:b, :b].addmm_(X[a:b], X[:b].mT)
+        del X
+    for a, b in zip(edges, edges[1:]):
+        G[:a, a:b] = G[a:b, :a].mT
+    return G
+
+
+def _subspace_basis(G: torch.Tensor, width: int, products: int, seed: int) -> torch.Tensor:
+    """An orthonormal ``s × width`` float32 basis that holds the top eigenvectors of ``G``: two plain
+    power steps, then the remaining ``products − 2`` as Chebyshev-filtered steps in two rounds, each
+    round damping ``[0, θ]`` with ``θ`` the smallest Ritz value of the basis so far (a lower bound of
+    ``λ_width`` that sharpens as the basis converges). A QR after every product, shifted or not: one
+    product spreads the columns' scales by ``λ₁/λ_width`` (≈ 3e4 at k = 320), two would exceed float32."""
+    s = G.shape[0]
+    gen = torch.Generator(device=G.device).manual_seed(seed)
+    Q = torch.linalg.qr(G @ torch.randn(s, width, generator=gen, device=G.device, dtype=torch.float32)).Q
+    plain = min(products, _SUBSPACE_PLAIN_STEPS)
+    for _ in range(plain - 1):
+        Q = torch.linalg.qr(G @ Q).Q
+    filtered = products - plain
+    rounds = [filtered - filtered // 2, filtered // 2]
+    for steps in (r for r in rounds if r):
+        Y = G @ Q
+        cut = max(0.0, float(torch.linalg.eigvalsh(Q.mT @ Y)[0]))
+        for j, mu in enumerate(chebyshev_shifts(cut, steps)):
+            if j:
+                Y = G @ Q
+            Q = torch.linalg.qr(Y.sub_(Q, alpha=mu)).Q
+    return Q
+
+
 def _subspace_streamed(weight: torch.Tensor, k: int, power_iterations: int, seed: int):
     """The ``subspace`` route (module docstring) on one weight, read a block of the long side at a
     time: ``(U, S, V)`` in float64, or None where it does not apply (a width ``2k`` above half the
@@ -343,13 +393,13 @@ def _subspace_streamed(weight: torch.Tensor, k: int, power_iterations: int, seed
     falls back to the exact SVD).
 
     1. ``G = AAᵀ`` in float32 over blocks (``A`` the weight oriented so its rows are the smaller
-       side ``s``): fp16/bf16/fp8 entries are exact in float32, only the sums round.
-    2. ``Q = orth(G·Ω)`` for a seeded Gaussian ``Ω`` of ``2k`` columns, then ``q − 1`` times
-       ``Q = orth(G·Q)`` (Householder QR each time: the columns of ``G·Q`` span ``λ₁/λ_{2k}`` ≈ 3e4
-       in scale, too much for a Cholesky QR or LU in float32).
-    3. In float64: ``Q`` re-orthonormalised (one Cholesky QR; it is orthonormal to ~1e-6 already),
-       ``B = QᵀA`` over blocks, the eigendecomposition of the ``2k × 2k`` matrix ``BBᵀ`` gives
-       ``U = Q·W`` and ``σ``, and ``V = BᵀW/σ`` the other side (no second pass over the weight).
+       side ``s``; lower block triangle only): fp16/bf16/fp8 entries are exact in float32, only the sums round.
+    2. A ``2k``-column basis ``Q`` from ``power_iterations`` products with ``G`` (:func:`_subspace_basis`).
+    3. Rayleigh–Ritz: ``Q`` re-orthonormalised in float64 (one Cholesky QR; it is orthonormal to ~1e-6
+       already), ``B = QᵀA`` over blocks in float32 (its rounding, ~1e-7 relative, is far below the
+       basis's own error), then in float64 from those numbers: the eigendecomposition of the
+       ``2k × 2k`` matrix ``BBᵀ`` gives ``U = Q·W`` and ``σ``, and ``V = BᵀW/σ`` the other side —
+       orthonormal to float64 precision, since ``BBᵀ`` and ``V`` are computed from the same ``B``.
     """
     W = weight.reshape(weight.shape[0], -1)
     tall = W.shape[0] > W.shape[1]
@@ -357,33 +407,34 @@ def _subspace_streamed(weight: torch.Tensor, k: int, power_iterations: int, seed
     width = 2 * k
     if width > _SUBSPACE_MAX_FRACTION * s:
         return None
-    step = max(1, _STREAM_BLOCK_BYTES // (8 * s))
+    step = max(1, STREAM_BLOCK_BYTES // (8 * s))
 
     def block(start: int, dtype: torch.dtype) -> torch.Tensor:  # s × b
         return weight_matrix(W[start:start + step].mT if tall else W[:, start:start + step], dtype)
 
-    G = torch.zeros(s, s, dtype=torch.float32, device=W.device)
-    for start in range(0, long, step):
-        X = block(start, torch.float32)
-        G.addmm_(X, X.mT)
-        del X
-    gen = torch.Generator(device=W.device).manual_seed(seed)
-    Q = torch.linalg.qr(G @ torch.randn(s, width, generator=gen, device=W.device, dtype=torch.float32)).Q
-    for _ in range(power_iterations - 1):
-        Q = torch.linalg.qr(G @ Q).Q
+    G = _gram_float32(block, s, long, step, W.device)
+    Q = _subspace_basis(G, width, power_iterations, seed)
     del G
     Q = Q.double()
     R = torch.linalg.cholesky(Q.mT @ Q, upper=True)
     Q = torch.linalg.solve_triangular(R, Q, upper=True, left=False)
-    B = torch.empty(width, long, dtype=torch.float64, device=W.device)
+    Q32 = Q.float()
+    B = torch.empty(width, long, dtype=torch.float32, device=W.device)
+    C = torch.zeros(width, width, dtype=torch.float64, device=W.device)
     for start in range(0, long, step):
-        B[:, start:start + step] = Q.mT @ block(start, torch.float64)
-    top = _top_eigenpairs(B @ B.mT, k)
+        Bb = Q32.mT @ block(start, torch.float32)
+        B[:, start:start + step] = Bb
+        Bb = Bb.double()
+        C.addmm_(Bb, Bb.mT)
+    del Q32
+    top = _top_eigenpairs(C, k)
     if top is None:
         return None
     Wk, S = top
     U = Q @ Wk
-    V = (B.mT @ Wk) / S
+    V = torch.empty(long, k, dtype=torch.float64, device=W.device)
+    for start in range(0, long, step):
+        V[start:start + step] = B[:, start:start + step].double().mT @ Wk / S
     return (V, S, U) if tall else (U, S, V)
 
 

@@ -289,7 +289,7 @@ def test_streamed_gram_equals_the_reference_across_block_seams(rng, monkeypatch,
             pytest.skip("this torch build has no float8_e4m3fn dtype")
         dtype = torch.float8_e4m3fn
     s = min(shape[0], int(np.prod(shape[1:])))
-    monkeypatch.setattr(svd, "_STREAM_BLOCK_BYTES", 8 * s * 7)
+    monkeypatch.setattr(svd, "STREAM_BLOCK_BYTES", 8 * s * 7)
     w = t(_weight(rng, shape) * 4).to(dtype)
     k = 10
     f = truncated_svd(w, k, method="gram")
@@ -363,7 +363,7 @@ def test_subspace_route_streams_across_block_seams(rng, monkeypatch):
     B, A = _lora(rng, 200, 64)
     ref = lorax_ref(B @ A, U, V)
     whole = truncated_svd(w, 12, method="subspace")
-    monkeypatch.setattr(svd, "_STREAM_BLOCK_BYTES", 8 * 64 * 7)
+    monkeypatch.setattr(svd, "STREAM_BLOCK_BYTES", 8 * 64 * 7)
     blocks = truncated_svd(w, 12, method="subspace")
     for f in (whole, blocks):
         assert rel_err(project_lorax(Delta.factored((200, 64), t(B), t(A)), f).matrix(), ref) < SUBSPACE_TEST_TOL
@@ -396,7 +396,7 @@ def test_engine_decomposes_wide_layers_by_the_subspace_route(rng):
     wide, narrow = t(power_law_matrix(rng, 200, 160), torch.float32), t(power_law_matrix(rng, 96, 64), torch.float32)
     engine = SVDEngine(wide_from=128, workers=1)
     fw, fn = engine.factors_many([(wide, 16), (narrow, 16)])
-    assert engine.stats.routes == {"subspace-q8": 1, "gram": 1}
+    assert engine.stats.routes == {"subspace-c8": 1, "gram": 1}
     direct = SVDEngine(wide_from=None).rounded(truncated_svd(narrow, 16, method="gram"))
     assert torch.equal(fn.U, direct.U.float())
     ref = SVDEngine().rounded(truncated_svd(wide, 16, method="subspace"))

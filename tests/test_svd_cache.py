@@ -492,9 +492,9 @@ def test_subspace_route_entries_are_cached_and_read_back(tmp_path, weights):
     name and read back bit for bit by a second engine, which decomposes nothing."""
     cold = SVDEngine(store=SVDCache(tmp_path), wide_from=64, workers=1)
     ref = cold.factors_many([(w, 16) for w in weights])
-    assert cold.stats.routes == {"subspace-q8": 3, "gram": 1}  # 96 × 64 is wide here, 64 × 40 is not
+    assert cold.stats.routes == {"subspace-c8": 3, "gram": 1}  # 96 × 64 is wide here, 64 × 40 is not
     names = sorted(os.path.basename(p).split("-", 1)[1] for p, _, _ in SVDCache(tmp_path).entries())
-    assert names == ["gram.svd.safetensors"] + ["subspace-q8.svd.safetensors"] * 3
+    assert names == ["gram.svd.safetensors"] + ["subspace-c8.svd.safetensors"] * 3
     warm = SVDEngine(store=SVDCache(tmp_path), wide_from=64)
     again = warm.factors_many([(w, 16) for w in weights])
     assert warm.stats.layers_decomposed == 0 and warm.stats.disk_hits == 4
