@@ -25,31 +25,44 @@ Three methods:
 
 * ``subspace`` (chosen automatically for wide layers, see :func:`wide_route` and
   :class:`lorax.engine.SVDEngine`): block subspace iteration on the Gram matrix in float32, then a
-  Rayleigh–Ritz step on the weight in float64. Its cost grows with ``k`` where ``gram``'s grows
-  with the width: ``gram`` pays a full ``s × s`` eigendecomposition (``O(s³)``, ``s`` the smaller
-  side), this route ``q`` products of the ``s × s`` Gram matrix with ``2k`` columns and their QR
-  (``O(q·s²·k)``), the ``2k × 2k`` eigendecomposition of the projected Gram matrix, and one float64
-  pass over the weight. Why these choices, measured on the power-law spectra of
-  ``bench/wide_families.py`` (σ_i ∝ i^-0.8, a 5 % fine-tune, float16 storage, k = 320), one thread:
+  Rayleigh–Ritz step on the weight. Its cost grows with ``k`` where ``gram``'s grows with the width:
+  ``gram`` pays a full ``s × s`` eigendecomposition (``O(s³)``, ``s`` the smaller side), this route
+  ``q = 8`` products of the ``s × s`` Gram matrix with ``2k`` columns and their QR (``O(q·s²·k)``),
+  the ``2k × 2k`` eigendecomposition of the projected Gram matrix, and one pass over the weight.
+  Why these choices, measured on power-law spectra (σ_i ∝ i^-decay, a 5 % fine-tune, float16
+  storage; k = 320 at 3072², one thread):
 
-  - *float32 iterations, float64 Rayleigh–Ritz*: the iterations only have to find a ``2k``-wide
-    subspace that contains the top-k one; the final step computes the triplets inside it in
-    float64 from the weight itself (``B = QᵀW``, eigendecomposition of ``BBᵀ``, ``V = BᵀW_B/σ``),
-    so float32 rounding costs nothing visible (3072²: 7.0e-5 relative error of the projected
-    delta in float32 against 5.6e-5 with float64 iterations) at half the time of the products.
-  - *oversampling k (a width of 2k) and 8 iterations*: on these spectra the subspace error
-    falls by about ``(σ_{2k}/σ_k)² ≈ 1/3`` per iteration, whatever the width split between
-    oversampling and iterations (the products cost ``width × iterations`` either way): at 3072²
-    the projected delta is off by 6.2e-3 after 4 iterations, 5.6e-4 after 6, 1.8e-4 after 7 and
-    7.0e-5 after 8 — within the accuracy budget of 2e-4 (:data:`SUBSPACE_ERROR_BUDGET`).
+  - *Chebyshev-filtered steps*: after two plain power steps, the other six multiply by
+    ``G − μ_j I`` with ``μ_j`` the nodes of a Chebyshev polynomial on ``[0, θ]`` (``θ`` the smallest
+    Ritz value of the basis, a lower bound of ``λ_2k``, taken twice), a QR after every product. Plain
+    powers shrink the error by ``λ_2k/λ_k`` a step; the filter by about ``1/(x + √(x²−1))`` with
+    ``x = 2λ_k/λ_2k − 1`` (3× and 10× at decay 0.8). At the same 8 products, against plain powers:
+    3072², decay 0.8: 3.3e-5 against 5.5e-5 relative error of the projected delta; decay 0.5: 5.4e-5
+    against 1.7e-3 (the float16 floor there is 5.5e-4: plain powers were 3× above it); small test
+    matrices 10–30× better at decays 0.3–0.8 (tests/test_lorax_math.py). A polynomial applied without
+    a QR between its factors loses the subspace in float32 (one product spreads the columns' scales
+    by ``λ₁/λ_2k`` ≈ 3e4): the QRs are what make the filter usable.
+  - *float32 iterations and projection, float64 Rayleigh–Ritz*: the iterations only have to find a
+    ``2k``-wide subspace that contains the top-k one, and ``B = QᵀW`` in float32 rounds at ~1e-7,
+    far below that subspace's own error (same projected-delta error as float64, 3072² and 12288 ×
+    3072); the triplets inside it come from ``B`` in float64 (eigendecomposition of ``BBᵀ``,
+    ``V = BᵀW_B/σ``). Steep spectra are limited by the float32 Gram matrix instead (decay 1.2:
+    2.5e-3 whatever the steps, 0.4× that spectrum's float16 floor of 6.3e-3).
+  - *the Gram matrix from its lower block triangle*: 10 of 16 tile products (0.63 of the work).
+    With it and the float32 projection, 1.2× faster than the plain-power route per layer (3072²:
+    3.2 s against 3.8 s; 12288 × 3072: 6.4 s against 7.8 s; ``gram``: 12.1 and 16.9 s).
+  - *oversampling k (a width of 2k)*: a narrower basis needs more steps for the same error, a wider
+    one costs more per step and in the projection; by the rates above (not timed) 1.5k and 3k cost
+    about as much as 2k for the same error, so the width of the plain route stayed.
   - *not* LAPACK's subset eigensolver (``scipy.linalg.eigh(driver="evr", subset_by_index=…)``,
-    exact): 1.4× at 3072², since the tridiagonal reduction is still ``O(s³)``; *not* Chebyshev
-    filtering (degree 4 lost the subspace in float32; degree 3 was no better per product than
-    plain powers) nor block Krylov (2.3e-3 at the cost of 4 products of 320 columns); *not* LU
-    normalisation between powers (2.8e-3 instead of 1.8e-4 at 7 iterations).
+    exact): 1.4× at 3072², since the tridiagonal reduction is still ``O(s³)``; *not* block Krylov
+    (2.3e-3 at the cost of 4 products of 320 columns); *not* LU normalisation between powers; *not*
+    a float32 Rayleigh–Ritz that keeps only the top ``k + p`` Ritz vectors before the float64 step
+    (1.0–1.6e-3 at p = 64–160).
 
   The weight is read block by block as in the streamed Gram route, so the extra memory is the
-  float32 Gram matrix (``4s²`` bytes) and the ``2k × l`` float64 projection, not a float64 copy.
+  float32 Gram matrix (``4s²`` bytes), then the ``2k × l`` float32 projection and the ``l × k``
+  float64 factor, not a float64 copy.
 
 All methods batch several weights of one shape into one call (``subspace`` decomposes them one
 after the other: its products are already large).
@@ -78,14 +91,14 @@ DEFAULT_OVERSAMPLE = None
 DEFAULT_POWER_ITERATIONS = 6
 #: Above this fraction of ``min(m, n)`` the randomized method saves nothing.
 _RANDOMIZED_MAX_FRACTION = 0.5
-#: Power iterations of the ``subspace`` route (module docstring).
+#: Products with the Gram matrix in the ``subspace`` route: 2 plain, 6 Chebyshev-filtered (module docstring).
 SUBSPACE_ITERATIONS = 8
 #: What the ``subspace`` route may add to a projected delta, relative, against the float64 SVD of
-#: the same stored weight: 3.6–4.9× below the float16 storage floor of the wide layers it serves
+#: the same stored weight: below the float16 storage floor of the wide layers it serves
 #: (7.2–9.8e-4 on Wan 2.2, Z-Image, Qwen-Image; 1.2–9.7e-3 on SD/SDXL shapes) and half of what the
 #: engine's float16 factors add anyway (4.2e-4; the two add in quadrature: at most 4.7e-4).
-#: Measured 5.7–6.7e-5 on the layers of all three families (bench/wide_families.py); the tests'
-#: small matrices (k = 16–20) spread more (up to 2.2e-4) and are held to 5e-4 (tests/test_lorax_math.py).
+#: Measured 2.6–3.5e-5 on the layers of all three families (bench/wide_families.py, decay 0.8) and
+#: 5.4e-5 on a 3072² layer of decay 0.5; the tests' small matrices spread more (tests/test_lorax_math.py).
 SUBSPACE_ERROR_BUDGET = 2e-4
 #: The smaller side from which the engine takes the ``subspace`` route by default (wide_route):
 #: every SD1.5/SDXL layer (at most 1280) keeps ``gram``; Flux (3072), Qwen-Image (3072),
