@@ -48,7 +48,8 @@ import torch
 from .devices import float64_device
 from .fingerprint import weight_digest
 from .similarity import LayerSimilarity
-from .svd import STREAM_BLOCK_BYTES, WIDE_FROM, Method, SVDFactors, max_rank, route_key, truncated_svd_batch, wide_route
+from .svd import (WIDE_FROM, Method, SVDFactors, route_key, subspace_working_bytes, truncated_svd_batch,
+                  wide_route)
 from .weight_formats import dense_weight
 
 #: How the fast methods keep U and V (module docstring): float16 keeps 3 more mantissa bits than
@@ -489,17 +490,10 @@ class SVDEngine:
 
     def _upcast_bytes(self, weight: torch.Tensor, route: str | None = None, k: int = 0) -> int:
         """Bytes one decomposition holds beyond the stored weight: its float64 copy (the Gram route
-        streams, but the exact fallback does not), or for ``subspace`` the larger of its two phases
-        (:func:`lorax.svd._subspace_streamed`): the float32 Gram matrix with the basis and its QR
-        work (four ``s × 2k`` float32 arrays), or the float32 ``2k × l`` projection with the float64
-        ``l × k`` factor and the bases; each with one block of the weight in flight. For Z-Image's
-        11520 × 3840 ``qkv`` at k = 320: 142 MB (the float64 copy would be 354 MB)."""
+        streams, but the exact fallback does not), or the ``subspace`` route's own working memory
+        (:func:`lorax.svd.subspace_working_bytes`)."""
         if route == "subspace":
-            s = max_rank(weight.shape)
-            long, width = weight.numel() // s, 2 * k
-            iterating = 4 * s * s + 16 * s * width
-            projecting = 4 * width * long + 8 * long * k + 20 * s * width
-            return max(1, max(iterating, projecting) + STREAM_BLOCK_BYTES)
+            return max(1, subspace_working_bytes(tuple(weight.shape), k))
         return max(1, (4 if (route or self.method) == "randomized" else 8) * weight.numel())
 
     @torch.no_grad()

@@ -109,8 +109,8 @@ WIDE_FROM = 2048
 _SUBSPACE_MAX_FRACTION = 0.5
 #: Elements of an fp8 weight upcast through float32 at a time (weight_matrix).
 _FP8_BLOCK = 1 << 22
-#: Bytes of one float64 block of a weight in the streamed Gram route (_gram_streamed).
-STREAM_BLOCK_BYTES = 32 << 20
+#: Bytes of one float64 block of a weight read at a time by the streamed routes (_gram_streamed, _subspace_streamed).
+_STREAM_BLOCK_BYTES = 32 << 20
 #: Plain power steps of the ``subspace`` route before its Chebyshev-filtered ones (_subspace_basis).
 _SUBSPACE_PLAIN_STEPS = 2
 #: Row tiles of the ``subspace`` route's float32 Gram matrix; only the lower block triangle is multiplied.
@@ -213,7 +213,8 @@ def wide_route(shape: Sequence[int], k: int, wide_from: int | None = WIDE_FROM) 
 
 def route_key(method: str, power_iterations: int = SUBSPACE_ITERATIONS) -> str:
     """The name factors of ``method`` are cached and remembered under: the method, and for
-    ``subspace`` its iteration count too, since another count gives other numbers — so changing
+    ``subspace`` its schedule (``c``: Chebyshev-filtered; ``q`` was plain powers) and product count,
+    since another schedule or count gives other numbers — so changing
     route or settings never reads back factors another computation made."""
     return f"subspace-c{power_iterations}" if method == "subspace" else method
 
@@ -326,14 +327,14 @@ def _gram_streamed(weight: torch.Tensor, k: int):
     """:func:`_gram` of one weight without a float64 copy of it: the Gram matrix is summed over
     blocks of the long side, each block upcast on its own, and the other side's vectors are
     computed block by block in a second pass. Peak extra memory is the ``s × s`` Gram matrix,
-    one block (``STREAM_BLOCK_BYTES``) and the factors — for Flux's 21504 × 3072 ``linear1``
+    one block (``_STREAM_BLOCK_BYTES``) and the factors — for Flux's 21504 × 3072 ``linear1``
     0.2 GB instead of the 0.5 GB float64 copy alone. ``(U, S, V)`` in float64, or None for a
     rank-deficient weight (the caller then takes the exact route).
     """
     W = weight.reshape(weight.shape[0], -1)
     tall = W.shape[0] > W.shape[1]        # Gram WᵀW over blocks of rows, else WWᵀ over blocks of columns
     s, long = (W.shape[1], W.shape[0]) if tall else W.shape
-    step = max(1, STREAM_BLOCK_BYTES // (8 * s))
+    step = max(1, _STREAM_BLOCK_BYTES // (8 * s))
 
     def block(start: int) -> torch.Tensor:  # s × b, float64
         return weight_matrix(W[start:start + step].mT if tall else W[:, start:start + step], torch.float64)
@@ -399,6 +400,18 @@ def _subspace_basis(G: torch.Tensor, width: int, products: int, seed: int) -> to
     return Q
 
 
+def subspace_working_bytes(shape: Sequence[int], k: int) -> int:
+    """Bytes :func:`_subspace_streamed` holds beyond the stored weight: the larger of its two phases —
+    the float32 Gram matrix with the basis and its QR work (four ``s × 2k`` float32 arrays), or the
+    float32 ``2k × l`` projection with the float64 ``l × k`` factor and the bases — plus one block of
+    the weight in flight. For Z-Image's 11520 × 3840 ``qkv`` at k = 320: 142 MB (a float64 copy: 354 MB)."""
+    s = max_rank(shape)
+    long, width = math.prod(shape) // s, 2 * k
+    iterating = 4 * s * s + 16 * s * width
+    projecting = 4 * width * long + 8 * long * k + 20 * s * width
+    return max(iterating, projecting) + _STREAM_BLOCK_BYTES
+
+
 def _subspace_streamed(weight: torch.Tensor, k: int, power_iterations: int, seed: int):
     """The ``subspace`` route (module docstring) on one weight, read a block of the long side at a
     time: ``(U, S, V)`` in float64, or None where it does not apply (a width ``2k`` above half the
@@ -420,7 +433,7 @@ def _subspace_streamed(weight: torch.Tensor, k: int, power_iterations: int, seed
     width = 2 * k
     if width > _SUBSPACE_MAX_FRACTION * s:
         return None
-    step = max(1, STREAM_BLOCK_BYTES // (8 * s))
+    step = max(1, _STREAM_BLOCK_BYTES // (8 * s))
 
     def block(start: int, dtype: torch.dtype) -> torch.Tensor:  # s × b
         return weight_matrix(W[start:start + step].mT if tall else W[:, start:start + step], dtype)

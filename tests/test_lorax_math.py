@@ -19,7 +19,7 @@ from lorax.delta import Delta
 from lorax.projection import (project_lorax, project_paired, project_prolora, project_prolora_cross,
                               project_transport, rotate_into)
 from lorax.similarity import chance_phi, layer_similarity, phi
-from lorax.svd import canonical_signs, truncated_svd, truncated_svd_batch
+from lorax.svd import canonical_signs, chebyshev_shifts, truncated_svd, truncated_svd_batch
 from reference import (lorax_ref, orthonormal, paired_ref, perturbed, phi_ref, power_law_matrix,
                        prolora_cross_ref, prolora_ref, rel_err, t, top_svd, transport_ref)
 
@@ -289,7 +289,7 @@ def test_streamed_gram_equals_the_reference_across_block_seams(rng, monkeypatch,
             pytest.skip("this torch build has no float8_e4m3fn dtype")
         dtype = torch.float8_e4m3fn
     s = min(shape[0], int(np.prod(shape[1:])))
-    monkeypatch.setattr(svd, "STREAM_BLOCK_BYTES", 8 * s * 7)
+    monkeypatch.setattr(svd, "_STREAM_BLOCK_BYTES", 8 * s * 7)
     w = t(_weight(rng, shape) * 4).to(dtype)
     k = 10
     f = truncated_svd(w, k, method="gram")
@@ -347,6 +347,20 @@ def test_subspace_route_matches_float64_reference(rng, shape, k, decay):
     assert bool((f.U[idx, torch.arange(k)] > 0).all())  # canonical signs
 
 
+@pytest.mark.parametrize("steps", [1, 3, 4])
+def test_chebyshev_shifts_are_the_roots_of_the_filter(rng, steps):
+    """The shifts are the roots of ``T_steps`` mapped onto ``[0, cut]`` (numpy's float64 Chebyshev
+    polynomials as the reference), so the filter vanishes there and is largest above ``cut``."""
+    cut = float(rng.uniform(1e-3, 10.0))
+    mu = np.array(chebyshev_shifts(cut, steps))
+    T = np.polynomial.chebyshev.Chebyshev.basis(steps)
+    assert np.all((mu > 0) & (mu < cut)) and len(set(mu)) == steps
+    assert np.abs(T(2 * mu / cut - 1)).max() < 1e-12
+    grid = np.linspace(0, cut, 201)
+    inside = np.abs(np.prod(grid[:, None] - mu, axis=1)).max()
+    assert np.prod(2 * cut - mu) > inside  # above the interval the product grows past its size inside
+
+
 def test_subspace_route_gives_way_where_it_saves_nothing(rng):
     """At a width 2k above half the smaller side, and on a rank-deficient weight, the subspace method
     returns the Gram route's (exact) factors instead."""
@@ -367,7 +381,7 @@ def test_subspace_route_streams_across_block_seams(rng, monkeypatch):
     B, A = _lora(rng, 200, 64)
     ref = lorax_ref(B @ A, U, V)
     whole = truncated_svd(w, 12, method="subspace")
-    monkeypatch.setattr(svd, "STREAM_BLOCK_BYTES", 8 * 64 * 7)
+    monkeypatch.setattr(svd, "_STREAM_BLOCK_BYTES", 8 * 64 * 7)
     blocks = truncated_svd(w, 12, method="subspace")
     for f in (whole, blocks):
         assert rel_err(project_lorax(Delta.factored((200, 64), t(B), t(A)), f).matrix(), ref) < SUBSPACE_TEST_TOL[0.8]
