@@ -91,8 +91,9 @@ DEFAULT_OVERSAMPLE = None
 DEFAULT_POWER_ITERATIONS = 6
 #: Above this fraction of ``min(m, n)`` the randomized method saves nothing.
 _RANDOMIZED_MAX_FRACTION = 0.5
-#: Products with the Gram matrix in the ``subspace`` route: 2 plain, 6 Chebyshev-filtered (module docstring).
-SUBSPACE_ITERATIONS = 8
+#: The most products with the Gram matrix the ``subspace`` route takes; it stops sooner when its
+#: error estimate reaches :data:`SUBSPACE_TARGET_ERROR` (module docstring, :func:`_subspace_basis`).
+SUBSPACE_MAX_PRODUCTS = 12
 #: What the ``subspace`` route may add to a projected delta, relative, against the float64 SVD of
 #: the same stored weight: below the float16 storage floor of the wide layers it serves
 #: (7.2–9.8e-4 on Wan 2.2, Z-Image, Qwen-Image; 1.2–9.7e-3 on SD/SDXL shapes) and half of what the
@@ -100,6 +101,9 @@ SUBSPACE_ITERATIONS = 8
 #: Measured 2.6–3.5e-5 on the layers of all three families (bench/wide_families.py, decay 0.8) and
 #: 5.4e-5 on a 3072² layer of decay 0.5; the tests' small matrices spread more (tests/test_lorax_math.py).
 SUBSPACE_ERROR_BUDGET = 2e-4
+#: What the ``subspace`` route's own error estimate must reach before it stops: a quarter of the
+#: budget, since the estimate ran 1.3–6× below the measured error (3072² and 12288 × 3072, decays 0.3–1.2).
+SUBSPACE_TARGET_ERROR = SUBSPACE_ERROR_BUDGET / 4
 #: The smaller side from which the engine takes the ``subspace`` route by default (wide_route):
 #: every SD1.5/SDXL layer (at most 1280) keeps ``gram``; Flux (3072), Qwen-Image (3072),
 #: Z-Image (3840) and Wan 2.2 (5120) take it. The crossover between 1280 and 3072 was not measured:
@@ -111,8 +115,15 @@ _SUBSPACE_MAX_FRACTION = 0.5
 _FP8_BLOCK = 1 << 22
 #: Bytes of one float64 block of a weight read at a time by the streamed routes (_gram_streamed, _subspace_streamed).
 _STREAM_BLOCK_BYTES = 32 << 20
-#: Plain power steps of the ``subspace`` route before its Chebyshev-filtered ones (_subspace_basis).
-_SUBSPACE_PLAIN_STEPS = 2
+#: Chebyshev-filtered steps in the ``subspace`` route's first round, and the most in any later one
+#: (_subspace_basis): a round's cut and error estimate come from the Ritz values before it, so short
+#: rounds keep both fresh. Rounds of up to 3 saved a product at decay 0.8 but erred up to 2.3e-4 on
+#: the tests' small matrices (25 seeds a shape), above the budget; rounds of up to 2: at most 1.7e-4.
+_SUBSPACE_FIRST_STEPS = 2
+_SUBSPACE_MAX_ROUND = 2
+#: ``error ≈ 3·√mean(Δθ/θ)/T_m(x)`` (_subspace_basis): the factor measured between the estimate and
+#: the projected-delta error after a round, 2.9–3.5 on 3072² at decays 0.3–0.8.
+_ESTIMATE_FACTOR = 3.0
 #: Row tiles of the ``subspace`` route's float32 Gram matrix; only the lower block triangle is multiplied.
 _GRAM_TILES = 4
 
@@ -211,12 +222,12 @@ def wide_route(shape: Sequence[int], k: int, wide_from: int | None = WIDE_FROM) 
     return s >= wide_from and 2 * k <= _SUBSPACE_MAX_FRACTION * s
 
 
-def route_key(method: str, power_iterations: int = SUBSPACE_ITERATIONS) -> str:
+def route_key(method: str, max_products: int = SUBSPACE_MAX_PRODUCTS) -> str:
     """The name factors of ``method`` are cached and remembered under: the method, and for
     ``subspace`` its schedule (``c``: Chebyshev-filtered; ``q`` was plain powers) and product count,
     since another schedule or count gives other numbers — so changing
     route or settings never reads back factors another computation made."""
-    return f"subspace-c{power_iterations}" if method == "subspace" else method
+    return f"subspace-a{max_products}" if method == "subspace" else method
 
 
 def truncated_svd(weight: torch.Tensor, k: int, *, method: Method = "exact",
@@ -237,7 +248,8 @@ def truncated_svd_batch(weights: Sequence[torch.Tensor], k: int, *, method: Meth
     ``dtype`` defaults to float64 for ``exact``/``gram`` and float32 for ``randomized``; results are
     returned in that dtype on ``device`` (default: the first weight's device), signs canonical.
     The randomized and subspace methods are deterministic for a given ``seed``; ``power_iterations``
-    defaults to each one's own (:data:`DEFAULT_POWER_ITERATIONS`, :data:`SUBSPACE_ITERATIONS`).
+    defaults to each one's own (:data:`DEFAULT_POWER_ITERATIONS`; for ``subspace`` the most products,
+    :data:`SUBSPACE_MAX_PRODUCTS`).
     """
     if method not in METHODS:
         raise LoraxError(f"unknown SVD method {method!r}; expected one of {', '.join(METHODS)}")
@@ -256,7 +268,7 @@ def truncated_svd_batch(weights: Sequence[torch.Tensor], k: int, *, method: Meth
     if method == "subspace":
         out = []
         for i, w in enumerate(weights):
-            found = _subspace_streamed(w.to(device), k, SUBSPACE_ITERATIONS if power_iterations is None
+            found = _subspace_streamed(w.to(device), k, SUBSPACE_MAX_PRODUCTS if power_iterations is None
                                        else power_iterations, seed)
             if found is None:  # nothing to save (2k close to s) or rank-deficient: the exact routes
                 out += truncated_svd_batch([w], k, method="gram", dtype=dtype, device=device)
@@ -376,28 +388,58 @@ def _gram_float32(block, s: int, long: int, step: int, device) -> torch.Tensor:
     return G
 
 
-def _subspace_basis(G: torch.Tensor, width: int, products: int, seed: int) -> torch.Tensor:
-    """An orthonormal ``s × width`` float32 basis that holds the top eigenvectors of ``G``: two plain
-    power steps, then the remaining ``products − 2`` as Chebyshev-filtered steps in two rounds, each
-    round damping ``[0, θ]`` with ``θ`` the smallest Ritz value of the basis so far (a lower bound of
-    ``λ_width`` that sharpens as the basis converges). A QR after every product, shifted or not: one
-    product spreads the columns' scales by ``λ₁/λ_width`` (≈ 3e4 at k = 320), two would exceed float32."""
+def chebyshev_gain(x: float, steps: int) -> float:
+    """``T_steps(x)`` for ``x ≥ 1``: how much a degree-``steps`` filter that damps ``[0, cut]`` lifts an
+    eigenvalue at ``λ = (x + 1)·cut/2`` over the damped interval (capped where a float overflows)."""
+    return math.cosh(min(steps * math.acosh(max(x, 1.0)), 700.0))
+
+
+def _subspace_basis(G: torch.Tensor, k: int, width: int, max_products: int, seed: int) -> tuple[torch.Tensor, int]:
+    """An orthonormal ``s × width`` float32 basis that holds the top-``k`` eigenvectors of ``G`` to
+    :data:`SUBSPACE_TARGET_ERROR`, and the products with ``G`` it took (at most ``max_products``).
+
+    One product with a random block, then rounds of Chebyshev-filtered steps (a QR after each), every
+    round damping ``[0, θ_w]`` with ``θ_w`` the smallest Ritz value of the basis so far (a lower bound
+    of ``λ_width`` that sharpens as the basis converges). Each round starts with the Ritz values
+    ``θ`` of the basis; how far the top-``k`` of them rose over the last round, ``d_i = Δθ_i/θ_i``,
+    estimates the basis's error, ``3·√mean(d)/T_m(x)`` (``m`` that round's steps, ``x = 2θ_k/θ_w − 1``):
+    Ritz values err by the square of their vectors' angles, and a round shrinks those by ``T_m(x)``.
+    The next round takes the fewest steps (1–3) predicted to bring the estimate to the target, and
+    the route stops after it — or at once when the estimate is there already (the product that
+    started the round then serves as one more filtered step), when it stopped falling (the float32
+    floor of steep spectra), or at ``max_products``. A QR after every product, shifted or not: one
+    product spreads the columns' scales by ``λ₁/λ_width`` (≈ 3e4 at k = 320), two would exceed float32.
+    """
     s = G.shape[0]
     gen = torch.Generator(device=G.device).manual_seed(seed)
     Q = torch.linalg.qr(G @ torch.randn(s, width, generator=gen, device=G.device, dtype=torch.float32)).Q
-    plain = min(products, _SUBSPACE_PLAIN_STEPS)
-    for _ in range(plain - 1):
-        Q = torch.linalg.qr(G @ Q).Q
-    filtered = products - plain
-    rounds = [filtered - filtered // 2, filtered // 2]
-    for steps in (r for r in rounds if r):
+    products, previous, estimate, last_round = 1, None, math.inf, False
+    steps = min(_SUBSPACE_FIRST_STEPS, max_products - 1)
+    while products < max_products and not last_round:
         Y = G @ Q
-        cut = max(0.0, float(torch.linalg.eigvalsh(Q.mT @ Y)[0]))
+        products += 1
+        theta = torch.linalg.eigvalsh(Q.mT @ Y).flip(0).double()  # descending
+        cut = max(0.0, float(theta[-1]))
+        x = 2 * float(theta[k - 1]) / cut - 1 if cut > 0 else math.inf
+        if previous is not None:
+            rise = ((theta[:k] - previous[:k]) / theta[:k].clamp_min(1e-30 * float(theta[0]))).clamp_min(0)
+            last = estimate
+            estimate = _ESTIMATE_FACTOR * float(rise.mean().sqrt()) / chebyshev_gain(x, steps)
+            if estimate <= SUBSPACE_TARGET_ERROR or estimate > last / 2 or products >= max_products:
+                steps = 1  # the product already made: one more filtered step, and done
+                last_round = True
+            else:
+                steps = next((m for m in range(1, _SUBSPACE_MAX_ROUND + 1)
+                              if estimate / chebyshev_gain(x, m) <= SUBSPACE_TARGET_ERROR), _SUBSPACE_MAX_ROUND)
+                steps = min(steps, max_products - products + 1)
+                last_round = estimate / chebyshev_gain(x, steps) <= SUBSPACE_TARGET_ERROR
         for j, mu in enumerate(chebyshev_shifts(cut, steps)):
             if j:
                 Y = G @ Q
+                products += 1
             Q = torch.linalg.qr(Y.sub_(Q, alpha=mu)).Q
-    return Q
+        previous = theta
+    return Q, products
 
 
 def subspace_working_bytes(shape: Sequence[int], k: int) -> int:
@@ -412,7 +454,7 @@ def subspace_working_bytes(shape: Sequence[int], k: int) -> int:
     return max(iterating, projecting) + _STREAM_BLOCK_BYTES
 
 
-def _subspace_streamed(weight: torch.Tensor, k: int, power_iterations: int, seed: int):
+def _subspace_streamed(weight: torch.Tensor, k: int, max_products: int, seed: int):
     """The ``subspace`` route (module docstring) on one weight, read a block of the long side at a
     time: ``(U, S, V)`` in float64, or None where it does not apply (a width ``2k`` above half the
     smaller side) or a kept singular value is numerically zero (the caller takes ``gram``, which
@@ -439,7 +481,7 @@ def _subspace_streamed(weight: torch.Tensor, k: int, power_iterations: int, seed
         return weight_matrix(W[start:start + step].mT if tall else W[:, start:start + step], dtype)
 
     G = _gram_float32(block, s, long, step, W.device)
-    Q = _subspace_basis(G, width, power_iterations, seed)
+    Q, _ = _subspace_basis(G, k, width, max_products, seed)
     del G
     Q = Q.double()
     R = torch.linalg.cholesky(Q.mT @ Q, upper=True)

@@ -492,9 +492,9 @@ def test_subspace_route_entries_are_cached_and_read_back(tmp_path, weights):
     name and read back bit for bit by a second engine, which decomposes nothing."""
     cold = SVDEngine(store=SVDCache(tmp_path), wide_from=64, workers=1)
     ref = cold.factors_many([(w, 16) for w in weights])
-    assert cold.stats.routes == {"subspace-c8": 3, "gram": 1}  # 96 × 64 is wide here, 64 × 40 is not
+    assert cold.stats.routes == {"subspace-a12": 3, "gram": 1}  # 96 × 64 is wide here, 64 × 40 is not
     names = sorted(os.path.basename(p).split("-", 1)[1] for p, _, _ in SVDCache(tmp_path).entries())
-    assert names == ["gram.svd.safetensors"] + ["subspace-c8.svd.safetensors"] * 3
+    assert names == ["gram.svd.safetensors"] + ["subspace-a12.svd.safetensors"] * 3
     warm = SVDEngine(store=SVDCache(tmp_path), wide_from=64)
     again = warm.factors_many([(w, 16) for w in weights])
     assert warm.stats.layers_decomposed == 0 and warm.stats.disk_hits == 4
@@ -515,7 +515,7 @@ def test_changing_route_never_reads_another_routes_factors(tmp_path, weights, ch
                     ({"wide_from": 64}, {"wide_from": 64})
     SVDEngine(store=SVDCache(tmp_path), **first).factors(w, 16)
     if change == "other_iterations":
-        monkeypatch.setattr(svd, "SUBSPACE_ITERATIONS", 7)
+        monkeypatch.setattr(svd, "SUBSPACE_MAX_PRODUCTS", 7)
         monkeypatch.setattr(svd.route_key, "__defaults__", (7,))
     engine = SVDEngine(store=SVDCache(tmp_path), **second)
     f = engine.factors(w, 16)
