@@ -27,38 +27,48 @@ Three methods:
   :class:`lorax.engine.SVDEngine`): block subspace iteration on the Gram matrix in float32, then a
   Rayleigh–Ritz step on the weight. Its cost grows with ``k`` where ``gram``'s grows with the width:
   ``gram`` pays a full ``s × s`` eigendecomposition (``O(s³)``, ``s`` the smaller side), this route
-  ``q = 8`` products of the ``s × s`` Gram matrix with ``2k`` columns and their QR (``O(q·s²·k)``),
-  the ``2k × 2k`` eigendecomposition of the projected Gram matrix, and one pass over the weight.
-  Why these choices, measured on power-law spectra (σ_i ∝ i^-decay, a 5 % fine-tune, float16
-  storage; k = 320 at 3072², one thread):
+  ``q`` products of the ``s × s`` Gram matrix with ``2k`` columns and their QR (``O(q·s²·k)``, ``q``
+  between 5 and 12, chosen as it goes), the ``2k × 2k`` eigendecomposition of the projected Gram
+  matrix, and one pass over the weight. Why these choices, measured on power-law spectra
+  (σ_i ∝ i^-decay, stored in float16; k = 320 at 3072², 12288 × 3072 and 3840², one thread):
 
-  - *Chebyshev-filtered steps*: after two plain power steps, the other six multiply by
+  - *Chebyshev-filtered steps*: after one product with a random block, every other multiplies by
     ``G − μ_j I`` with ``μ_j`` the nodes of a Chebyshev polynomial on ``[0, θ]`` (``θ`` the smallest
-    Ritz value of the basis, a lower bound of ``λ_2k``, taken twice), a QR after every product. Plain
-    powers shrink the error by ``λ_2k/λ_k`` a step; the filter by about ``1/(x + √(x²−1))`` with
-    ``x = 2λ_k/λ_2k − 1`` (3× and 10× at decay 0.8). At the same 8 products, against plain powers:
-    3072², decay 0.8: 3.3e-5 against 5.5e-5 relative error of the projected delta; decay 0.5: 5.4e-5
-    against 1.7e-3 (the float16 floor there is 5.5e-4: plain powers were 3× above it); small test
-    matrices 10–30× better at decays 0.3–0.8 (tests/test_lorax_math.py). A polynomial applied without
-    a QR between its factors loses the subspace in float32 (one product spreads the columns' scales
-    by ``λ₁/λ_2k`` ≈ 3e4): the QRs are what make the filter usable.
+    Ritz value of the basis, a lower bound of ``λ_2k``, taken anew each round), a QR after every
+    product. Plain powers shrink the error by ``λ_2k/λ_k`` a step; a round of ``m`` filtered steps
+    by ``T_m(x)``, ``x = 2λ_k/λ_2k − 1`` (3× against 10× a step at decay 0.8). A polynomial
+    applied without a QR between its factors loses the subspace in float32 (one product spreads
+    the columns' scales by ``λ₁/λ_2k`` ≈ 3e4): the QRs are what make the filter usable.
+  - *an adaptive schedule*: spectra differ in what they need — the fixed 8 products of the route
+    before (2 plain, 6 filtered) gave 3.3e-5 relative error of the projected delta at decay 0.8,
+    1.1e-4 at 0.5 and 2.4e-3 at 0.3 (12× over budget). Each round starts with the Ritz values of
+    the basis; how far the top-k rose over the last round, ``d = Δθ/θ``, estimates the basis's error
+    as ``3·√mean(d)/T_m(x)`` (Ritz values err by the square of their vectors' angles; the factor 3
+    measured, 2.9–3.5), and the route stops once that is a quarter of the budget
+    (:data:`SUBSPACE_TARGET_ERROR`), when it stops falling (the float32 floor below), or at
+    :data:`SUBSPACE_MAX_PRODUCTS`. Measured: decay 0.8: 7 products, 3.2–3.7e-5 on the three shapes;
+    0.5: 9, 1.8–1.9e-5; 0.3: 12, 4.0–4.4e-5; 1.2: 5 (the floor). The tests' small matrices, 25 seeds
+    each: at most 1.8e-4 (tests/test_lorax_math.py).
   - *float32 iterations and projection, float64 Rayleigh–Ritz*: the iterations only have to find a
     ``2k``-wide subspace that contains the top-k one, and ``B = QᵀW`` in float32 rounds at ~1e-7,
     far below that subspace's own error (same projected-delta error as float64, 3072² and 12288 ×
     3072); the triplets inside it come from ``B`` in float64 (eigendecomposition of ``BBᵀ``,
     ``V = BᵀW_B/σ``). Steep spectra are limited by the float32 Gram matrix instead (decay 1.2:
     2.5e-3 whatever the steps, 0.4× that spectrum's float16 floor of 6.3e-3).
-  - *the Gram matrix from its lower block triangle*: 10 of 16 tile products (0.63 of the work).
-    With it and the float32 projection, 1.2× faster than the plain-power route per layer (3072²:
-    3.2 s against 3.8 s; 12288 × 3072: 6.4 s against 7.8 s; ``gram``: 12.1 and 16.9 s).
-  - *oversampling k (a width of 2k)*: a narrower basis needs more steps for the same error, a wider
-    one costs more per step and in the projection; by the rates above (not timed) 1.5k and 3k cost
-    about as much as 2k for the same error, so the width of the plain route stayed.
+  - *the Gram matrix from its lower block triangle*: 10 of 16 tile products (0.63 of the work; 6
+    or 8 tiles measured no faster, 12288 × 3072: 1.96 and 2.03 s against 1.96 s).
+  - *oversampling k (a width of 2k)*: measured at 3072²: a width of 1.5k at 8 products erred 1.3e-4
+    (decay 0.8) and 2.3e-3 (0.5) against 3.3e-5 and 1.1e-4 at 2k, and needed 10 products to match 2k's
+    8 at decay 0.8 (2.78 s against 3.02 s) but not at 0.5 (4.0e-4); 1.25k at 10 products: 5.7e-4.
   - *not* LAPACK's subset eigensolver (``scipy.linalg.eigh(driver="evr", subset_by_index=…)``,
     exact): 1.4× at 3072², since the tridiagonal reduction is still ``O(s³)``; *not* block Krylov
     (2.3e-3 at the cost of 4 products of 320 columns); *not* LU normalisation between powers; *not*
     a float32 Rayleigh–Ritz that keeps only the top ``k + p`` Ritz vectors before the float64 step
-    (1.0–1.6e-3 at p = 64–160).
+    (1.0–1.6e-3 at p = 64–160); *not* Cholesky QR with a float64 Gram of the block (0.096 s against
+    Householder's 0.121 s at 3072 × 640, 0.120 against 0.107 at 3840 × 640: nothing to gain); *not*
+    warm-starting a fine-tune's basis from its source's (3.2e-1 off at the start on the benchmark's 5 %
+    fine-tune, 4 filtered steps to 1.4e-4: a cold start's schedule, and a result that would depend
+    on which source came first).
 
   The weight is read block by block as in the streamed Gram route, so the extra memory is the
   float32 Gram matrix (``4s²`` bytes), then the ``2k × l`` float32 projection and the ``l × k``
@@ -98,11 +108,11 @@ SUBSPACE_MAX_PRODUCTS = 12
 #: the same stored weight: below the float16 storage floor of the wide layers it serves
 #: (7.2–9.8e-4 on Wan 2.2, Z-Image, Qwen-Image; 1.2–9.7e-3 on SD/SDXL shapes) and half of what the
 #: engine's float16 factors add anyway (4.2e-4; the two add in quadrature: at most 4.7e-4).
-#: Measured 2.6–3.5e-5 on the layers of all three families (bench/wide_families.py, decay 0.8) and
-#: 5.4e-5 on a 3072² layer of decay 0.5; the tests' small matrices spread more (tests/test_lorax_math.py).
+#: Measured 2.8–3.7e-5 on the layers of all three families (bench/wide_families.py, decay 0.8) and
+#: 1.8–4.4e-5 at decays 0.3–0.5 on 3072² to 3840²; the tests' small matrices up to 1.8e-4 (tests/test_lorax_math.py).
 SUBSPACE_ERROR_BUDGET = 2e-4
 #: What the ``subspace`` route's own error estimate must reach before it stops: a quarter of the
-#: budget, since the estimate ran 1.3–6× below the measured error (3072² and 12288 × 3072, decays 0.3–1.2).
+#: budget, since a round's predicted error ran up to 6× below the error then measured (decay 0.8, 3072²).
 SUBSPACE_TARGET_ERROR = SUBSPACE_ERROR_BUDGET / 4
 #: The smaller side from which the engine takes the ``subspace`` route by default (wide_route):
 #: every SD1.5/SDXL layer (at most 1280) keeps ``gram``; Flux (3072), Qwen-Image (3072),
@@ -118,7 +128,7 @@ _STREAM_BLOCK_BYTES = 32 << 20
 #: Chebyshev-filtered steps in the ``subspace`` route's first round, and the most in any later one
 #: (_subspace_basis): a round's cut and error estimate come from the Ritz values before it, so short
 #: rounds keep both fresh. Rounds of up to 3 saved a product at decay 0.8 but erred up to 2.3e-4 on
-#: the tests' small matrices (25 seeds a shape), above the budget; rounds of up to 2: at most 1.7e-4.
+#: the tests' small matrices (25 seeds a shape), above the budget; rounds of up to 2: at most 1.8e-4.
 _SUBSPACE_FIRST_STEPS = 2
 _SUBSPACE_MAX_ROUND = 2
 #: ``error ≈ 3·√mean(Δθ/θ)/T_m(x)`` (_subspace_basis): the factor measured between the estimate and
@@ -404,10 +414,11 @@ def _subspace_basis(G: torch.Tensor, k: int, width: int, max_products: int, seed
     ``θ`` of the basis; how far the top-``k`` of them rose over the last round, ``d_i = Δθ_i/θ_i``,
     estimates the basis's error, ``3·√mean(d)/T_m(x)`` (``m`` that round's steps, ``x = 2θ_k/θ_w − 1``):
     Ritz values err by the square of their vectors' angles, and a round shrinks those by ``T_m(x)``.
-    The next round takes the fewest steps (1–3) predicted to bring the estimate to the target, and
-    the route stops after it — or at once when the estimate is there already (the product that
-    started the round then serves as one more filtered step), when it stopped falling (the float32
-    floor of steep spectra), or at ``max_products``. A QR after every product, shifted or not: one
+    The next round takes the fewest steps (1 or 2) predicted to bring the estimate to the target and
+    the route stops after it; where 2 are not enough it takes 2 and looks again. It stops at once
+    when the estimate is there already (the product that started the round then serves as one more
+    filtered step), when the estimate stopped falling to half (the float32 floor of steep spectra),
+    or at ``max_products``. A QR after every product, shifted or not: one
     product spreads the columns' scales by ``λ₁/λ_width`` (≈ 3e4 at k = 320), two would exceed float32.
     """
     s = G.shape[0]
