@@ -28,7 +28,7 @@ Three methods:
   Rayleigh–Ritz step on the weight. Its cost grows with ``k`` where ``gram``'s grows with the width:
   ``gram`` pays a full ``s × s`` eigendecomposition (``O(s³)``, ``s`` the smaller side), this route
   ``q`` products of the ``s × s`` Gram matrix with ``2k`` columns and their QR (``O(q·s²·k)``, ``q``
-  between 5 and 12, chosen as it goes), the ``2k × 2k`` eigendecomposition of the projected Gram
+  chosen as it goes, at most 12, 5–12 measured), the ``2k × 2k`` eigendecomposition of the projected Gram
   matrix, and one pass over the weight. Why these choices, measured on power-law spectra
   (σ_i ∝ i^-decay, stored in float16; k = 320 at 3072², 12288 × 3072 and 3840², one thread):
 
@@ -112,7 +112,8 @@ SUBSPACE_MAX_PRODUCTS = 12
 #: 1.8–4.4e-5 at decays 0.3–0.5 on 3072² to 3840²; the tests' small matrices up to 1.8e-4 (tests/test_lorax_math.py).
 SUBSPACE_ERROR_BUDGET = 2e-4
 #: What the ``subspace`` route's own error estimate must reach before it stops: a quarter of the
-#: budget, since a round's predicted error ran up to 6× below the error then measured (decay 0.8, 3072²).
+#: budget, since a round's predicted error ran up to 6× below the error then measured (rounds of up
+#: to 3 steps, decay 0.8, 3072²).
 SUBSPACE_TARGET_ERROR = SUBSPACE_ERROR_BUDGET / 4
 #: The smaller side from which the engine takes the ``subspace`` route by default (wide_route):
 #: every SD1.5/SDXL layer (at most 1280) keeps ``gram``; Flux (3072), Qwen-Image (3072),
@@ -473,7 +474,8 @@ def _subspace_streamed(weight: torch.Tensor, k: int, max_products: int, seed: in
 
     1. ``G = AAᵀ`` in float32 over blocks (``A`` the weight oriented so its rows are the smaller
        side ``s``; lower block triangle only): fp16/bf16/fp8 entries are exact in float32, only the sums round.
-    2. A ``2k``-column basis ``Q`` from ``power_iterations`` products with ``G`` (:func:`_subspace_basis`).
+    2. A ``2k``-column basis ``Q`` from at most ``max_products`` products with ``G``, as many as its
+       error estimate asks (:func:`_subspace_basis`).
     3. Rayleigh–Ritz: ``Q`` re-orthonormalised in float64 (one Cholesky QR; it is orthonormal to ~1e-6
        already), ``B = QᵀA`` over blocks in float32 (its rounding, ~1e-7 relative, is far below the
        basis's own error), then in float64 from those numbers: the eigendecomposition of the

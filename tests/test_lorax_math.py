@@ -312,7 +312,7 @@ def test_streamed_gram_equals_the_reference_across_block_seams(rng, monkeypatch,
 # - decay 0.8: median 3.7e-6–8.5e-6, at most 1.7e-4, in 6–7 products;
 # - decay 0.5: median 0.7–1.6e-5, at most 1.0e-4, in 8–9 products;
 # - decay 0.3, flat as trained weights' tails often are: median 1.4–3.6e-5, at most 1.8e-4, in 11–12 products.
-#   The fixed 8-product schedule before it erred by a median of 2.0–2.2e-3 there (up to 5.1e-3), 10× the
+#   The fixed 8-product schedule before it erred by a median of 0.7–2.2e-3 there (up to 5.1e-3), 10× the
 #   budget, and by up to 4.4e-4 at decay 0.5.
 # All three are held to the budget itself; a wrong side or a missing float64 Rayleigh–Ritz step is off by far more.
 # σ: at most 8.0e-8 relative measured (Ritz values converge quadratically), 1e-6 allowed.
