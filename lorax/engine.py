@@ -25,8 +25,8 @@ single BLAS/OpenMP thread: 2.2× the throughput of the serial, multi-threaded lo
 Routes by shape. With ``method="gram"`` (the default) the engine picks the decomposition per
 layer: ``gram`` up to a smaller side of ``wide_from`` (default :data:`lorax.svd.WIDE_FROM`, 2048:
 every SD1.5/SDXL layer), the ``subspace`` route above it (Flux, Qwen-Image, Z-Image, Wan 2.2),
-whose cost grows with k instead of the width — within 2e-4 of the float64 SVD (2.8–3.7e-5 measured on their layers; its schedule adapts to
-the spectrum, 5–12 products), below what
+whose cost grows with k instead of the width — within 2e-4 of the float64 SVD (2.8–3.7e-5
+measured on their layers; its schedule adapts to the spectrum, 5–12 products), below what
 float16 weights already change (:mod:`lorax.svd`, docs/performance.md). Factors are memoised,
 cached and their similarities remembered under the route that made them
 (:func:`lorax.svd.route_key`); a lookup only accepts an entry whose route is the one the layer's

@@ -28,8 +28,8 @@ Three methods:
   Rayleigh–Ritz step on the weight. Its cost grows with ``k`` where ``gram``'s grows with the width:
   ``gram`` pays a full ``s × s`` eigendecomposition (``O(s³)``, ``s`` the smaller side), this route
   ``q`` products of the ``s × s`` Gram matrix with ``2k`` columns and their QR (``O(q·s²·k)``, ``q``
-  chosen as it goes, at most 12, 5–12 measured), the ``2k × 2k`` eigendecomposition of the projected Gram
-  matrix, and one pass over the weight. Why these choices, measured on power-law spectra
+  chosen as it goes, at most 12, 5–12 measured), the ``2k × 2k`` eigendecomposition of the
+  projected Gram matrix, and one pass over the weight. Why these choices, measured on power-law spectra
   (σ_i ∝ i^-decay, stored in float16; k = 320 at 3072², 12288 × 3072 and 3840², one thread):
 
   - *Chebyshev-filtered steps*: after one product with a random block, every other multiplies by
@@ -109,7 +109,8 @@ SUBSPACE_MAX_PRODUCTS = 12
 #: (7.2–9.8e-4 on Wan 2.2, Z-Image, Qwen-Image; 1.2–9.7e-3 on SD/SDXL shapes) and half of what the
 #: engine's float16 factors add anyway (4.2e-4; the two add in quadrature: at most 4.7e-4).
 #: Measured 2.8–3.7e-5 on the layers of all three families (bench/wide_families.py, decay 0.8) and
-#: 1.8–4.4e-5 at decays 0.3–0.5 on 3072² to 3840²; the tests' small matrices up to 1.8e-4 (tests/test_lorax_math.py).
+#: 1.8–4.4e-5 at decays 0.3–0.5 on 3072² to 3840²; the tests' small matrices up to 1.8e-4
+#: (tests/test_lorax_math.py).
 SUBSPACE_ERROR_BUDGET = 2e-4
 #: What the ``subspace`` route's own error estimate must reach before it stops: a quarter of the
 #: budget, since a round's predicted error ran up to 6× below the error then measured (rounds of up
@@ -354,27 +355,36 @@ def _gram_streamed(weight: torch.Tensor, k: int):
     0.2 GB instead of the 0.5 GB float64 copy alone. ``(U, S, V)`` in float64, or None for a
     rank-deficient weight (the caller then takes the exact route).
     """
-    W = weight.reshape(weight.shape[0], -1)
-    tall = W.shape[0] > W.shape[1]        # Gram WᵀW over blocks of rows, else WWᵀ over blocks of columns
-    s, long = (W.shape[1], W.shape[0]) if tall else W.shape
-    step = max(1, _STREAM_BLOCK_BYTES // (8 * s))
-
-    def block(start: int) -> torch.Tensor:  # s × b, float64
-        return weight_matrix(W[start:start + step].mT if tall else W[:, start:start + step], torch.float64)
-
-    G = torch.zeros(s, s, dtype=torch.float64, device=W.device)
+    tall, s, long, step, block = _long_side_blocks(weight)
+    G = torch.zeros(s, s, dtype=torch.float64, device=weight.device)
     for start in range(0, long, step):
-        B = block(start)
+        B = block(start, torch.float64)
         G.addmm_(B, B.mT)
     top = _top_eigenpairs(G, k)
     del G
     if top is None:
         return None
     U, S = top
-    V = torch.empty(long, k, dtype=torch.float64, device=W.device)
+    V = torch.empty(long, k, dtype=torch.float64, device=weight.device)
     for start in range(0, long, step):
-        V[start:start + step] = block(start).mT @ U / S
+        V[start:start + step] = block(start, torch.float64).mT @ U / S
     return (V, S, U) if tall else (U, S, V)
+
+
+def _long_side_blocks(weight: torch.Tensor):
+    """How the streamed routes read a weight: as ``A``, the matrix oriented so its rows are the smaller
+    side ``s`` (Gram ``WᵀW`` over blocks of rows of a tall weight, else ``WWᵀ`` over blocks of columns),
+    ``step`` columns of its long side at a time, each block upcast on its own to the dtype asked for.
+    Returns ``(tall, s, long, step, block)`` with ``block(start, dtype)`` an ``s × step`` matrix."""
+    W = weight.reshape(weight.shape[0], -1)
+    tall = W.shape[0] > W.shape[1]
+    s, long = (W.shape[1], W.shape[0]) if tall else W.shape
+    step = max(1, _STREAM_BLOCK_BYTES // (8 * s))
+
+    def block(start: int, dtype: torch.dtype) -> torch.Tensor:
+        return weight_matrix(W[start:start + step].mT if tall else W[:, start:start + step], dtype)
+
+    return tall, s, long, step, block
 
 
 def chebyshev_shifts(cut: float, steps: int) -> list[float]:
@@ -441,10 +451,12 @@ def _subspace_basis(G: torch.Tensor, k: int, width: int, max_products: int, seed
                 steps = 1  # the product already made: one more filtered step, and done
                 last_round = True
             else:
-                steps = next((m for m in range(1, _SUBSPACE_MAX_ROUND + 1)
-                              if estimate / chebyshev_gain(x, m) <= SUBSPACE_TARGET_ERROR), _SUBSPACE_MAX_ROUND)
+                def reaches(m: int) -> bool:
+                    return estimate / chebyshev_gain(x, m) <= SUBSPACE_TARGET_ERROR
+
+                steps = next((m for m in range(1, _SUBSPACE_MAX_ROUND + 1) if reaches(m)), _SUBSPACE_MAX_ROUND)
                 steps = min(steps, max_products - products + 1)
-                last_round = estimate / chebyshev_gain(x, steps) <= SUBSPACE_TARGET_ERROR
+                last_round = reaches(steps)
         for j, mu in enumerate(chebyshev_shifts(cut, steps)):
             if j:
                 Y = G @ Q
@@ -482,26 +494,19 @@ def _subspace_streamed(weight: torch.Tensor, k: int, max_products: int, seed: in
        ``2k × 2k`` matrix ``BBᵀ`` gives ``U = Q·W`` and ``σ``, and ``V = BᵀW/σ`` the other side —
        orthonormal to float64 precision, since ``BBᵀ`` and ``V`` are computed from the same ``B``.
     """
-    W = weight.reshape(weight.shape[0], -1)
-    tall = W.shape[0] > W.shape[1]
-    s, long = (W.shape[1], W.shape[0]) if tall else W.shape
+    tall, s, long, step, block = _long_side_blocks(weight)
     width = 2 * k
     if width > _SUBSPACE_MAX_FRACTION * s:
         return None
-    step = max(1, _STREAM_BLOCK_BYTES // (8 * s))
-
-    def block(start: int, dtype: torch.dtype) -> torch.Tensor:  # s × b
-        return weight_matrix(W[start:start + step].mT if tall else W[:, start:start + step], dtype)
-
-    G = _gram_float32(block, s, long, step, W.device)
+    G = _gram_float32(block, s, long, step, weight.device)
     Q, _ = _subspace_basis(G, k, width, max_products, seed)
     del G
     Q = Q.double()
     R = torch.linalg.cholesky(Q.mT @ Q, upper=True)
     Q = torch.linalg.solve_triangular(R, Q, upper=True, left=False)
     Q32 = Q.float()
-    B = torch.empty(width, long, dtype=torch.float32, device=W.device)
-    C = torch.zeros(width, width, dtype=torch.float64, device=W.device)
+    B = torch.empty(width, long, dtype=torch.float32, device=weight.device)
+    C = torch.zeros(width, width, dtype=torch.float64, device=weight.device)
     for start in range(0, long, step):
         Bb = Q32.mT @ block(start, torch.float32)
         B[:, start:start + step] = Bb
@@ -513,7 +518,7 @@ def _subspace_streamed(weight: torch.Tensor, k: int, max_products: int, seed: in
         return None
     Wk, S = top
     U = Q @ Wk
-    V = torch.empty(long, k, dtype=torch.float64, device=W.device)
+    V = torch.empty(long, k, dtype=torch.float64, device=weight.device)
     for start in range(0, long, step):
         V[start:start + step] = B[:, start:start + step].double().mT @ Wk / S
     return (V, S, U) if tall else (U, S, V)
