@@ -49,12 +49,18 @@ Three methods:
     :data:`SUBSPACE_MAX_PRODUCTS`. Measured: decay 0.8: 7 products, 3.2–3.7e-5 on the three shapes;
     0.5: 9, 1.8–1.9e-5; 0.3: 12, 4.0–4.4e-5; 1.2: 5 (the floor). The tests' small matrices, 25 seeds
     each: at most 1.8e-4 (tests/test_lorax_math.py).
-  - *float32 iterations and projection, float64 Rayleigh–Ritz*: the iterations only have to find a
-    ``2k``-wide subspace that contains the top-k one, and ``B = QᵀW`` in float32 rounds at ~1e-7,
-    far below that subspace's own error (same projected-delta error as float64, 3072² and 12288 ×
-    3072); the triplets inside it come from ``B`` in float64 (eigendecomposition of ``BBᵀ``,
-    ``V = BᵀW_B/σ``). Steep spectra are limited by the float32 Gram matrix instead (decay 1.2:
-    2.5e-3 whatever the steps, 0.4× that spectrum's float16 floor of 6.3e-3).
+  - *float32 throughout but one small eigendecomposition*: the iterations only have to find a
+    ``2k``-wide subspace that contains the top-k one, and ``B = QᵀW`` and ``BBᵀ`` in float32 round
+    at ~1e-7, far below that subspace's own error: against a float64 Rayleigh–Ritz step on the
+    same basis, 3.379e-5 against 3.376e-5 (3072², decay 0.8), 3.61e-5 against 3.58e-5 (12288 × 3072),
+    4.30e-5 against 4.27e-5 (decay 0.3), and 0.22–0.54 s a layer less (7–18 %). Only the ``2k × 2k``
+    eigendecomposition of ``BBᵀ`` is float64; it gives the rotation ``W_k``, ``U = QW_k``, and
+    ``V = BᵀW_k`` in float32 with ``σ`` its column norms — relative to float32's precision whatever
+    ``σ_i/σ₁``, where the eigenvalues of a float32 ``BBᵀ`` round at ``ε₃₂·σ₁²``. The factors are
+    orthonormal to ~2.5e-7 (the engine keeps them in float16). A kept ``σ`` below ``√ε₃₂·σ₁``
+    (:data:`_FLOAT32_RESOLVES`) is below what the float32 Gram matrix holds, so such a weight takes
+    ``gram``. Steep spectra are limited by the float32 Gram matrix itself (decay 1.2: 2.5e-3
+    whatever the steps, 0.4× that spectrum's float16 floor of 6.3e-3).
   - *the Gram matrix from its lower block triangle*: 10 of 16 tile products (0.63 of the work; 6
     or 8 tiles measured no faster, 12288 × 3072: 1.96 and 2.03 s against 1.96 s).
   - *oversampling k (a width of 2k)*: measured at 3072²: a width of 1.5k at 8 products erred 1.3e-4
@@ -138,6 +144,10 @@ _SUBSPACE_MAX_ROUND = 2
 _ESTIMATE_FACTOR = 3.0
 #: Row tiles of the ``subspace`` route's float32 Gram matrix; only the lower block triangle is multiplied.
 _GRAM_TILES = 4
+#: Smallest σ_k/σ₁ the subspace route keeps: √ε of float32. The float32 Gram matrix rounds at about
+#: ε₃₂·σ₁², so directions with σ² below that are not in it; such a weight (rank-deficient, or a spectrum
+#: falling faster than i^-1.4 at k = 320) takes the exact float64 Gram route instead.
+_FLOAT32_RESOLVES = math.sqrt(torch.finfo(torch.float32).eps)
 
 
 @dataclass(frozen=True)
@@ -282,7 +292,7 @@ def truncated_svd_batch(weights: Sequence[torch.Tensor], k: int, *, method: Meth
         for i, w in enumerate(weights):
             found = _subspace_streamed(w.to(device), k, SUBSPACE_MAX_PRODUCTS if power_iterations is None
                                        else power_iterations, seed)
-            if found is None:  # nothing to save (2k close to s) or rank-deficient: the exact routes
+            if found is None:  # nothing to save (2k close to s), or σ_k below float32's reach: the exact routes
                 out += truncated_svd_batch([w], k, method="gram", dtype=dtype, device=device)
                 continue
             U, S, V = (x.to(dtype) for x in found)
@@ -469,30 +479,30 @@ def _subspace_basis(G: torch.Tensor, k: int, width: int, max_products: int, seed
 def subspace_working_bytes(shape: Sequence[int], k: int) -> int:
     """Bytes :func:`_subspace_streamed` holds beyond the stored weight: the larger of its two phases —
     the float32 Gram matrix with the basis and its QR work (four ``s × 2k`` float32 arrays), or the
-    float32 ``2k × l`` projection with the float64 ``l × k`` factor and the bases — plus one block of
-    the weight in flight. For Z-Image's 11520 × 3840 ``qkv`` at k = 320: 142 MB (a float64 copy: 354 MB)."""
+    float32 ``2k × l`` projection with the float64 ``l × k`` factor and the float32 basis — plus one
+    block of the weight in flight. For Z-Image's 11520 × 3840 ``qkv`` at k = 320: 132 MB (a float64
+    copy: 354 MB)."""
     s = max_rank(shape)
     long, width = math.prod(shape) // s, 2 * k
     iterating = 4 * s * s + 16 * s * width
-    projecting = 4 * width * long + 8 * long * k + 20 * s * width
+    projecting = 4 * width * long + 8 * long * k + 4 * s * width
     return max(iterating, projecting) + _STREAM_BLOCK_BYTES
 
 
 def _subspace_streamed(weight: torch.Tensor, k: int, max_products: int, seed: int):
     """The ``subspace`` route (module docstring) on one weight, read a block of the long side at a
     time: ``(U, S, V)`` in float64, or None where it does not apply (a width ``2k`` above half the
-    smaller side) or a kept singular value is numerically zero (the caller takes ``gram``, which
-    falls back to the exact SVD).
+    smaller side) or a kept singular value is below what float32 resolves (the caller takes
+    ``gram``, which falls back to the exact SVD where one is numerically zero).
 
     1. ``G = AAᵀ`` in float32 over blocks (``A`` the weight oriented so its rows are the smaller
        side ``s``; lower block triangle only): fp16/bf16/fp8 entries are exact in float32, only the sums round.
     2. A ``2k``-column basis ``Q`` from at most ``max_products`` products with ``G``, as many as its
        error estimate asks (:func:`_subspace_basis`).
-    3. Rayleigh–Ritz: ``Q`` re-orthonormalised in float64 (one Cholesky QR; it is orthonormal to ~1e-6
-       already), ``B = QᵀA`` over blocks in float32 (its rounding, ~1e-7 relative, is far below the
-       basis's own error), then in float64 from those numbers: the eigendecomposition of the
-       ``2k × 2k`` matrix ``BBᵀ`` gives ``U = Q·W`` and ``σ``, and ``V = BᵀW/σ`` the other side —
-       orthonormal to float64 precision, since ``BBᵀ`` and ``V`` are computed from the same ``B``.
+    3. Rayleigh–Ritz in float32 but for one small step: ``B = QᵀA`` and ``C = BBᵀ`` over blocks,
+       the top-k eigenvectors ``W`` of ``C`` in float64, then ``V = BᵀW`` with ``σ`` its column
+       norms, ``U = QW``. None (the caller takes ``gram``) where a kept ``σ`` is below
+       :data:`_FLOAT32_RESOLVES` of the largest.
     """
     tall, s, long, step, block = _long_side_blocks(weight)
     width = 2 * k
@@ -501,26 +511,26 @@ def _subspace_streamed(weight: torch.Tensor, k: int, max_products: int, seed: in
     G = _gram_float32(block, s, long, step, weight.device)
     Q, _ = _subspace_basis(G, k, width, max_products, seed)
     del G
-    Q = Q.double()
-    R = torch.linalg.cholesky(Q.mT @ Q, upper=True)
-    Q = torch.linalg.solve_triangular(R, Q, upper=True, left=False)
-    Q32 = Q.float()
     B = torch.empty(width, long, dtype=torch.float32, device=weight.device)
-    C = torch.zeros(width, width, dtype=torch.float64, device=weight.device)
+    C = torch.zeros(width, width, dtype=torch.float32, device=weight.device)
     for start in range(0, long, step):
-        Bb = Q32.mT @ block(start, torch.float32)
+        Bb = Q.mT @ block(start, torch.float32)
         B[:, start:start + step] = Bb
-        Bb = Bb.double()
         C.addmm_(Bb, Bb.mT)
-    del Q32
-    top = _top_eigenpairs(C, k)
-    if top is None:
-        return None
-    Wk, S = top
-    U = Q @ Wk
+    Wk = torch.linalg.eigh(C.double()).eigenvectors[:, -k:].flip(-1).float()
+    del C
     V = torch.empty(long, k, dtype=torch.float64, device=weight.device)
     for start in range(0, long, step):
-        V[start:start + step] = B[:, start:start + step].double().mT @ Wk / S
+        V[start:start + step] = B[:, start:start + step].mT @ Wk
+    del B
+    S = V.norm(dim=0)  # ‖Aᵀu_i‖ = σ_i, to float32's relative precision whatever σ_i/σ₁
+    if bool(S.min() <= S.max() * _FLOAT32_RESOLVES):
+        return None
+    V.div_(S)
+    if bool((S[1:] > S[:-1]).any()):  # the eigenvalues' order, but ties within rounding may swap
+        order = torch.argsort(S, descending=True)
+        V, S, Wk = V[:, order], S[order], Wk[:, order]
+    U = (Q @ Wk).double()
     return (V, S, U) if tall else (U, S, V)
 
 
