@@ -8,7 +8,7 @@ of a block subset with
 
 * ``gram cold``      — today's route for every layer: ``SVDEngine(wide_from=None)``, a fresh SVD cache;
 * ``subspace cold``  — the engine's defaults, which take the ``subspace`` route for these shapes
-  (:mod:`lorax.svd`: float32 subspace iteration on the Gram matrix, float64 Rayleigh–Ritz), a
+  (:mod:`lorax.svd`: float32 subspace iteration on the Gram matrix, then Rayleigh–Ritz), a
   fresh SVD cache;
 * ``subspace warm``  — a new engine with the defaults on the second cache: no decomposition.
 

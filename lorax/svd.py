@@ -53,7 +53,8 @@ Three methods:
     ``2k``-wide subspace that contains the top-k one, and ``B = QᵀW`` and ``BBᵀ`` in float32 round
     at ~1e-7, far below that subspace's own error: against a float64 Rayleigh–Ritz step on the
     same basis, 3.379e-5 against 3.376e-5 (3072², decay 0.8), 3.61e-5 against 3.58e-5 (12288 × 3072),
-    4.30e-5 against 4.27e-5 (decay 0.3), and 0.22–0.54 s a layer less (7–18 %). Only the ``2k × 2k``
+    4.30e-5 against 4.27e-5 (decay 0.3), in 0.35 s instead of 0.6 s (3072²) and 1.05–1.09 s instead
+    of 1.55–1.64 s (12288 × 3072), 7–9 % of a layer. Only the ``2k × 2k``
     eigendecomposition of ``BBᵀ`` is float64; it gives the rotation ``W_k``, ``U = QW_k``, and
     ``V = BᵀW_k`` in float32 with ``σ`` its column norms — relative to float32's precision whatever
     ``σ_i/σ₁``, where the eigenvalues of a float32 ``BBᵀ`` round at ``ε₃₂·σ₁²``. The factors are

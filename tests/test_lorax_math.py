@@ -390,15 +390,15 @@ def test_subspace_schedule_follows_the_spectrum(rng):
 
 def test_subspace_route_gives_way_where_it_saves_nothing(rng):
     """At a width 2k above half the smaller side, and on a rank-deficient weight, the subspace method
-    returns the Gram route's (exact) factors instead."""
+    returns the Gram route's (exact) factors instead; so does a spectrum too steep for a float32 Gram matrix."""
+    import lorax.svd as svd
+
     w = t(power_law_matrix(rng, 60, 40))
     a, b = truncated_svd(w, 12, method="subspace"), truncated_svd(w, 12, method="gram")
     assert torch.equal(a.U, b.U) and torch.equal(a.S, b.S)
     low = t(rng.standard_normal((80, 3)) @ rng.standard_normal((3, 90)))
     f = truncated_svd(low, 5, method="subspace")  # σ₄, σ₅ ≈ 0: V = AᵀU/σ undefined there
     assert rel_err((f.U * f.S) @ f.V.T, low.numpy()) < EXACT_TOL
-    import lorax.svd as svd
-
     # σ_16/σ_1 = 16^-3 ≈ 2.4e-4, below √ε₃₂ ≈ 3.5e-4: not in a float32 Gram matrix, so the exact route.
     steep = t(power_law_matrix(rng, 160, 160, exponent=3.0))
     a, b = truncated_svd(steep, 16, method="subspace"), truncated_svd(steep, 16, method="gram")
