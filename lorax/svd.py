@@ -518,8 +518,11 @@ def _subspace_streamed(weight: torch.Tensor, k: int, max_products: int, seed: in
         Bb = Q.mT @ block(start, torch.float32)
         B[:, start:start + step] = Bb
         C.addmm_(Bb, Bb.mT)
-    Wk = torch.linalg.eigh(C.double()).eigenvectors[:, -k:].flip(-1).float()
+    top = _top_eigenpairs(C.double(), k)  # its σ (from float32 eigenvalues) are not kept: see below
     del C
+    if top is None:
+        return None
+    Wk = top[0].float()
     V = torch.empty(long, k, dtype=torch.float64, device=weight.device)
     for start in range(0, long, step):
         V[start:start + step] = B[:, start:start + step].mT @ Wk
