@@ -12,6 +12,14 @@ of a block subset with
   fresh SVD cache;
 * ``subspace warm``  — a new engine with the defaults on the second cache: no decomposition.
 
+With ``--per-shape N``, before those runs, one layer of each shape class of the target is also decomposed
+by both routes alone, one thread, ``N`` times each and in turn (gram, subspace, gram, …): the medians
+and their ratio per shape, free of the drift between whole runs (the Gram route's time moved 15–30 %
+between runs on this machine), and the products the route took. ``--targets`` adds, per shape, the
+route at other values of the error its estimate must reach before it stops
+(:data:`lorax.svd.SUBSPACE_TARGET_ERROR`, a quarter of the budget): products, seconds and route error,
+to show what a looser budget would buy. ``--skip-transfers`` leaves out the whole runs.
+
 Columns as in ``bench/transfer.py`` (whose helpers this reuses: the synthetic weights, the files,
 the adapter, the measurements): wall seconds, CPU seconds, peak extra RSS beyond the process
 before the run (models memory-mapped), and errors.
@@ -64,9 +72,11 @@ Usage::
 from __future__ import annotations
 
 import argparse
+import contextlib
 import math
 import os
 import shutil
+import statistics
 import sys
 import tempfile
 import time
@@ -77,6 +87,8 @@ if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
 import torch  # noqa: E402
+
+import lorax.svd as svd  # noqa: E402  (the per-shape rows read the route's product count and vary its target)
 
 import measure  # noqa: E402  (bench/transfer.py's parts; bench/ is sys.path[0])
 import transfer_models as tm  # noqa: E402
@@ -131,6 +143,75 @@ def kind_of(key: str) -> str:
 
 def gram64(weight: torch.Tensor, k: int) -> SVDFactors:
     return truncated_svd(weight, k, method="gram")
+
+
+@contextlib.contextmanager
+def counted_products():
+    """The products with the Gram matrix each ``subspace`` decomposition took, as a list appended to.
+    The count lives inside the route (:func:`lorax.svd._subspace_basis`), so this wraps it for the
+    duration: a benchmark's look inside, not an interface."""
+    inner, counts = svd._subspace_basis, []
+
+    def counting(*args, **kwargs):
+        Q, products = inner(*args, **kwargs)
+        counts.append(products)
+        return Q, products
+
+    svd._subspace_basis = counting
+    try:
+        yield counts
+    finally:
+        svd._subspace_basis = inner
+
+
+@contextlib.contextmanager
+def estimate_target(value: float):
+    """The route with another :data:`lorax.svd.SUBSPACE_TARGET_ERROR` (read at each call) for the duration."""
+    kept = svd.SUBSPACE_TARGET_ERROR
+    svd.SUBSPACE_TARGET_ERROR = value
+    try:
+        yield
+    finally:
+        svd.SUBSPACE_TARGET_ERROR = kept
+
+
+def per_shape(target, sample: list[str], shapes: dict, deltas: dict, refs: dict, settings, repeat: int,
+              targets: list[float]) -> list[dict]:
+    """Both routes on one layer per shape class, alone and on one thread, ``repeat`` times each in turn;
+    then the route at each of ``targets`` (module docstring)."""
+    rows, threads = [], torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        for key in sample:
+            weight, k = target.weight(key), settings.rank_for(shapes[key])
+            times = {"gram": [], "subspace": []}
+            with counted_products() as counts:
+                for _ in range(repeat):
+                    for method in times:
+                        t0 = time.perf_counter()
+                        truncated_svd(weight, k, method=method)
+                        times[method].append(time.perf_counter() - t0)
+            gram, sub = (statistics.median(times[m]) for m in ("gram", "subspace"))
+            row = {"shape": tuple(shapes[key]), "gram": gram, "subspace": sub, "products": sorted(set(counts)),
+                   "spread": {m: (min(v), max(v)) for m, v in times.items()}, "targets": []}
+            print(f"  {row['shape'][0]}×{row['shape'][1]}, one thread, {repeat} each in turn: gram "
+                  f"{', '.join(f'{x:.2f}' for x in times['gram'])} s, subspace {', '.join(f'{x:.2f}' for x in times['subspace'])} s"
+                  f" ({'/'.join(map(str, row['products']))} products): {gram / sub:.2f}× (medians)", flush=True)
+            for value in targets:
+                with counted_products() as counts, estimate_target(value):
+                    t0 = time.perf_counter()
+                    f = truncated_svd(weight, k, method="subspace")
+                    seconds = time.perf_counter() - t0
+                err = tr.rel_error(project_lorax(deltas[key], f), refs[key])
+                row["targets"].append((value, counts[0] if counts else None, seconds, err))
+                print(f"    estimate target {value:.0e}: {counts[0] if counts else '-'} products, {seconds:.2f} s "
+                      f"({gram / seconds:.2f}× the gram median), route error {err:.1e}", flush=True)
+            rows.append(row)
+            del weight
+            measure.release_memory()
+    finally:
+        torch.set_num_threads(threads)
+    return rows
 
 
 def run(label: str, engine: SVDEngine, parts: dict, source, target, settings) -> dict:
@@ -202,6 +283,8 @@ def family(fam: str, args, folder: Path) -> dict:
           + ("" if exact_vs_gram is None else f"; float64 Gram vs full float64 SVD {exact_vs_gram:.1e}"), flush=True)
     del ref_t, route_t, ref_s, route_s
     measure.release_memory()
+    shape_rows = (per_shape(target, sample, shapes, deltas, refs, settings, args.per_shape, args.targets)
+                  if args.per_shape else [])
 
     rows = []
     cache_root = Path(tempfile.mkdtemp(prefix=f"wide-{fam}-", dir=folder))
@@ -211,7 +294,7 @@ def family(fam: str, args, folder: Path) -> dict:
                 ("subspace warm", lambda: SVDEngine(store=SVDCache(cache_root / "subspace"), seed=args.seed))]
         if args.order == "new-first":
             runs = [runs[1], runs[0], runs[2]]
-        for label, make in runs:
+        for label, make in ([] if args.skip_transfers else runs):
             row = run(label, make(), parts, source, target, settings)
             row["err"] = max(tr.rel_error(row["moved"].get(key), refs[key]) for key in sample)
             print(f"    max relative error of the projected deltas {row['err']:.1e}", flush=True)
@@ -223,10 +306,11 @@ def family(fam: str, args, folder: Path) -> dict:
     return {"family": fam, "name": name, "blocks": args.blocks, "total_blocks": total_blocks, "models": models,
             "layers": len(layers), "rows": rows, "route_err": max(route_err.values()), "phi_err": phi_err,
             "floor": floor, "exact_vs_gram": exact_vs_gram,
-            "per_shape": {tuple(shapes[key]): route_err[key] for key in sample}}
+            "per_shape": {tuple(shapes[key]): route_err[key] for key in sample}, "shape_rows": shape_rows}
 
 
-def print_table(results: list[dict], load_before: tuple) -> None:
+def print_runs(results: list[dict]) -> None:
+    """The whole cold and warm runs, extrapolated."""
     print("\n| family (block subset) | run | cold/warm s | cpu s | × gram cold | peak extra RSS MB | max rel. err "
           "| extrapolated, attention layers | extrapolated, attention + MLP |")
     print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
@@ -240,6 +324,26 @@ def print_table(results: list[dict], load_before: tuple) -> None:
             print(f"| {res['name']} ({res['blocks']} of {res['total_blocks']} blocks, {res['layers']} layers) | "
                   f"{r['label']} | {m.seconds:.1f} | {m.cpu_seconds:.1f} | {gram['m'].seconds / m.seconds:.2f}× | "
                   f"{m.extra_rss / 2**20:.0f} | {r['err']:.1e} | {att / 60:.1f} min | {full / 60:.1f} min |")
+
+
+def print_shapes(results: list[dict]) -> None:
+    """The per-shape rows (--per-shape), if any."""
+    shape_rows = [(res["name"], r) for res in results for r in res["shape_rows"]]
+    if shape_rows:
+        targets = [t[0] for t in shape_rows[0][1]["targets"]]
+        print("\n| family | shape | gram (median) | subspace (median) | products | × gram |"
+              + "".join(f" estimate target {v:.0e}: products, s, × gram, route err |" for v in targets))
+        print("| --- " * (6 + len(targets)) + "|")
+        for name, r in shape_rows:
+            print(f"| {name} | {r['shape'][0]} × {r['shape'][1]} | {r['gram']:.2f} s | {r['subspace']:.2f} s | "
+                  f"{'/'.join(map(str, r['products']))} | {r['gram'] / r['subspace']:.2f}× |"
+                  + "".join(f" {p}, {sec:.2f} s, {r['gram'] / sec:.2f}×, {e:.1e} |" for _, p, sec, e in r["targets"]))
+
+
+def print_table(results: list[dict], load_before: tuple) -> None:
+    if any(res["rows"] for res in results):
+        print_runs(results)
+    print_shapes(results)
     print("\nper family: route error (float64 factors, before rounding) per shape; Φ̂ error; fp16 floor:")
     for res in results:
         print(f"  {res['name']}: " + ", ".join(f"{s[0]}×{s[1]} {e:.1e}" for s, e in res["per_shape"].items())
@@ -262,6 +366,11 @@ def main(argv=None) -> int:
     p.add_argument("--cache-dir", help="where the synthetic models go (reused when present); default a temporary folder")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--order", choices=["gram-first", "new-first"], default="gram-first")
+    p.add_argument("--per-shape", type=int, default=0, metavar="N",
+                   help="also time both routes on one layer per shape, alone on one thread, N times each in turn")
+    p.add_argument("--targets", type=lambda v: [float(x) for x in v.split(",") if x], default=[],
+                   help="with --per-shape: comma-separated estimate targets to run the route at as well (e.g. 1e-4,2e-4)")
+    p.add_argument("--skip-transfers", action="store_true", help="leave out the whole cold and warm runs")
     p.add_argument("--check-exact", default="qwen",
                    help="families where the float64 Gram reference is compared with a full float64 SVD of one "
                         "layer (default qwen: minutes per layer for the wider ones; '' for none)")
