@@ -67,6 +67,7 @@ Usage::
 
     OMP_WAIT_POLICY=PASSIVE .venv/bin/python bench/wide_families.py            # all three, 1 block each
     OMP_WAIT_POLICY=PASSIVE .venv/bin/python bench/wide_families.py --families qwen --blocks 2
+    OMP_WAIT_POLICY=PASSIVE .venv/bin/python bench/wide_families.py --per-shape 3 --targets 1e-4,2e-4 --skip-transfers
 """
 
 from __future__ import annotations
@@ -331,11 +332,14 @@ def print_shapes(results: list[dict]) -> None:
     shape_rows = [(res["name"], r) for res in results for r in res["shape_rows"]]
     if shape_rows:
         targets = [t[0] for t in shape_rows[0][1]["targets"]]
-        print("\n| family | shape | gram (median) | subspace (median) | products | × gram |"
+        print("\n| family | shape | gram (median, range) | subspace (median, range) | products | × gram |"
               + "".join(f" estimate target {v:.0e}: products, s, × gram, route err |" for v in targets))
         print("| --- " * (6 + len(targets)) + "|")
         for name, r in shape_rows:
-            print(f"| {name} | {r['shape'][0]} × {r['shape'][1]} | {r['gram']:.2f} s | {r['subspace']:.2f} s | "
+            lo_g, hi_g = r["spread"]["gram"]
+            lo_s, hi_s = r["spread"]["subspace"]
+            print(f"| {name} | {r['shape'][0]} × {r['shape'][1]} | {r['gram']:.2f} s ({lo_g:.2f}–{hi_g:.2f}) | "
+                  f"{r['subspace']:.2f} s ({lo_s:.2f}–{hi_s:.2f}) | "
                   f"{'/'.join(map(str, r['products']))} | {r['gram'] / r['subspace']:.2f}× |"
                   + "".join(f" {p}, {sec:.2f} s, {r['gram'] / sec:.2f}×, {e:.1e} |" for _, p, sec, e in r["targets"]))
 
