@@ -82,6 +82,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from unittest import mock
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 if str(REPO_ROOT) not in sys.path:
@@ -95,7 +96,7 @@ import measure  # noqa: E402  (bench/transfer.py's parts; bench/ is sys.path[0])
 import transfer_models as tm  # noqa: E402
 import transfer_routes as tr  # noqa: E402
 
-from lorax.engine import SVDEngine  # noqa: E402
+from lorax.engine import SVDEngine, _one_thread_each  # noqa: E402  (per_shape runs on one thread as the engine's workers do)
 from lorax.projection import project_lorax  # noqa: E402
 from lorax.safetensors_weights import SafetensorsWeights  # noqa: E402
 from lorax.similarity import layer_similarity  # noqa: E402
@@ -158,31 +159,21 @@ def counted_products():
         counts.append(products)
         return Q, products
 
-    svd._subspace_basis = counting
-    try:
+    with mock.patch.object(svd, "_subspace_basis", counting):
         yield counts
-    finally:
-        svd._subspace_basis = inner
 
 
-@contextlib.contextmanager
 def estimate_target(value: float):
     """The route with another :data:`lorax.svd.SUBSPACE_TARGET_ERROR` (read at each call) for the duration."""
-    kept = svd.SUBSPACE_TARGET_ERROR
-    svd.SUBSPACE_TARGET_ERROR = value
-    try:
-        yield
-    finally:
-        svd.SUBSPACE_TARGET_ERROR = kept
+    return mock.patch.object(svd, "SUBSPACE_TARGET_ERROR", value)
 
 
 def per_shape(target, sample: list[str], shapes: dict, deltas: dict, refs: dict, settings, repeat: int,
               targets: list[float]) -> list[dict]:
     """Both routes on one layer per shape class, alone and on one thread, ``repeat`` times each in turn;
     then the route at each of ``targets`` (module docstring)."""
-    rows, threads = [], torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    rows = []
+    with _one_thread_each():
         for key in sample:
             weight, k = target.weight(key), settings.rank_for(shapes[key])
             times = {"gram": [], "subspace": []}
@@ -204,14 +195,13 @@ def per_shape(target, sample: list[str], shapes: dict, deltas: dict, refs: dict,
                     f = truncated_svd(weight, k, method="subspace")
                     seconds = time.perf_counter() - t0
                 err = tr.rel_error(project_lorax(deltas[key], f), refs[key])
-                row["targets"].append((value, counts[0] if counts else None, seconds, err))
-                print(f"    estimate target {value:.0e}: {counts[0] if counts else '-'} products, {seconds:.2f} s "
+                products = counts[0] if counts else None
+                row["targets"].append((value, products, seconds, err))
+                print(f"    estimate target {value:.0e}: {products or '-'} products, {seconds:.2f} s "
                       f"({gram / seconds:.2f}× the gram median), route error {err:.1e}", flush=True)
             rows.append(row)
             del weight
             measure.release_memory()
-    finally:
-        torch.set_num_threads(threads)
     return rows
 
 
