@@ -223,11 +223,21 @@ def git_state() -> str:
 
 
 def cpu_model() -> str:
+    """The CPU's name with its family, model and whether it has AVX-512: cloud CPUs are often just
+    "AMD EPYC", and the generations behind that name differ in what this work measures (docs/performance.md)."""
+    info: dict[str, str] = {}
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
+                key, _, value = line.partition(":")
+                key = key.strip()
+                if key in ("model name", "cpu family", "model", "flags") and key not in info:
+                    info[key] = value.strip()
+                if not line.strip() and info:
+                    break  # the first processor's entry is enough
     except OSError:
         pass
+    if "model name" in info:
+        vector = "AVX-512" if "avx512f" in info.get("flags", "").split() else "no AVX-512"
+        return f"{info['model name']} (family {info.get('cpu family', '?')} model {info.get('model', '?')}, {vector})"
     return platform.processor() or "unknown CPU"
